@@ -1,0 +1,1 @@
+"""Benchmarks behind ``medattn bench NAME``; each module defines add_arguments/run."""

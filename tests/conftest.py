@@ -1,0 +1,23 @@
+"""Shared fixtures. Tests run on CPU only; see tests/README.md for the markers."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Never let a test touch a GPU or the network by accident.
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault("MEDATTN_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SHARED_NIH = SHARED / "data" / "chestxray14"
+
+
+@pytest.fixture(scope="session")
+def shared_nih() -> Path:
+    """The real ChestX-ray14 metadata (and 240 real images) beside the checkout, if present."""
+    if not (SHARED_NIH / "Data_Entry_2017_v2020.csv").is_file():
+        pytest.skip(f"real ChestX-ray14 files not found at {SHARED_NIH} (only in the developers' workspace)")
+    return SHARED_NIH
