@@ -49,33 +49,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------- (a) decoding the originals
-def _decode_only(path: str) -> int:
+def _decode_only(path: str) -> float:
+    """Decode one PNG; returns the CPU seconds it took."""
     from PIL import Image
 
+    t0 = time.process_time()
     with Image.open(path) as im:
         im.load()
-        return im.size[0]
+    return time.process_time() - t0
 
 
-def _decode_resize(args: tuple[str, int]) -> int:
+def _decode_resize(args: tuple[str, int]) -> float:
+    """Decode one PNG, convert and resize it as prepare does; returns the CPU seconds."""
     from medattn.data._images import load_image
 
-    return int(load_image(args[0], args[1], 1, None).pixels.shape[0])
+    t0 = time.process_time()
+    load_image(args[0], args[1], 1, None)
+    return time.process_time() - t0
 
 
-def _timed_pool(fn, items: list, workers: int) -> float:
-    """Seconds for ``fn`` over ``items`` on a warm pool of ``workers`` processes."""
+def _timed_pool(fn, items: list, workers: int) -> tuple[float, float]:
+    """(wall seconds, summed CPU seconds) for ``fn`` over ``items`` on a warm pool."""
     if workers == 1:
         t0 = time.perf_counter()
-        for it in items:
-            fn(it)
-        return time.perf_counter() - t0
+        cpu = sum(fn(it) for it in items)
+        return time.perf_counter() - t0, cpu
     ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
     with ctx.Pool(workers) as pool:
         pool.map(_noop, range(workers * 2))  # start and import before the clock runs
         t0 = time.perf_counter()
-        pool.map(fn, items, chunksize=max(1, len(items) // (workers * 16)))
-        return time.perf_counter() - t0
+        cpu = sum(pool.map(fn, items, chunksize=max(1, len(items) // (workers * 16))))
+        return time.perf_counter() - t0, cpu
 
 
 def _noop(x: int) -> int:
@@ -91,18 +95,18 @@ def _warm(paths: list[str]) -> int:
 
 
 # ---------------------------------------------------------------- (c) reading the shards
-def _read_rate(prep: Path, seed: int = 0) -> tuple[float, int]:
+def _read_rate(prep: Path, seed: int = 0) -> tuple[float, float, int]:
     from medattn.data.prepared import PreparedDataset
 
     ds = PreparedDataset.open(prep)
     order = np.random.default_rng(seed).permutation(len(ds))
     ds.read_batch(order[:READ_BATCH])  # open the shards/memmaps before timing
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     n = 0
     for a in range(0, len(order), READ_BATCH):
         b = ds.read_batch(order[a:a + READ_BATCH])
         n += len(b)
-    return time.perf_counter() - t0, n
+    return time.perf_counter() - t0, time.process_time() - c0, n
 
 
 def _dir_bytes(d: Path) -> int:
@@ -118,7 +122,7 @@ def _lossy_error(prep: Path, raw: Path) -> dict[str, float]:
     y = b.read_batch(idx).astype(np.float64)
     mse = float(np.mean((x - y) ** 2))
     return {"max_abs_err": float(np.abs(x - y).max()),
-            "psnr_db": float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)}
+            "psnr_db": "lossless" if mse == 0 else round(float(10 * np.log10(255.0 ** 2 / mse)), 2)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -135,18 +139,22 @@ def run(args: argparse.Namespace) -> int:
     paths = table.records["path"].tolist()
     n = len(paths)
     src_bytes = _warm(paths)
+    load_before = os.getloadavg()
     rows: list[dict[str, Any]] = []
 
-    def row(stage: str, fmt: str, secs: float, count: int, **kw: Any) -> None:
+    def row(stage: str, fmt: str, secs: float, cpu: float, count: int, **kw: Any) -> None:
+        # images_per_cpu_s is what one core does: unlike wall time it does not depend on what
+        # else the machine runs, and x cores gives the rate of an x-core node (no I/O bound).
         rows.append({"stage": stage, "format": fmt, "workers": kw.pop("workers", workers), "images": count,
                      "seconds": round(secs, 3), "images_per_s": round(count / secs, 1) if secs > 0 else None,
+                     "cpu_s": round(cpu, 3), "images_per_cpu_s": round(count / cpu, 1) if cpu > 0 else None,
                      **kw})
 
     # (a) the training-time alternative: decode (and resize) every original PNG
-    row("decode original PNG", "png (source)", _timed_pool(_decode_only, paths, workers), n,
+    row("decode original PNG", "png (source)", *_timed_pool(_decode_only, paths, workers), n,
         bytes_per_image=round(src_bytes / n), disk_MB=round(src_bytes / 1e6, 1))
     row(f"decode+resize original PNG to {args.size}", "png (source)",
-        _timed_pool(_decode_resize, [(p, args.size) for p in paths], workers), n)
+        *_timed_pool(_decode_resize, [(p, args.size) for p in paths], workers), n)
 
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="medattn-bench-prepare-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -167,19 +175,19 @@ def run(args: argparse.Namespace) -> int:
                 extra["quality"] = args.jpeg_quality
             if fmt == "png":
                 extra["quality"] = f"zlib {args.png_level}"
-            row("prepare (end to end)", fmt, res.seconds, n, **extra)
+            row("prepare (end to end)", fmt, res.seconds, res.cpu_seconds, n, **extra)
         for fmt in formats:
             # (c) reading the prepared shards back (shuffled, batches of READ_BATCH, 1 process)
-            secs, cnt = _read_rate(preps[fmt])
+            secs, cpu, cnt = _read_rate(preps[fmt])
             extra = {}
             if fmt != "raw" and "raw" in preps:
-                extra = {k: round(v, 2) for k, v in _lossy_error(preps[fmt], preps["raw"]).items()}
-            row("read shards (shuffled)", fmt, secs, cnt, workers=1, **extra)
+                extra = _lossy_error(preps[fmt], preps["raw"])
+            row("read shards (shuffled)", fmt, secs, cpu, cnt, workers=1, **extra)
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
 
-    cols = ["stage", "format", "workers", "images", "seconds", "images_per_s", "bytes_per_image",
+    cols = ["stage", "format", "workers", "images", "seconds", "images_per_s", "images_per_cpu_s", "bytes_per_image",
             "disk_MB", "quality", "max_abs_err", "psnr_db"]
     print(f"medattn bench prepare: {n} images from {args.nih_root}, size {args.size}, "
           f"{workers} worker(s), {os.cpu_count()} CPU(s)")
@@ -187,7 +195,9 @@ def run(args: argparse.Namespace) -> int:
     path = write_result("prepare", rows, args.json_out,
                         extra={"settings": {"nih_root": str(args.nih_root), "size": args.size, "workers": workers,
                                             "limit": args.limit, "images": n, "formats": formats,
-                                            "jpeg_quality": args.jpeg_quality, "png_level": args.png_level}})
+                                            "jpeg_quality": args.jpeg_quality, "png_level": args.png_level},
+                               # other jobs on the machine skew every figure: keep the evidence
+                               "loadavg_before": load_before, "loadavg_after": os.getloadavg()})
     if path:
         print(f"wrote {path}")
     return 0

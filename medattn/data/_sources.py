@@ -79,7 +79,7 @@ class SourceTable:
         h = hashlib.sha256()
         cols = ["image", "path", "split", "mask_path"]
         for row in self.records[cols].itertuples(index=False):
-            h.update(("\t".join("" if v is None else str(v) for v in row) + "\n").encode())
+            h.update(("\t".join(v if isinstance(v, str) else "" for v in row) + "\n").encode())
         return h.hexdigest()
 
     def counts(self) -> dict[str, int]:

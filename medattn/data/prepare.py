@@ -57,7 +57,8 @@ class PrepareResult:
         skipped_missing: metadata rows skipped because their image is missing.
         conversions: ``{"rgba": n, "16bit": n, "not_1024": n}``.
         shards: number of shard files; ``resumed_shards`` of them were kept from an earlier run.
-        processed: images decoded in this run; ``seconds`` wall time of this run.
+        processed: images decoded in this run; ``seconds`` wall time of this run;
+            ``cpu_seconds`` CPU time of this run, main process and workers together.
         already_complete: the directory was already complete with the same settings.
     """
 
@@ -69,12 +70,16 @@ class PrepareResult:
     resumed_shards: int = 0
     processed: int = 0
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
     already_complete: bool = False
     info: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def images_per_s(self) -> float:
         return self.processed / self.seconds if self.seconds > 0 else float("nan")
+
+    def __str__(self) -> str:
+        return _summary(self)
 
 
 # ====================================================================== Python API
@@ -156,8 +161,10 @@ def prepare_source(table: SourceTable, out: str | Path, *, size: int = DEFAULT_S
     _log(f"preparing {n} images ({n_todo} to decode) from {table.source.get('root')} -> {out}: "
          f"{size}px, {pixel_format}, {n_shards} shard(s) of <= {shard_size}, {nworkers} worker(s)")
     bar = _Progress(n_todo, progress)
+    stats: dict[str, float] = {}
+    cpu0 = time.process_time()
     shards = _write_shards(table, out, pending, shard_size, size, channels, pixel_format,
-                           jpeg_quality, png_level, nworkers, bar)
+                           jpeg_quality, png_level, nworkers, bar, stats)
     # closing(): stop the worker pool as soon as anything goes wrong here (Ctrl-C, a bad image),
     # not when the generator happens to be garbage-collected.
     with contextlib.closing(shards), contextlib.closing(bar):
@@ -169,9 +176,8 @@ def prepare_source(table: SourceTable, out: str | Path, *, size: int = DEFAULT_S
 
     info = _finish(table, out, settings, finished, n_shards, size, pixel_format)
     secs = time.perf_counter() - t0
-    res = _result(out, info, resumed_shards=resumed, processed=n_todo, seconds=secs)
-    _log(_summary(res))
-    return res
+    cpu = time.process_time() - cpu0 + stats.get("worker_cpu_s", 0.0)
+    return _result(out, info, resumed_shards=resumed, processed=n_todo, seconds=secs, cpu_seconds=cpu)
 
 
 # ====================================================================== CLI
@@ -214,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
                   progress=False if args.no_progress else None)
     if res.already_complete:
         print(f"{res.out} is already prepared with these settings; nothing to do")
-    print(_summary(res))
+    print(res)
     return 0
 
 
@@ -346,33 +352,43 @@ def _init_worker(cfg: dict[str, Any]) -> None:
     _W.update(cfg)
 
 
-def _work(task: list[tuple[int, str, str | None, str]]) -> list[tuple]:
-    """Load + encode a few images. Returns result tuples, or one ("error", ...) tuple."""
+def _work(task: list[tuple[int, str, str | None, str]]) -> tuple[float, list[tuple]]:
+    """Load + encode a few images.
+
+    Returns the CPU seconds spent (contention-proof throughput figures) and the result
+    tuples, or a single ("error", ...) tuple.
+    """
     from medattn.data._images import ImageDecodeError, encode, load_image, mask_box
 
+    t0 = time.process_time()
     out: list[tuple] = []
     for pos, path, mask_path, ref in task:
         try:
             im = load_image(path, _W["size"], _W["channels"], _W["expected_size"])
         except FileNotFoundError:
-            return [("error", pos, path, ref, "image file disappeared during prepare")]
+            return 0.0, [("error", pos, path, ref, "image file disappeared during prepare")]
         except ImageDecodeError as e:
-            return [("error", pos, path, ref, str(e))]
+            return 0.0, [("error", pos, path, ref, str(e))]
         lung = None
         if mask_path is not None:
             try:
                 lung = mask_box(mask_path)
             except (FileNotFoundError, ImageDecodeError) as e:
-                return [("error", pos, mask_path, ref, f"lung mask: {e}")]
+                return 0.0, [("error", pos, mask_path, ref, f"lung mask: {e}")]
         payload = encode(im.pixels, _W["pixel_format"], _W["jpeg_quality"], _W["png_level"])
         out.append(("ok", pos, payload, im.orig_width, im.orig_height, im.conversion, lung))
-    return out
+    return time.process_time() - t0, out
+
+
+def _opt_str(col: pd.Series) -> list[str | None]:
+    """Values as str, None where missing (pandas 3 turns None into NaN in string columns)."""
+    return [v if isinstance(v, str) else None for v in col.tolist()]
 
 
 def _tasks(table: SourceTable, pending: list[int], shard_size: int) -> Iterator[list[tuple]]:
     recs = table.records
     paths = recs["path"].tolist()
-    masks = recs["mask_path"].tolist()
+    masks = _opt_str(recs["mask_path"])
     refs = recs["ref"].tolist()
     n = len(recs)
     for k in pending:
@@ -384,8 +400,12 @@ def _tasks(table: SourceTable, pending: list[int], shard_size: int) -> Iterator[
 
 def _write_shards(table: SourceTable, out: Path, pending: list[int], shard_size: int, size: int,
                   channels: int, pixel_format: str, jpeg_quality: int, png_level: int, nworkers: int,
-                  bar: "_Progress") -> Iterator[tuple[int, dict[str, Any], list[SampleRecord]]]:
-    """Decode the pending shards' images on ``nworkers`` processes; yield each shard when durable."""
+                  bar: "_Progress", stats: dict[str, float]
+                  ) -> Iterator[tuple[int, dict[str, Any], list[SampleRecord]]]:
+    """Decode the pending shards' images on ``nworkers`` processes; yield each shard when durable.
+
+    ``stats["worker_cpu_s"]`` accumulates the CPU time of the worker processes.
+    """
     if not pending:
         return
     cfg = {"size": size, "channels": channels, "expected_size": table.expected_size,
@@ -403,7 +423,7 @@ def _write_shards(table: SourceTable, out: Path, pending: list[int], shard_size:
         else:
             ctx = mp.get_context("spawn")
         pool = ctx.Pool(nworkers, initializer=_init_worker, initargs=(cfg,))
-        results: Iterator[list[tuple]] = pool.imap(_work, tasks, chunksize=1)
+        results: Iterator[tuple[float, list[tuple]]] = pool.imap(_work, tasks, chunksize=1)
     else:
         _W.clear()
         _W.update(cfg)
@@ -415,7 +435,9 @@ def _write_shards(table: SourceTable, out: Path, pending: list[int], shard_size:
             lo, hi = k * shard_size, min(n, (k + 1) * shard_size)
             writer = ShardWriter(out, k, hi - lo, pixel_format, (size, size, channels))
             while len(writer.records) < hi - lo:
-                batch = next(results)
+                cpu, batch = next(results)
+                if pool is not None:
+                    stats["worker_cpu_s"] = stats.get("worker_cpu_s", 0.0) + cpu
                 for r in batch:
                     if r[0] == "error":
                         _, pos, path, ref, msg = r
@@ -473,8 +495,8 @@ def _manifest_table(table: SourceTable, finished: dict[int, tuple[dict[str, Any]
         "target": pa.array(recs["target"].to_numpy(dtype=np.int64)),
         "finding_labels": pa.array(recs["finding_labels"].tolist(), pa.string()),
         "age": pa.array(age, pa.float64(), mask=np.isnan(age)),
-        "sex": pa.array(recs["sex"].tolist(), pa.string()),
-        "view": pa.array(recs["view"].tolist(), pa.string()),
+        "sex": pa.array(_opt_str(recs["sex"]), pa.string()),
+        "view": pa.array(_opt_str(recs["view"]), pa.string()),
         "boxes": pa.array(recs["boxes"].tolist(), pa.list_(box_type)),
         "lung_box": pa.array(lung, pa.list_(pa.float64())),
         "shard": pa.array(shard),
