@@ -484,6 +484,27 @@ def test_image_conversions_by_hand():
     assert arr.shape == (2, 2, 3) and (arr == g[..., None]).all() and conv == []
 
 
+def test_16bit_colour_png_is_counted(tmp_path):
+    """PIL reduces 16-bit colour PNGs itself (high byte); prepare still has to count them."""
+    import struct
+    import zlib
+
+    from medattn.data._images import load_image
+
+    a = (np.arange(4 * 4 * 3).reshape(4, 4, 3) * 1000).astype(">u2")
+    rows = b"".join(b"\x00" + a[y].tobytes() for y in range(4))   # filter 0 per row
+
+    def chunk(t: bytes, d: bytes) -> bytes:
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+
+    p = tmp_path / "rgb16.png"
+    p.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 16, 2, 0, 0, 0))
+                  + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    got = load_image(p, 4, 3, None)
+    assert got.conversion == "16bit"
+    np.testing.assert_array_equal(got.pixels, (a.astype(np.int64) // 256).astype(np.uint8))
+
+
 # ---------------------------------------------------------------------------- real files
 def test_real_images_with_full_metadata(shared_nih, tmp_path):
     """The 240 real PNGs beside the full v2020 metadata: missing rows skipped, boxes = BBox/1024."""

@@ -8,10 +8,11 @@ in ``dataset.json``):
 - ``rgba``: a colour image (RGBA, RGB, LA, P) turned into 1-channel gray. NIH ships ~519 RGBA
   PNGs whose R = G = B and alpha = 255; for those the R channel *is* the gray image, bit for bit.
   Other colour images go through PIL's ITU-R 601 luma (``convert("L")``). Alpha is dropped.
-- ``16bit``: a 16-bit image scaled linearly to 8 bit over the full 16-bit range,
+- ``16bit``: a 16-bit gray image scaled linearly to 8 bit over the full 16-bit range,
   ``round(v * 255 / 65535)`` (= ``round(v / 257)``), so 16-bit copies of 8-bit data (v * 257)
   come back exactly. No per-image contrast stretch: the brightness scale stays comparable
-  across images.
+  across images. (16-bit *colour* PNGs are reduced by PIL itself, keeping the high byte,
+  ``v // 256``; they are counted too.)
 - ``not_1024``: the source is not the size the dataset documents (1024 × 1024 for NIH; a few
   downscaled copies circulate). It is resized like every other image.
 
@@ -60,15 +61,19 @@ def _to_uint8_16bit(arr: np.ndarray) -> np.ndarray:
     return ((a * 255 + 32767) // 65535).clip(0, 255).astype(np.uint8)
 
 
-def _decode(path: Path) -> Image.Image:
+def _decode(path: Path) -> tuple[Image.Image, bool]:
+    """Open and fully decode ``path``; also says whether the file stores 16 bits per sample."""
     try:
         im = Image.open(path)
+        # PIL hands 16-bit colour PNGs over as 8-bit RGB (it keeps the high byte); the raw
+        # mode of the first tile still tells, before load() drops the tile list.
+        wide = any(";16" in str(getattr(t, "args", t[3] if len(t) > 3 else "")) for t in (im.tile or []))
         im.load()  # force the full decode: a truncated IDAT only fails here
     except FileNotFoundError:
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib.error, ...
         raise ImageDecodeError(f"cannot decode image: {type(e).__name__}: {e}") from None
-    return im
+    return im, wide
 
 
 def to_array(im: Image.Image, channels: int) -> tuple[np.ndarray, list[str]]:
@@ -150,9 +155,11 @@ def load_image(path: str | Path, size: int, channels: int, expected_size: int | 
         FileNotFoundError: the file does not exist.
         ImageDecodeError: the file is corrupt, truncated or not an image.
     """
-    im = _decode(Path(path))
+    im, wide = _decode(Path(path))
     w, h = im.size
     arr, conv = to_array(im, channels)
+    if wide and "16bit" not in conv:
+        conv.insert(0, "16bit")
     if expected_size is not None and (w, h) != (expected_size, expected_size):
         conv.append("not_1024")
     return Loaded(resize(arr, size), w, h, "+".join(conv))
@@ -163,7 +170,7 @@ def mask_box(path: str | Path) -> list[float] | None:
 
     Returns None for an all-zero mask. Raises ImageDecodeError for an unreadable mask.
     """
-    im = _decode(Path(path))
+    im, _ = _decode(Path(path))
     a = np.asarray(im)
     if a.ndim == 3:
         a = a[..., :3].max(axis=2) if a.shape[2] >= 3 else a[..., 0]

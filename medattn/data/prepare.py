@@ -111,7 +111,12 @@ def prepare(nih_root: str | Path, out: str | Path, *, size: int = DEFAULT_SIZE, 
         require_splits: fail when a split ends up empty.
         progress: tqdm bar (True), log lines (False), or by whether stderr is a terminal (None).
         on_shard_done: called with the shard index after each shard is durable (tests).
+
+    With more than one worker this starts processes (forkserver/spawn), so a script that calls
+    it must do so under ``if __name__ == "__main__":``, as for any multiprocessing code.
+    ``workers=1`` decodes in the calling process.
     """
+    _check_options(size, pixel_format, jpeg_quality, png_level, shard_size, workers)
     table = nih_table(nih_root, split=split, split_seed=split_seed, val_fraction=val_fraction,
                       allow_missing=allow_missing, masks=masks, limit=limit)
     return prepare_source(table, out, size=size, workers=workers, pixel_format=pixel_format,
@@ -157,7 +162,8 @@ def prepare_source(table: SourceTable, out: str | Path, *, size: int = DEFAULT_S
         _log(f"resuming {out}: {resumed} of {n_shards} shards already done")
 
     n_todo = sum(min(shard_size, n - k * shard_size) for k in pending)
-    nworkers = _resolve_workers(workers)
+    # No more processes than tasks: a small resume should not start 64 workers.
+    nworkers = min(_resolve_workers(workers), max(1, math.ceil(n_todo / TASK_IMAGES)))
     _log(f"preparing {n} images ({n_todo} to decode) from {table.source.get('root')} -> {out}: "
          f"{size}px, {pixel_format}, {n_shards} shard(s) of <= {shard_size}, {nworkers} worker(s)")
     bar = _Progress(n_todo, progress)
@@ -441,7 +447,8 @@ def _write_shards(table: SourceTable, out: Path, pending: list[int], shard_size:
                 for r in batch:
                     if r[0] == "error":
                         _, pos, path, ref, msg = r
-                        raise DataError(path, f"{msg} (image {images[pos]}, {ref})")
+                        raise DataError(path, f"{msg} (image {images[pos]}, {ref}); replace the file "
+                                              "and run the same command again to resume")
                     _, pos, payload, ow, oh, conv, lung = r
                     if pos != lo + len(writer.records):
                         raise RuntimeError(f"sample {pos} arrived out of order")
