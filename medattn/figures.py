@@ -136,8 +136,9 @@ def plot_roc_curves(probs: Any, labels: Any, label_names: Sequence[str],
         ax.set_aspect("equal")
         if n_pos == 0 or n_pos == y.shape[0]:
             aucs[name] = math.nan
-            ax.text(0.5, 0.5, "AUROC undefined\n(" + ("no positives" if n_pos == 0 else "no negatives")
-                    + ")", ha="center", va="center", fontsize=8, transform=ax.transAxes)
+            why = "no positives" if n_pos == 0 else "no negatives"
+            ax.text(0.5, 0.5, f"AUROC undefined\n({why})", ha="center", va="center", fontsize=8,
+                    transform=ax.transAxes)
             continue
         fpr, tpr, _ = M.roc_curve_points(p[:, j], y[:, j])
         auc = M.auroc(p[:, j], y[:, j], name=name)
@@ -164,9 +165,11 @@ def plot_roc_curves(probs: Any, labels: Any, label_names: Sequence[str],
 # --------------------------------------------------------------------------------------------
 # Training curves
 # --------------------------------------------------------------------------------------------
-def _series(records: Sequence[Mapping[str, Any]], key: str) -> dict[str, tuple[list, list]]:
-    """``{stage: (epochs, values)}`` for ``key``; the last record of an epoch wins."""
-    by_stage: dict[str, dict[float, float]] = {}
+def _series(records: Sequence[Mapping[str, Any]], key: str, reduce: str = "last"
+            ) -> dict[str, tuple[list, list]]:
+    """``{stage: (epochs, values)}`` for ``key``; several records of one stage and epoch are
+    reduced to the last one or to their mean."""
+    by_stage: dict[str, dict[float, list[float]]] = {}
     for r in records:
         if key not in r or r.get("epoch") is None:
             continue
@@ -174,23 +177,28 @@ def _series(records: Sequence[Mapping[str, Any]], key: str) -> dict[str, tuple[l
         if v is None or (isinstance(v, float) and math.isnan(v)):
             continue
         stage = str(r.get("stage", "train"))
-        by_stage.setdefault(stage, {})[float(r["epoch"])] = float(v)
-    return {s: (sorted(d), [d[e] for e in sorted(d)]) for s, d in by_stage.items()}
+        by_stage.setdefault(stage, {}).setdefault(float(r["epoch"]), []).append(float(v))
+    pick = (lambda vs: vs[-1]) if reduce == "last" else (lambda vs: float(np.mean(vs)))
+    return {s: (sorted(d), [pick(d[e]) for e in sorted(d)]) for s, d in by_stage.items()}
 
 
 def plot_training_curves(records: Sequence[Mapping[str, Any]], *,
                          loss_keys: Sequence[str] = ("train/loss", "val/loss"),
-                         metric_key: str = "val/mean_auroc", title: str | None = None,
-                         path: str | os.PathLike | None = None, dpi: int = 150) -> Figure:
+                         metric_key: str = "val/mean_auroc", reduce: str = "last",
+                         title: str | None = None, path: str | os.PathLike | None = None,
+                         dpi: int = 150) -> Figure:
     """Loss and validation metric per epoch, one colour per stage.
 
     Args:
         records: dicts like the lines of a run's ``metrics.jsonl``, e.g.
             ``{"stage": "global", "epoch": 3, "train/loss": 0.21, "val/mean_auroc": 0.80}``.
-            Records without ``epoch`` or without a key are skipped for that key; when several
-            records share a stage and epoch the last one is used. Missing ``stage`` = "train".
+            Records without ``epoch`` or without a key are skipped for that key. Missing
+            ``stage`` = "train".
         loss_keys: keys drawn in the left panel (solid, dashed, dotted in this order).
         metric_key: key drawn in the right panel.
+        reduce: several records of one stage and epoch (per-step lines, or an epoch logged
+            again after a requeue) give ``"last"`` (default: the value the run ended with) or
+            ``"mean"`` (e.g. the epoch's mean training loss from per-step lines).
         title: figure title. path, dpi: save a PNG.
 
     Stages keep their own epoch axis (AG-CNN's global, local and fusion each count from 0),
@@ -200,6 +208,8 @@ def plot_training_curves(records: Sequence[Mapping[str, Any]], *,
     records = list(records)
     if not records:
         raise ValueError("plot_training_curves: no records")
+    if reduce not in ("last", "mean"):
+        raise ValueError(f"reduce must be 'last' or 'mean', got {reduce!r}")
     stages = list(dict.fromkeys(str(r.get("stage", "train")) for r in records))
     color = {s: OKABE_ITO[i % len(OKABE_ITO)] for i, s in enumerate(stages)}
     styles = ("-", "--", ":", "-.")
@@ -207,7 +217,7 @@ def plot_training_curves(records: Sequence[Mapping[str, Any]], *,
     ax_loss, ax_metric = fig.subplots(1, 2)
     drawn = False
     for i, key in enumerate(loss_keys):
-        for stage, (ep, val) in _series(records, key).items():
+        for stage, (ep, val) in _series(records, key, reduce).items():
             ax_loss.plot(ep, val, ls=styles[i % len(styles)], marker="o", ms=3, color=color[stage],
                          label=f"{stage} {key}")
             drawn = True
@@ -217,7 +227,7 @@ def plot_training_curves(records: Sequence[Mapping[str, Any]], *,
     ax_loss.set_title("Loss")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("loss")
-    series = _series(records, metric_key)
+    series = _series(records, metric_key, reduce)
     for stage, (ep, val) in series.items():
         ax_metric.plot(ep, val, marker="o", ms=3, color=color[stage], label=stage)
         b = int(np.argmax(val))
@@ -265,7 +275,8 @@ def plot_metric_vs_param(df: Any, param: str, metric: str, *, hue: str | None = 
     if frame.empty:
         raise ValueError(f"no rows with a value for {metric!r}")
     yv = frame[metric].to_numpy(dtype=np.float64)
-    numeric = pd.api.types.is_numeric_dtype(frame[param]) and not pd.api.types.is_bool_dtype(frame[param])
+    kind = frame[param]
+    numeric = pd.api.types.is_numeric_dtype(kind) and not pd.api.types.is_bool_dtype(kind)
     fig = Figure(figsize=(6, 4.2), layout="constrained")
     ax = fig.subplots()
     if numeric:

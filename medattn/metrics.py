@@ -219,7 +219,8 @@ def mean_auroc(per_class: Mapping[str, float], eval_labels: Sequence[str] | None
         raise ValueError(f"eval_labels {missing} have no AUROC (have: {list(per_class)})")
     vals = np.array([per_class[k] for k in keys], dtype=np.float64)
     if vals.size == 0 or np.all(np.isnan(vals)):
-        warnings.warn("mean AUROC undefined: no class has a defined AUROC", MetricWarning, stacklevel=2)
+        warnings.warn("mean AUROC undefined: no class has a defined AUROC", MetricWarning,
+                      stacklevel=2)
         return math.nan
     return float(np.nanmean(vals))
 
@@ -227,7 +228,7 @@ def mean_auroc(per_class: Mapping[str, float], eval_labels: Sequence[str] | None
 # --------------------------------------------------------------------------------------------
 # Bootstrap
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq would compare the sample arrays elementwise
 class BootstrapCI:
     """Percentile-bootstrap confidence intervals for per-class and mean AUROC.
 
@@ -358,6 +359,8 @@ def roc_curve_points(scores: Any, labels: Any, *, drop_intermediate: bool = True
     s = _scores(scores)
     y = _binary_labels(labels)
     _same_length(s, y, "scores", "labels")
+    if s.size == 0:
+        raise ValueError("roc_curve_points: no samples")
     order = np.argsort(-s, kind="stable")
     s, y = s[order], y[order]
     last = np.r_[np.flatnonzero(s[1:] != s[:-1]), s.size - 1]  # last index of each distinct score
@@ -538,7 +541,8 @@ def per_class_auroc_ovr(probs: Any, targets: Any, class_names: Sequence[str] | N
 
 
 def macro_auroc_ovr(probs: Any, targets: Any, *, from_logits: bool = False) -> float:
-    """Unweighted mean of the one-vs-rest AUROCs (sklearn ``multi_class="ovr", average="macro"``)."""
+    """Unweighted mean of the one-vs-rest AUROCs, as sklearn's
+    ``roc_auc_score(targets, probs, multi_class="ovr", average="macro")``."""
     return mean_auroc(per_class_auroc_ovr(probs, targets, from_logits=from_logits))
 
 
@@ -611,7 +615,7 @@ def box_iobb(pred: Any, gt: Any, *, fmt: str) -> np.ndarray:
         return np.where(area > 0, inter / area, 0.0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LocalizationResult:
     """Localisation accuracy per class and overall (see :func:`localization_accuracy`).
 
@@ -727,7 +731,7 @@ def localization_accuracy(pred_boxes: Any, gt_boxes: Any, gt_labels: Sequence[st
     if isinstance(pred_boxes, Mapping):
         if gt_images is None:
             raise ValueError("gt_images is needed when pred_boxes is a mapping")
-        images = [str(x) if not isinstance(x, str) else x for x in gt_images]
+        images = list(gt_images)
         if len(images) != m:
             raise ValueError(f"gt_images has {len(images)} entries but gt_boxes has {m} rows")
         per_class = any(isinstance(k, tuple) for k in pred_boxes)
