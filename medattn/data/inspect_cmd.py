@@ -111,7 +111,7 @@ def verify_images(found: dict[str, Path], mode: str = "header", workers: int = 1
             results = list(pool.imap_unordered(_check_one, items, chunksize=max(1, min(256, len(items) // (4 * workers)))))
     elif workers > 1 and len(items) > 1:
         with ThreadPoolExecutor(workers) as ex:
-            results = list(ex.map(_check_one, items, chunksize=256))
+            results = list(ex.map(_check_one, items))
     else:
         results = [_check_one(it) for it in items]
     unreadable = []
