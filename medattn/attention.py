@@ -255,8 +255,8 @@ def attention_boxes(features: torch.Tensor, tau: float = 0.7, mode: str = "max",
         threshold: ``tau`` or ``otsu`` (see :func:`threshold_mask`).
         component: ``largest`` or ``all`` (see :func:`largest_component_box`).
         size: the heat map is bilinearly resized to this (S or (H, W)) before thresholding, as the
-            paper resizes heat maps to the input size; None keeps the feature resolution (seed 001
-            thresholds the 7x7 map).
+            paper resizes heat maps to the input size; None (or 0) keeps the feature resolution
+            (seed 001 thresholds the 7x7 map).
         connectivity: 8 or 4.
         return_empty: also return the (B,) empty-mask flags.
 

@@ -5,6 +5,7 @@ options (``layer4_stride`` for ResNets) and returns a :class:`ClassifierModel` w
 weights; :func:`create_model` then loads the requested weights (never from the network).
 
 Example:
+    >>> import torch
     >>> from medattn.models import create_model
     >>> m = create_model("resnet18", num_classes=15, in_chans=1, weights="none")
     >>> m(torch.zeros(2, 1, 64, 64)).shape
