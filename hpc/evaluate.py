@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="medattn eval")
     add_arguments(p)
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     try:
         return run(args)
     except MedattnError as e:

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     """In-process entry point (tests): like the CLI, returns an exit status."""
     p = argparse.ArgumentParser(prog="medattn train")
     add_arguments(p)
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     try:
         return run(args)
     except MedattnError as e:
@@ -236,7 +236,10 @@ def train(config: str, data: str, out: str, overrides: list[str] | None = None, 
         if device.type == "cuda" and cfg.runtime.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if cfg.runtime.sync_bn and world.distributed:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            if device.type == "cuda":
+                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            else:  # PyTorch's SyncBatchNorm is CUDA-only
+                logger.info("runtime.sync_bn ignored on CPU (PyTorch supports SyncBatchNorm on CUDA only)")
         ctx = Ctx(cfg, run, ds, spec, method, model, world, device, logger, _precision(cfg, device))
         logger.info(f"run {run.root} | method {cfg.method} | {world.world_size} process(es) on {device.type} | "
                     f"data {data} ({len(ds)} images, split {ds.split_name or '?'}) | stages {', '.join(all_stages)}")

@@ -60,9 +60,10 @@ class _Base:
         out["target"] = self.targets[idx]
         if self.lung is not None:
             out["lung_box"] = self.lung[idx]
-        if self.hires:
-            vb = view_boxes(batch["window"].cpu().numpy(), batch["flip"].cpu().numpy().astype(bool))
-            out["view_box"] = torch.from_numpy(vb).to(dev)
+        # Where the input view sits in the prepared image (flipped like the view), so methods can
+        # report attention boxes in image coordinates and crop from ``hires``.
+        vb = view_boxes(batch["window"].cpu().numpy(), batch["flip"].cpu().numpy().astype(bool))
+        out["view_box"] = torch.from_numpy(vb).to(dev)
         return out
 
 
