@@ -409,6 +409,11 @@ def train_stage(ctx: Ctx, stage: str, previous: list[str]) -> int:
                 logger.info(f"[{stage}] checkpoint {last_path}; rerun the same command to resume")
                 return EXIT_CHECKPOINTED
         train_time = time.time() - t0
+        # Per-rank sums -> means over all ranks (each rank saw its slice of every global batch).
+        if world.distributed and sums:
+            keys = sorted(sums)
+            vals = distributed.all_reduce_sum([sums[k] for k in keys], device)
+            sums = {k: v / world.world_size for k, v in zip(keys, vals)}
         # ---- validation
         t1 = time.time()
         val_metrics: dict[str, Any] = {}

@@ -59,7 +59,11 @@ class BatchSource:
                 return None
             idx = batches[step]
             valid = np.ones(len(idx), bool)
-            views = sample_views(self.spec, len(idx), view_rng(self.seed, epoch, step, self.rank))
+            # Draw the views of the whole *global* batch and keep this rank's slice, so the
+            # augmentation of a sample does not depend on how many processes share the batch.
+            b = self.plan.local_batch
+            views = sample_views(self.spec, self.plan.global_batch, view_rng(self.seed, epoch, step, 0))
+            views = {k: v[self.rank * b:(self.rank + 1) * b] for k, v in views.items()}
         else:
             batches = self.plan.rank_batches(self.rank)
             if iteration >= len(batches):
