@@ -94,11 +94,19 @@ class AGCNNMethod(Method):
         return logits, feats, pooled
 
     # ------------------------------------------------------------------ training
+    def loss_fn(self, logits: torch.Tensor, y: torch.Tensor, stage: str) -> torch.Tensor:
+        """BCE over the 15 outputs (Eq. 2), or focal loss when ``stages.<stage>.loss=focal``."""
+        if self.cfg.stages[stage].loss == "focal":
+            f = self.cfg.focal
+            ca = torch.tensor(f.class_alpha) if f.class_alpha else None
+            return losses.focal(logits, y, f.alpha, f.gamma, ca)
+        return losses.bce(logits, y)
+
     def training_loss(self, model, batch, stage, epoch):
         x, y = batch["image"], batch["labels"]
         if stage == "global":
             logits, _, _ = self._global(model, x)
-            loss = losses.bce(logits, y)
+            loss = self.loss_fn(logits, y, stage)
             return loss, {"loss": loss.detach()}
         with torch.no_grad():
             _, feats, pooled_g = self._global(model, x)
@@ -106,13 +114,13 @@ class AGCNNMethod(Method):
             crops = self._crops(batch, boxes)
         if stage == "local":
             logits, _ = model.forward_local(crops)
-            loss = losses.bce(logits, y)
+            loss = self.loss_fn(logits, y, stage)
             area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).mean()
             return loss, {"loss": loss.detach(), "crop_area": area.detach()}
         with torch.no_grad():
             _, pooled_l = model.forward_local(crops)
         logits = model.forward_fusion(pooled_g, pooled_l)
-        loss = losses.bce(logits, y)
+        loss = self.loss_fn(logits, y, stage)
         return loss, {"loss": loss.detach()}
 
     # ------------------------------------------------------------------ inference
