@@ -44,6 +44,9 @@ class AGCNNMethod(Method):
 
     def validate(self) -> None:
         super().validate()
+        for name, st in self.cfg.stages.items():
+            if st.loss not in ("bce", "focal"):
+                raise ConfigError(f"config key 'stages.{name}.loss': AG-CNN trains with bce or focal, not {st.loss!r}")
         if self.cfg.stage_names()[:1] != ["global"]:
             if "global" not in self.cfg.stage_names():
                 raise ConfigError("AG-CNN needs the 'global' stage first (it produces the attention)")
