@@ -144,6 +144,10 @@ class PreparedDataset:
         return out
 
     # ---------------------------------------------------------------- pixels
+    def pixel_reader(self) -> "PixelReader":
+        """A picklable reader for loader workers (no manifest inside)."""
+        return PixelReader(self)
+
     def _raw(self, shard: int) -> np.ndarray:
         arr = self._arrays.get(shard)
         if arr is None:
@@ -210,3 +214,56 @@ def _decode(data: bytes, channels: int, what: str) -> np.ndarray:
         raise DataError(None, f"{what}: cannot decode stored image: {e}") from None
     arr = np.asarray(im, dtype=np.uint8)
     return arr[..., None] if arr.ndim == 2 else arr
+
+
+class PixelReader:
+    """A small picklable reader of prepared pixels, for loader worker processes.
+
+    It carries only the shard paths and per-sample addresses (not the manifest), and opens
+    memory maps lazily in whichever process uses it.
+    """
+
+    def __init__(self, ds: PreparedDataset):
+        m = ds.manifest
+        self.root = str(ds.root)
+        self.paths = [str(ds.root / s["path"]) for s in ds.info["shards"]]
+        self.pixel_format = ds.pixel_format
+        self.size = ds.image_size
+        self.channels = ds.channels
+        self.shard = m["shard"].to_numpy().astype(np.int32)
+        self.slot = m["slot"].to_numpy().astype(np.int64)
+        self.offset = m["offset"].to_numpy().astype(np.int64)
+        self.nbytes = m["nbytes"].to_numpy().astype(np.int64)
+        self._maps: dict[int, np.ndarray] = {}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_maps"] = {}
+        return state
+
+    def _map(self, shard: int) -> np.ndarray:
+        arr = self._maps.get(shard)
+        if arr is None:
+            try:
+                arr = np.load(self.paths[shard], mmap_mode="r")
+            except Exception as e:
+                raise DataError(self.paths[shard], f"unreadable shard: {e}") from None
+            self._maps[shard] = arr
+        return arr
+
+    def read_batch(self, indices: np.ndarray) -> np.ndarray:
+        indices = np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(indices), self.size, self.size, self.channels), dtype=np.uint8)
+        if self.pixel_format == "raw":
+            shards, slots = self.shard[indices], self.slot[indices]
+            for sh in np.unique(shards):
+                sel = np.flatnonzero(shards == sh)
+                order = np.argsort(slots[sel], kind="stable")
+                out[sel[order]] = self._map(int(sh))[slots[sel][order]]
+            return out
+        for j, i in enumerate(indices):
+            with open(self.paths[self.shard[i]], "rb") as f:
+                f.seek(int(self.offset[i]))
+                data = f.read(int(self.nbytes[i]))
+            out[j] = _decode(data, self.channels, f"{self.root} sample {i}")
+        return out

@@ -1,0 +1,185 @@
+"""Process-group setup and the few collectives the runtime needs.
+
+One place reads the launcher's environment: torchrun (RANK/LOCAL_RANK/WORLD_SIZE/MASTER_*),
+SLURM srun tasks (SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS, e.g. submitit) or nothing (one
+process). Everything else asks :func:`world` and never reads those variables itself.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import random
+import socket
+import subprocess
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    launcher: str = "none"  # none | torchrun | slurm
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_primary(self) -> bool:
+        return self.rank == 0
+
+
+_WORLD: World | None = None
+_DEVICE: torch.device | None = None
+
+
+def world_from_env(env: dict[str, str] | None = None) -> World:
+    """Read rank information from torchrun's or SLURM's variables (torchrun wins)."""
+    env = dict(os.environ if env is None else env)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return World(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]),
+                     int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])), "torchrun")
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in env:
+        ntasks = int(env["SLURM_NTASKS"])
+        local_ws = int(env.get("SLURM_NTASKS_PER_NODE", "0").split("(")[0] or 0) or \
+            max(1, ntasks // max(1, int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", "1")))))
+        return World(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), ntasks, local_ws, "slurm")
+    return World()
+
+
+def _slurm_master(env: dict[str, str]) -> tuple[str, int]:
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or socket.gethostname()
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=30, check=True).stdout.split()
+        host = out[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        host = nodelist.split(",")[0]
+    # Same port on every task, derived from the job id (as submitit does), so reruns do not clash.
+    port = int(env.get("MASTER_PORT") or 20000 + random.Random(env.get("SLURM_JOB_ID", "0")).randrange(40000))
+    return host, port
+
+
+def init(backend: str | None = None, device: str = "auto", timeout_s: int = 1800) -> tuple[World, torch.device]:
+    """Initialise the process group (if more than one process) and pick this process's device.
+
+    Args:
+        backend: ``nccl``/``gloo``; default nccl on CUDA, gloo on CPU.
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        timeout_s: collective timeout; keep it finite so a dead rank becomes an error, not a hang.
+    """
+    global _WORLD, _DEVICE
+    w = world_from_env()
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        from medattn.errors import ConfigError
+
+        raise ConfigError("runtime.device=cuda but no CUDA device is visible")
+    if use_cuda:
+        # Under submitit each task sees one GPU (CUDA_VISIBLE_DEVICES=<local rank>), so index 0.
+        n = torch.cuda.device_count()
+        dev = torch.device("cuda", w.local_rank if n > w.local_rank else 0)
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    if w.distributed and not dist.is_initialized():
+        if w.launcher == "slurm":
+            host, port = _slurm_master(dict(os.environ))
+            os.environ.setdefault("MASTER_ADDR", host)
+            os.environ.setdefault("MASTER_PORT", str(port))
+            os.environ.setdefault("RANK", str(w.rank))
+            os.environ.setdefault("WORLD_SIZE", str(w.world_size))
+            os.environ.setdefault("LOCAL_RANK", str(w.local_rank))
+        backend = backend or ("nccl" if use_cuda else "gloo")
+        kwargs: dict[str, Any] = {"backend": backend, "timeout": _dt.timedelta(seconds=timeout_s)}
+        if backend == "nccl":
+            kwargs["device_id"] = dev
+        dist.init_process_group(**kwargs)
+    _WORLD, _DEVICE = w, dev
+    return w, dev
+
+
+def current() -> World:
+    return _WORLD or world_from_env()
+
+
+def shutdown() -> None:
+    global _WORLD
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        except Exception:  # a dead peer must not turn a clean exit into a hang
+            pass
+        dist.destroy_process_group()
+    _WORLD = None
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def any_true(flag: bool, device: torch.device | None = None) -> bool:
+    """True on every rank if ``flag`` is true on any rank (used to agree on stopping)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=device or _DEVICE or "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def all_reduce_sum(values: list[float], device: torch.device | None = None) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device or _DEVICE or "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed Python, NumPy and torch; ranks get different streams (seed + rank)."""
+    s = seed + rank
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        try:
+            torch.cuda.set_rng_state_all(state["cuda"])
+        except RuntimeError:
+            pass  # a different number of visible GPUs: keep the fresh seed

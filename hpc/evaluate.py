@@ -1,0 +1,215 @@
+"""Evaluate a trained run on a split: per-class AUROC for every branch (with bootstrap 95%
+intervals), localisation of the attention box against the NIH boxes (IoU, IoBB, T(IoBB)
+accuracy as in Wang et al. 2017), and per-image predictions.
+
+  medattn eval --run runs/r50 --split test
+  torchrun --nproc-per-node 8 -m medattn eval --run runs/r50 --split test
+
+Writes RUN/eval/metrics.json and RUN/eval/preds.csv (for --split test; other splits go to
+RUN/eval_<split>/). preds.csv has one row per image and branch: the image id, the branch, one
+probability column per label (p_<label>) and the ground truth (y_<label>).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hpc import distributed
+from hpc.checkpoint import RunDir, atomic_write_text, load as load_ckpt
+from hpc.evaluation import classification_metrics, localization_metrics, run_inference
+from medattn.config import load_saved_config
+from medattn.errors import DataError, MedattnError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run directory written by medattn train")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to evaluate")
+    p.add_argument("--data", default=None, help="prepared directory (default: the one the run was trained on)")
+    p.add_argument("--stage", default=None, help="evaluate the model as of this stage (default: the last done)")
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint of the stage")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals (0 = off)")
+    p.add_argument("--out-dir", default=None, help="where to write (default RUN/eval or RUN/eval_<split>)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="runtime overrides only (e.g. runtime.device=cpu data.loader=torch)")
+
+
+def run(args: argparse.Namespace) -> int:
+    return evaluate(args.run, split=args.split, data=args.data, stage=args.stage, checkpoint=args.checkpoint,
+                    bootstrap=args.bootstrap, out_dir=args.out_dir, overrides=args.overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="medattn eval")
+    add_arguments(p)
+    args = p.parse_intermixed_args(argv)
+    try:
+        return run(args)
+    except MedattnError as e:
+        print(f"medattn eval: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+def _data_path(run: RunDir, data: str | None) -> str:
+    if data:
+        return data
+    prov = run.root / "provenance.json"
+    if prov.is_file():
+        hist = json.loads(prov.read_text())
+        hist = hist if isinstance(hist, list) else [hist]
+        if hist and hist[-1].get("data"):
+            return hist[-1]["data"]
+    raise DataError(prov, "cannot tell which prepared data the run used; pass --data")
+
+
+def evaluate(run_dir: str, split: str = "test", data: str | None = None, stage: str | None = None,
+             checkpoint: str = "best", bootstrap: int = 1000, out_dir: str | None = None,
+             overrides: list[str] | None = None) -> int:
+    from medattn.data.prepared import PreparedDataset
+    from medattn.methods import DataSpec, create_method
+    from hpc.loader import EvalLoader
+
+    run = RunDir(run_dir)
+    cfg_path = run.root / "config.yaml"
+    if not cfg_path.is_file():
+        raise DataError(cfg_path, "not a run directory (no config.yaml); train first")
+    bad = [o for o in overrides or [] if not o.split("=", 1)[0].startswith(("runtime.", "data.loader",
+                                                                            "data.num_workers"))]
+    if bad:
+        raise MedattnError(f"eval accepts only runtime/loader overrides, got {bad[0]!r}")
+    cfg = load_saved_config(cfg_path, overrides)
+    state = run.state()["stages"]
+    done = [s for s in cfg.stage_names() if state.get(s, {}).get("done")]
+    if stage is None:
+        if not done:
+            raise DataError(run.state_path, "no stage of this run has finished; nothing to evaluate")
+        stage = done[-1]
+    elif stage not in cfg.stage_names():
+        raise MedattnError(f"--stage {stage!r} is not a stage of this run ({', '.join(cfg.stage_names())})")
+    ckpt = run.ckpt(stage, checkpoint)
+    if not ckpt.is_file():
+        raise DataError(ckpt, f"checkpoint missing (stage {stage!r} has not produced one yet)")
+
+    world, device = distributed.init(device=cfg.runtime.device, timeout_s=cfg.runtime.dist_timeout_s)
+    try:
+        ds = PreparedDataset.open(_data_path(run, data))
+        spec = DataSpec.from_dataset(ds, cfg)
+        method = create_method(cfg, spec)
+        model = method.build_model().to(device)
+        st = load_ckpt(ckpt, device)
+        model.load_state_dict(st["model"])
+        method.load_extra_state(st.get("method", {}))
+        scfg = cfg.stages[stage]
+        per_rank = max(1, (scfg.eval_batch_size or scfg.batch_size) // world.world_size)
+        loader = EvalLoader(ds, cfg.data, ds.indices(split), per_rank, world.rank, world.world_size, device,
+                            seed=cfg.seed, hires=method.needs_hires(stage))
+        precision = "bf16" if device.type == "cuda" and cfg.runtime.precision == "auto" else cfg.runtime.precision
+        precision = "fp32" if precision == "auto" else precision
+        t0 = time.time()
+        preds = run_inference(method, model, loader, stage, device, precision,
+                              channels_last=cfg.runtime.channels_last)
+        elapsed = time.time() - t0
+        if world.is_primary:
+            out = Path(out_dir) if out_dir else run.root / ("eval" if split == "test" else f"eval_{split}")
+            result = summarize(preds, ds, spec, cfg, split, stage, str(ckpt), bootstrap)
+            result["time_s"] = elapsed
+            result["images_per_s"] = len(preds.index) / max(elapsed, 1e-9)
+            write_outputs(out, result, preds, ds, spec)
+            print_summary(result, out)
+        distributed.barrier()
+        return 0
+    finally:
+        distributed.shutdown()
+
+
+def summarize(preds, ds, spec, cfg, split: str, stage: str, ckpt: str, bootstrap: int) -> dict[str, Any]:
+    from medattn import metrics as M
+
+    labels = ds.labels_matrix()
+    result: dict[str, Any] = {
+        "split": split, "split_kind": ds.split_name, "n_images": int(len(preds.index)), "stage": stage,
+        "checkpoint": ckpt, "method": cfg.method, "backbone": cfg.model.backbone, "task": spec.task,
+        "eval_labels": list(spec.eval_labels), "label_names": list(spec.label_names),
+        "auroc": classification_metrics(preds, labels, spec, ds.targets()),
+    }
+    if bootstrap > 0:
+        y = labels[preds.index]
+        cis = {}
+        for branch, p in preds.probs.items():
+            ci = M.bootstrap_auroc_ci(p, y, list(spec.label_names), list(spec.eval_labels), n_boot=bootstrap,
+                                      seed=cfg.seed)
+            entry = {k: [float(v[0]), float(v[1])] for k, v in ci.per_class.items()}
+            entry["mean"] = [float(ci.mean[0]), float(ci.mean[1])]
+            cis[branch] = entry
+        result["auroc_ci"] = cis
+        result["bootstrap"] = bootstrap
+    loc = localization_metrics(preds, ds)
+    if loc is not None:
+        result["localization"] = loc
+    return result
+
+
+def write_outputs(out: Path, result: dict[str, Any], preds, ds, spec) -> None:
+    import pandas as pd
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "metrics.json", json.dumps(result, indent=2, default=_json_default))
+    labels = ds.labels_matrix()[preds.index]
+    images = ds.manifest["image"].to_numpy()[preds.index]
+    frames = []
+    for branch, p in preds.probs.items():
+        df = pd.DataFrame({"image": images, "branch": branch})
+        for j, name in enumerate(spec.label_names):
+            df[f"p_{name}"] = p[:, j]
+        for j, name in enumerate(spec.label_names):
+            df[f"y_{name}"] = labels[:, j].astype(np.int8)
+        frames.append(df)
+    tmp = out / ".preds.csv.tmp"
+    pd.concat(frames, ignore_index=True).to_csv(tmp, index=False, float_format="%.6g")
+    tmp.replace(out / "preds.csv")
+    if preds.boxes is not None:
+        bdf = pd.DataFrame({"image": images, "x0": preds.boxes[:, 0], "y0": preds.boxes[:, 1],
+                            "x1": preds.boxes[:, 2], "y1": preds.boxes[:, 3]})
+        tmp = out / ".boxes.csv.tmp"
+        bdf.to_csv(tmp, index=False, float_format="%.5f")
+        tmp.replace(out / "boxes.csv")
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o))
+
+
+def auroc_table(result: dict[str, Any]) -> str:
+    """The per-class AUROC table (Markdown) for every branch."""
+    branches = list(result["auroc"])
+    lines = ["| label | " + " | ".join(branches) + " |", "|---|" + "---|" * len(branches)]
+    for name in result["eval_labels"]:
+        lines.append(f"| {name} | " + " | ".join(_fmt(result["auroc"][b].get(name)) for b in branches) + " |")
+    lines.append("| **mean** | " + " | ".join(f"**{_fmt(result['auroc'][b]['mean'])}**" for b in branches) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"
+
+
+def print_summary(result: dict[str, Any], out: Path) -> None:
+    print(f"\nAUROC on the {result['split']} split ({result['n_images']} images, split '{result['split_kind']}', "
+          f"stage {result['stage']}):\n")
+    print(auroc_table(result))
+    loc = result.get("localization")
+    if loc:
+        acc = loc["overall"]["acc_iobb"]
+        print(f"\nlocalisation ({loc['n_boxes']} boxes on {loc['n_images']} images): mean IoU "
+              f"{loc['overall']['iou_mean']:.3f}, mean IoBB {loc['overall']['iobb_mean']:.3f}, "
+              + ", ".join(f"T(IoBB)>{t}: {acc[t]:.3f}" for t in ("0.1", "0.25", "0.5") if t in acc))
+    print(f"\nwrote {out / 'metrics.json'}, {out / 'preds.csv'}")

@@ -1,0 +1,74 @@
+"""The per-rank batch source shared by the DALI and PyTorch loaders.
+
+A :class:`BatchSource` turns (epoch, step) into the raw batch of this rank: the prepared pixels
+(uint8, straight from the memory-mapped shards), the sample indices, a validity mask (evaluation
+padding) and the view parameters. It is immutable after construction and picklable, so DALI's
+parallel external-source workers and DataLoader workers can each hold a copy.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from hpc.loader.plan import EvalPlan, TrainPlan
+from hpc.loader.views import ViewSpec, sample_views, view_rng
+from medattn.data.prepared import PixelReader
+
+
+class BatchSource:
+    def __init__(self, reader: PixelReader, spec: ViewSpec, plan: TrainPlan | EvalPlan, rank: int, seed: int,
+                 start_epoch: int = 0, start_step: int = 0):
+        self.reader = reader
+        self.spec = spec
+        self.plan = plan
+        self.rank = rank
+        self.seed = seed
+        self.start_epoch = start_epoch
+        self.start_step = start_step
+        self.train = isinstance(plan, TrainPlan)
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_cache"] = None
+        return state
+
+    # epoch_idx counts epochs since this source was built (DALI's BatchInfo.epoch_idx).
+    def epoch_of(self, epoch_idx: int) -> int:
+        return self.start_epoch + epoch_idx
+
+    def first_step(self, epoch_idx: int) -> int:
+        return self.start_step if epoch_idx == 0 else 0
+
+    def num_steps(self, epoch_idx: int = 0) -> int:
+        if self.train:
+            return self.plan.steps_per_epoch - self.first_step(epoch_idx)
+        return self.plan.steps
+
+    def _train_batches(self, epoch: int) -> np.ndarray:
+        if self._cache is None or self._cache[0] != epoch:
+            self._cache = (epoch, self.plan.rank_batches(epoch, self.rank))
+        return self._cache[1]
+
+    def __call__(self, epoch_idx: int, iteration: int) -> dict[str, np.ndarray] | None:
+        """The raw batch, or None past the end of the epoch."""
+        if self.train:
+            epoch = self.epoch_of(epoch_idx)
+            step = self.first_step(epoch_idx) + iteration
+            batches = self._train_batches(epoch)
+            if step >= len(batches):
+                return None
+            idx = batches[step]
+            valid = np.ones(len(idx), bool)
+            # Draw the views of the whole *global* batch and keep this rank's slice, so the
+            # augmentation of a sample does not depend on how many processes share the batch.
+            b = self.plan.local_batch
+            views = sample_views(self.spec, self.plan.global_batch, view_rng(self.seed, epoch, step, 0))
+            views = {k: v[self.rank * b:(self.rank + 1) * b] for k, v in views.items()}
+        else:
+            batches = self.plan.rank_batches(self.rank)
+            if iteration >= len(batches):
+                return None
+            idx, valid = batches[iteration]
+            views = sample_views(self.spec, len(idx), None)
+        images = self.reader.read_batch(idx)
+        return {"images": images, "index": idx.astype(np.int64), "valid": valid, **views}

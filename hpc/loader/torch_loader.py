@@ -1,0 +1,95 @@
+"""The plain PyTorch fallback: same samples, same order, same view parameters as the DALI
+pipeline (both read a :class:`BatchSource`), with the pixel work done by torch on the CPU in
+DataLoader workers."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from hpc.loader.source import BatchSource
+from hpc.loader.views import ViewSpec
+
+
+def render_views(images: np.ndarray, views: dict[str, np.ndarray], spec: ViewSpec) -> torch.Tensor:
+    """(B,S,S,C) uint8 + view parameters -> (B,C,crop,crop) float32, normalised."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()  # B,C,S,S
+    b, c, s, _ = x.shape
+    out = torch.empty((b, c, spec.crop, spec.crop), dtype=torch.float32)
+    win = views["window"]
+    for i in range(b):
+        x0, y0, x1, y1 = (float(v) for v in win[i])
+        left, top = int(round(x0 * s)), int(round(y0 * s))
+        right, bottom = max(left + 1, int(round(x1 * s))), max(top + 1, int(round(y1 * s)))
+        patch = x[i:i + 1, :, top:bottom, left:right]
+        patch = F.interpolate(patch, size=(spec.crop, spec.crop), mode="bilinear", align_corners=False,
+                              antialias=True)
+        if views["flip"][i]:
+            patch = patch.flip(-1)
+        out[i] = patch[0]
+    if spec.rotate_deg > 0:
+        from torchvision.transforms.v2 import functional as TF
+
+        for i in range(b):
+            out[i] = TF.rotate(out[i], float(views["angle"][i]), fill=0.0)
+    if spec.brightness > 0 or spec.contrast > 0:
+        # DALI's brightness_contrast: out = brightness * (in - 0.5*max) * contrast + 0.5*max (on 0..255)
+        bri = torch.from_numpy(views["brightness"]).view(b, 1, 1, 1)
+        con = torch.from_numpy(views["contrast"]).view(b, 1, 1, 1)
+        out = (bri * ((out - 127.5) * con + 127.5)).clamp(0, 255)
+    mean = torch.tensor(spec.mean).view(1, c, 1, 1) * 255.0
+    std = torch.tensor(spec.std).view(1, c, 1, 1) * 255.0
+    return (out - mean) / std
+
+
+class _StepDataset(Dataset):
+    """Item k = the whole batch of step k (so workers parallelise over batches, in order)."""
+
+    def __init__(self, source: BatchSource, epoch_idx: int, hires: bool):
+        self.source, self.epoch_idx, self.hires = source, epoch_idx, hires
+
+    def __len__(self) -> int:
+        return self.source.num_steps(self.epoch_idx)
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        raw = self.source(self.epoch_idx, k)
+        if raw is None:
+            raise IndexError(k)
+        batch = {
+            "image": render_views(raw["images"], raw, self.source.spec),
+            "index": torch.from_numpy(raw["index"]),
+            "valid": torch.from_numpy(raw["valid"]),
+            "window": torch.from_numpy(raw["window"]),
+            "flip": torch.from_numpy(raw["flip"]),
+        }
+        if self.hires:
+            h = torch.from_numpy(np.ascontiguousarray(raw["images"])).permute(0, 3, 1, 2)
+            flip = torch.from_numpy(raw["flip"])
+            if flip.any():
+                h = torch.where(flip.view(-1, 1, 1, 1), h.flip(-1), h)
+            batch["hires"] = h.contiguous()
+        return batch
+
+
+class TorchBatches:
+    """Iterates one epoch of a BatchSource through a DataLoader (workers = DataConfig.num_workers)."""
+
+    def __init__(self, source: BatchSource, num_workers: int, pin_memory: bool, hires: bool, prefetch: int = 2):
+        self.source = source
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.hires = hires
+        self.prefetch = prefetch
+
+    def epoch(self, epoch_idx: int) -> Iterator[dict[str, torch.Tensor]]:
+        ds = _StepDataset(self.source, epoch_idx, self.hires)
+        kwargs = {}
+        if self.num_workers > 0:
+            kwargs = {"prefetch_factor": self.prefetch, "persistent_workers": False,
+                      "multiprocessing_context": "spawn" if torch.cuda.is_available() else None}
+        dl = DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.num_workers,
+                        pin_memory=self.pin_memory, **kwargs)
+        yield from dl

@@ -1,0 +1,148 @@
+"""What a run prints and records, on rank 0 only.
+
+* On a terminal: a tqdm progress bar per epoch. In a batch log (SLURM, CI, pipes): one plain
+  line every ``runtime.log_every`` steps, so logs stay small and greppable.
+* ``metrics.jsonl``: one JSON object per finished epoch (stage, epoch, losses, validation
+  AUROC per branch and class, throughput, wall time). On resume, records of epochs that will be
+  retrained are dropped first, so each (stage, epoch) appears exactly once.
+* TensorBoard scalars under ``RUN/tb``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("medattn")
+
+
+def setup_logging(primary: bool) -> None:
+    if not log.handlers:
+        h = logging.StreamHandler(sys.stdout)
+        h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(h)
+        log.propagate = False
+    log.setLevel(logging.INFO if primary else logging.WARNING)
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return None
+    if hasattr(v, "item"):
+        return _clean(v.item())
+    return v
+
+
+class RunLogger:
+    def __init__(self, root: Path, primary: bool, progress: str = "auto", tensorboard: bool = True,
+                 log_every: int = 20):
+        self.root = Path(root)
+        self.primary = primary
+        if progress == "auto":
+            progress = "bar" if sys.stderr.isatty() else "log"
+        self.progress = progress
+        self.log_every = max(1, log_every)
+        self.metrics_path = self.root / "metrics.jsonl"
+        self._tb = None
+        if primary and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(self.root / "tb"))
+            except Exception as e:  # TensorBoard is optional at run time
+                log.warning(f"TensorBoard disabled: {e}")
+        self._bar = None
+        self._t0 = time.time()
+
+    # ------------------------------------------------------------------ metrics.jsonl
+    def drop_epochs_from(self, stage: str, epoch: int) -> None:
+        """Remove records of ``stage`` with epoch >= ``epoch`` (they are about to be retrained)."""
+        if not self.primary or not self.metrics_path.is_file():
+            return
+        keep = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a kill mid-write
+            if rec.get("stage") == stage and rec.get("epoch", 0) > epoch:
+                continue
+            keep.append(line)
+        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(k + "\n" for k in keep))
+        os.replace(tmp, self.metrics_path)
+
+    def epoch_record(self, record: dict[str, Any], global_step: int) -> None:
+        if not self.primary:
+            return
+        rec = {k: _clean(v) for k, v in record.items()}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self._tb is not None:
+            stage = rec.get("stage", "")
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k not in ("epoch", "global_step"):
+                    self._tb.add_scalar(f"{stage}/{k}", v, global_step)
+            self._tb.flush()
+
+    def step_scalars(self, stage: str, scalars: dict[str, float], global_step: int) -> None:
+        if self.primary and self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(f"{stage}/step/{k}", v, global_step)
+
+    # ------------------------------------------------------------------ progress
+    def start_epoch(self, stage: str, epoch: int, epochs: int, steps: int, start_step: int) -> None:
+        self._desc = f"[{stage}] epoch {epoch + 1}/{epochs}"
+        self._steps = steps
+        self._tstart = time.time()
+        self._seen = 0
+        if self.primary and self.progress == "bar":
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=steps, initial=start_step, desc=self._desc, leave=False,
+                             dynamic_ncols=True, file=sys.stderr)
+
+    def wants_scalars(self, step: int) -> bool:
+        """Whether ``step`` will print scalars (so the caller syncs the device only then)."""
+        if not self.primary:
+            return False
+        if self.progress == "bar":
+            return step % max(1, self.log_every // 4) == 0
+        return self.progress == "log" and (step % self.log_every == 0 or step == self._steps)
+
+    def step(self, step: int, scalars: dict[str, float] | None, images_so_far: int) -> None:
+        self._seen = images_so_far
+        if not self.primary:
+            return
+        if self._bar is not None:
+            self._bar.update(1)
+            if scalars:
+                self._bar.set_postfix({k: f"{v:.4g}" for k, v in scalars.items()}, refresh=False)
+        elif scalars and self.progress == "log" and (step % self.log_every == 0 or step == self._steps):
+            dt = max(1e-9, time.time() - self._tstart)
+            s = " ".join(f"{k} {v:.4g}" for k, v in scalars.items())
+            log.info(f"{self._desc} step {step}/{self._steps} {s} {self._seen / dt:.1f} img/s")
+
+    def end_epoch(self, summary: str) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self.primary and self.progress != "none":
+            log.info(f"{self._desc} {summary}")
+
+    def info(self, msg: str) -> None:
+        if self.primary:
+            log.info(msg)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,492 @@
+"""Train a model: the method's stages in order, with DDP, exact resume and signal checkpoints.
+
+  medattn train --config agcnn_resnet50 --data /data/prep --out runs/r50
+  torchrun --nproc-per-node 8 -m medattn train --config agcnn_resnet50 --data /data/prep --out runs/r50
+  torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+      -m medattn train --config agcnn_resnet50 --data /data/prep --out /shared/runs/r50
+
+Running the same command on the same --out resumes where the run stopped (mid-epoch if it
+was stopped by a signal or had step checkpoints). SIGTERM and SIGUSR2 make every rank finish its
+step, save a checkpoint and exit with status 3, so a scheduler can requeue the job.
+Overrides are `key=value` (see `medattn configs NAME`), e.g. `stages.*.epochs=2 agcnn.tau=0.6`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hpc import distributed
+from hpc.checkpoint import RunDir, atomic_torch_save, atomic_write_text, load as load_ckpt
+from hpc.evaluation import autocast_ctx, classification_metrics, run_inference
+from hpc.loader import EvalLoader, TrainLoader, TrainPlan
+from hpc.runlog import RunLogger, setup_logging
+from hpc.schedule import LRSchedule, build_optimizer
+from medattn.config import Config, load_config, load_saved_config, save_config
+from medattn.errors import ConfigError, DataError, MedattnError
+
+EXIT_CHECKPOINTED = 3  # stopped by a signal after saving a checkpoint: rerun to resume
+
+
+# ---------------------------------------------------------------------------------------------
+# signals
+# ---------------------------------------------------------------------------------------------
+class StopFlag:
+    """Set by SIGTERM/SIGUSR2 (or by a launcher); checked by every rank at step boundaries."""
+
+    def __init__(self):
+        self.requested = False
+        self.signum: int | None = None
+
+    def __call__(self, signum, frame):  # signal handler
+        self.requested = True
+        self.signum = signum
+
+    def install(self) -> None:
+        names = os.environ.get("MEDATTN_STOP_SIGNALS", "TERM,USR2").split(",")
+        for n in filter(None, (s.strip() for s in names)):
+            try:
+                signal.signal(getattr(signal, f"SIG{n}"), self)
+            except (AttributeError, ValueError):
+                pass  # not the main thread, or an unknown name
+
+
+STOP = StopFlag()
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="shipped config name (medattn configs) or a YAML path")
+    p.add_argument("--data", required=True, help="prepared directory (medattn prepare --out)")
+    p.add_argument("--out", required=True, help="run directory; rerunning on it resumes")
+    p.add_argument("--stages", default=None,
+                   help="comma-separated subset of stages to run now (earlier stages must be done); "
+                        "used by SLURM stage chains")
+    p.add_argument("--no-resume", action="store_true",
+                   help="fail instead of resuming when --out already holds a run")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+
+def run(args: argparse.Namespace) -> int:
+    return train(args.config, args.data, args.out, args.overrides,
+                 stages=args.stages.split(",") if args.stages else None, resume=not args.no_resume)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """In-process entry point (tests): like the CLI, returns an exit status."""
+    p = argparse.ArgumentParser(prog="medattn train")
+    add_arguments(p)
+    args = p.parse_intermixed_args(argv)
+    try:
+        return run(args)
+    except MedattnError as e:
+        print(f"medattn train: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+# ---------------------------------------------------------------------------------------------
+# run setup
+# ---------------------------------------------------------------------------------------------
+def _git_info() -> dict[str, Any]:
+    here = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip() != ""
+        return {"sha": sha or None, "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"sha": None, "dirty": None}
+
+
+def _versions() -> dict[str, str | None]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("medattn", "torch", "torchvision", "numpy", "nvidia-dali-cuda130", "nvidia-dali-cuda120",
+                "submitit", "ray"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            continue
+    out["python"] = platform.python_version()
+    out["cuda"] = torch.version.cuda
+    return out
+
+
+def _prepare_run_dir(run: RunDir, cfg: Config, resume: bool, world: distributed.World) -> Config:
+    """Create or check RUN/config.yaml. A resumed run must use the same config (runtime keys
+    may differ: they do not change the science)."""
+    saved = run.root / "config.yaml"
+    problem = None
+    if world.is_primary:
+        run.root.mkdir(parents=True, exist_ok=True)
+        if saved.is_file():
+            if not resume:
+                problem = f"{run.root} already holds a run (--no-resume given)"
+            else:
+                old = load_saved_config(saved).to_dict()
+                new = cfg.to_dict()
+                diff = [k for k in sorted(set(old) | set(new)) if k != "runtime" and old.get(k) != new.get(k)]
+                if diff:
+                    problem = (f"{run.root} holds a run with a different config (sections differ: "
+                               f"{', '.join(diff)}); resume with the same config and overrides, or use a new --out")
+        else:
+            save_config(cfg, saved)
+    problem = distributed.broadcast_object(problem)
+    if problem:
+        raise ConfigError(problem)
+    return cfg
+
+
+def _write_provenance(run: RunDir, cfg: Config, data: str, world: distributed.World) -> None:
+    hosts = distributed.all_gather_object(socket.gethostname())
+    if not world.is_primary:
+        return
+    rec = {
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": [sys.executable] + sys.argv,
+        "git": _git_info(),
+        "versions": _versions(),
+        "hosts": hosts,
+        "world_size": world.world_size,
+        "launcher": world.launcher,
+        "seed": cfg.seed,
+        "data": str(Path(data).resolve()),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+    }
+    path = run.root / "provenance.json"
+    hist = []
+    if path.is_file():
+        try:
+            hist = json.loads(path.read_text())
+            hist = hist if isinstance(hist, list) else [hist]
+        except json.JSONDecodeError:
+            hist = []
+    atomic_write_text(path, json.dumps(hist + [rec], indent=2))
+
+
+def _precision(cfg: Config, device: torch.device) -> str:
+    p = cfg.runtime.precision
+    if p == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Ctx:
+    cfg: Config
+    run: RunDir
+    ds: Any
+    spec: Any
+    method: Any
+    model: torch.nn.Module
+    world: distributed.World
+    device: torch.device
+    logger: RunLogger
+    precision: str
+
+
+def train(config: str, data: str, out: str, overrides: list[str] | None = None, *,
+          stages: list[str] | None = None, resume: bool = True) -> int:
+    from medattn.data.prepared import PreparedDataset
+    from medattn.methods import DataSpec, create_method
+
+    cfg = load_config(config, overrides)
+    STOP.install()
+    world, device = distributed.init(device=cfg.runtime.device, timeout_s=cfg.runtime.dist_timeout_s)
+    setup_logging(world.is_primary)
+    logger = None
+    try:
+        run = RunDir(out)
+        _prepare_run_dir(run, cfg, resume, world)
+        ds = PreparedDataset.open(data)
+        spec = DataSpec.from_dataset(ds, cfg)
+        method = create_method(cfg, spec)
+        all_stages = cfg.stage_names()
+        todo = all_stages if stages is None else stages
+        unknown = [s for s in todo if s not in all_stages]
+        if unknown:
+            raise ConfigError(f"--stages: {unknown[0]!r} is not a stage of this config ({', '.join(all_stages)})")
+        if cfg.runtime.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        distributed.seed_everything(cfg.seed, world.rank)
+        _write_provenance(run, cfg, data, world)
+        logger = RunLogger(run.root, world.is_primary, cfg.runtime.progress, cfg.runtime.tensorboard,
+                           cfg.runtime.log_every)
+        model = method.build_model().to(device)
+        if device.type == "cuda" and cfg.runtime.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if cfg.runtime.sync_bn and world.distributed:
+            if device.type == "cuda":
+                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            else:  # PyTorch's SyncBatchNorm is CUDA-only
+                logger.info("runtime.sync_bn ignored on CPU (PyTorch supports SyncBatchNorm on CUDA only)")
+        ctx = Ctx(cfg, run, ds, spec, method, model, world, device, logger, _precision(cfg, device))
+        logger.info(f"run {run.root} | method {cfg.method} | {world.world_size} process(es) on {device.type} | "
+                    f"data {data} ({len(ds)} images, split {ds.split_name or '?'}) | stages {', '.join(all_stages)}")
+        for i, stage in enumerate(all_stages):
+            if run.stage_done(stage):
+                if stage in todo:
+                    logger.info(f"[{stage}] already done (best {run.state()['stages'][stage].get('best_metric')})")
+                continue
+            if stage not in todo:
+                if any(s in todo for s in all_stages[i + 1:]):
+                    raise ConfigError(f"stage {stage!r} must finish before {', '.join(todo)} can run")
+                continue
+            status = train_stage(ctx, stage, all_stages[:i])
+            if status != 0:
+                return status
+        logger.info(f"done: {run.root}")
+        return 0
+    finally:
+        if logger is not None:
+            logger.close()
+        distributed.shutdown()
+
+
+def _loader_batch(stage_cfg, world: distributed.World) -> int:
+    if stage_cfg.batch_size % world.world_size:
+        raise ConfigError(f"batch_size {stage_cfg.batch_size} is not divisible by the {world.world_size} processes")
+    return stage_cfg.batch_size
+
+
+def _eval_loader(ctx: Ctx, stage: str, split: str) -> EvalLoader:
+    st = ctx.cfg.stages[stage]
+    per_rank = max(1, (st.eval_batch_size or st.batch_size) // ctx.world.world_size)
+    idx = ctx.ds.indices(split)
+    if ctx.cfg.data.max_samples:
+        idx = idx[: ctx.cfg.data.max_samples]
+    return EvalLoader(ctx.ds, ctx.cfg.data, idx, per_rank, ctx.world.rank, ctx.world.world_size, ctx.device,
+                      seed=ctx.cfg.seed, hires=ctx.method.needs_hires(stage))
+
+
+def _metric_value(metrics: dict[str, Any], key: str) -> float:
+    v = metrics.get(key)
+    return float("nan") if v is None else float(v)
+
+
+def optimizer_step(step_module, batch, optimizer, scaler, params, grad_clip: float, device: torch.device,
+                   precision: str, channels_last: bool):
+    """One training step: forward through the (DDP-wrapped) StageStep, backward, update.
+
+    Shared with ``medattn bench train`` so the benchmark measures exactly the trainer's step.
+    """
+    if channels_last:
+        batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+    with autocast_ctx(device, precision):
+        loss, logs = step_module(batch)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss, logs
+
+
+def train_stage(ctx: Ctx, stage: str, previous: list[str]) -> int:
+    cfg, run, world, device, method, model, logger = (ctx.cfg, ctx.run, ctx.world, ctx.device, ctx.method,
+                                                      ctx.model, ctx.logger)
+    st = cfg.stages[stage]
+    params = method.prepare_stage(model, stage)
+    if not params:
+        raise ConfigError(f"stage {stage!r} has nothing to train")
+
+    # ---- where this stage starts: its own last checkpoint, else the previous stage's best
+    last_path = run.ckpt(stage, "last")
+    state = load_ckpt(last_path, device) if last_path.is_file() else None
+    if state is None:
+        init = st.init_from or (str(run.ckpt(previous[-1], "best")) if previous else "")
+        if init:
+            src = load_ckpt(init, device)
+            model.load_state_dict(src["model"])
+            method.load_extra_state(src.get("method", {}))
+            logger.info(f"[{stage}] initialised from {init}")
+
+    train_idx = ctx.ds.indices(cfg.data.train_split)
+    if cfg.data.max_samples:
+        train_idx = train_idx[: cfg.data.max_samples]
+    try:
+        plan = TrainPlan(train_idx, _loader_batch(st, world), world.world_size, cfg.seed + 1000 * len(previous))
+    except ValueError as e:
+        raise ConfigError(f"stage {stage!r}: {e}") from None
+    optimizer = build_optimizer(params, st)
+    sched = LRSchedule(st, plan.steps_per_epoch)
+    scaler = torch.amp.GradScaler("cuda", enabled=ctx.precision == "fp16")
+    epoch, step, global_step = 0, 0, 0
+    best, best_epoch, bad_epochs = None, -1, 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        method.load_extra_state(state.get("method", {}))
+        epoch, step, global_step = state["epoch"], state["step"], state["global_step"]
+        best, best_epoch, bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]
+        rng = state.get("rng", {})
+        if state.get("world_size") == world.world_size and world.rank in rng:
+            distributed.set_rng_state(rng[world.rank])
+        logger.info(f"[{stage}] resuming at epoch {epoch + 1} step {step} (global step {global_step}) "
+                    f"from {last_path}")
+    logger.drop_epochs_from(stage, epoch)
+
+    step_module = __import__("medattn.methods.base", fromlist=["StageStep"]).StageStep(method, model, stage)
+    if world.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        step_module = DDP(step_module, device_ids=[device.index] if device.type == "cuda" else None,
+                          broadcast_buffers=False)
+    if cfg.runtime.compile:
+        step_module = torch.compile(step_module)
+    loader = TrainLoader(ctx.ds, cfg.data, plan, world.rank, device, cfg.seed + 7 * len(previous),
+                         hires=method.needs_hires(stage))
+    val_loader = _eval_loader(ctx, stage, cfg.data.val_split)
+    sel_branch = method.select_branch(stage)
+    sel_key = st.select_metric.replace("val/", f"val/{sel_branch}/", 1) if st.select_metric.startswith("val/") \
+        and st.select_metric.count("/") == 1 else st.select_metric
+    fault_after = int(os.environ.get("MEDATTN_FAULT_AFTER_STEPS", "0") or 0)  # tests: hard kill
+
+    def save_last(e: int, s: int) -> None:
+        rng = distributed.all_gather_object(distributed.rng_state())
+        if world.is_primary:
+            atomic_torch_save({
+                "version": 1, "stage": stage, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict(), "method": method.extra_state(),
+                "epoch": e, "step": s, "global_step": global_step, "best": best, "best_epoch": best_epoch,
+                "bad_epochs": bad_epochs, "rng": dict(enumerate(rng)), "world_size": world.world_size,
+                "config": cfg.to_dict(),
+            }, last_path)
+        distributed.barrier()
+
+    channels_last = device.type == "cuda" and cfg.runtime.channels_last
+    # Steps between host syncs (stop-signal agreement, non-finite check, log scalars).
+    check_every = max(1, min(10, cfg.runtime.log_every))
+    while epoch < st.epochs:
+        method.start_epoch_hook(model, stage, epoch)
+        method.set_train_mode(model, stage)
+        if hasattr(step_module, "module"):
+            step_module.module.epoch = epoch
+        else:
+            step_module.epoch = epoch
+        logger.start_epoch(stage, epoch, st.epochs, plan.steps_per_epoch, step)
+        t0 = time.time()
+        sums: dict[str, float] = {}
+        n_steps = 0
+        images = 0
+        for batch in loader.epoch(epoch, step):
+            lr = sched.apply(optimizer, epoch, step)
+            loss, logs = optimizer_step(step_module, batch, optimizer, scaler, params, st.grad_clip, device,
+                                        ctx.precision, channels_last)
+            step += 1
+            global_step += 1
+            n_steps += 1
+            images += batch["image"].shape[0] * world.world_size
+            # Accumulate on the device: a float() here would wait for the GPU every step.
+            for k, v in logs.items():
+                sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
+            sync_now = step % check_every == 0 or step == plan.steps_per_epoch
+            if sync_now or logger.wants_scalars(step):
+                scalars = {k: float(v) / n_steps for k, v in sums.items()}
+                if not all(math.isfinite(v) for v in scalars.values()):
+                    raise RuntimeError(f"[{stage}] non-finite loss by epoch {epoch + 1} step {step}: {scalars}")
+                scalars["lr"] = lr
+                logger.step(step, scalars, images)
+                if step % cfg.runtime.log_every == 0:
+                    logger.step_scalars(stage, scalars, global_step)
+            else:
+                logger.step(step, None, images)
+            if fault_after and global_step >= fault_after:
+                os._exit(137)  # simulate a node failure: no cleanup, no checkpoint
+            # Every rank asks at the same steps, so all stop at the same step boundary.
+            stop = sync_now and distributed.any_true(STOP.requested, device)
+            if stop or (cfg.runtime.ckpt_every_steps and global_step % cfg.runtime.ckpt_every_steps == 0
+                        and step < plan.steps_per_epoch):
+                save_last(epoch, step)
+            if stop:
+                logger.end_epoch(f"stopped by signal {STOP.signum} at step {step}; checkpoint saved")
+                logger.info(f"[{stage}] checkpoint {last_path}; rerun the same command to resume")
+                return EXIT_CHECKPOINTED
+        train_time = time.time() - t0
+        sums = {k: float(v) for k, v in sums.items()}
+        # Per-rank sums -> means over all ranks (each rank saw its slice of every global batch).
+        if world.distributed and sums:
+            keys = sorted(sums)
+            vals = distributed.all_reduce_sum([sums[k] for k in keys], device)
+            sums = {k: v / world.world_size for k, v in zip(keys, vals)}
+        # ---- validation
+        t1 = time.time()
+        val_metrics: dict[str, Any] = {}
+        if (epoch + 1) % cfg.runtime.eval_every == 0 or epoch + 1 == st.epochs:
+            preds = run_inference(method, model, val_loader, stage, device, ctx.precision, channels_last)
+            if world.is_primary:
+                cls = classification_metrics(preds, ctx.ds.labels_matrix(), ctx.spec, ctx.ds.targets())
+                for branch, entry in cls.items():
+                    val_metrics[f"val/{branch}/mean_auroc"] = entry["mean"]
+                    if "accuracy" in entry:
+                        val_metrics[f"val/{branch}/accuracy"] = entry["accuracy"]
+                    for name in ctx.spec.eval_labels:
+                        val_metrics[f"val/{branch}/auroc/{name}"] = entry[name]
+            val_metrics = distributed.broadcast_object(val_metrics)
+        metric = _metric_value(val_metrics, sel_key) if val_metrics else None
+        sched.end_epoch(metric)
+        improved = False
+        if metric is not None and not math.isnan(metric):
+            improved = best is None or (metric > best if st.select_mode == "max" else metric < best)
+            if improved:
+                best, best_epoch, bad_epochs = metric, epoch, 0
+            else:
+                bad_epochs += 1
+        epoch += 1
+        step = 0
+        record = {"stage": stage, "epoch": epoch, "global_step": global_step, "lr": sched.lr(epoch - 1),
+                  **{f"train/{k}": v / max(1, n_steps) for k, v in sums.items()},
+                  "train/images_per_s": images / max(1e-9, train_time), "train/time_s": train_time,
+                  "val/time_s": time.time() - t1, **val_metrics, "select/metric": sel_key,
+                  "select/best": best, "select/best_epoch": best_epoch + 1, "world_size": world.world_size}
+        logger.epoch_record(record, global_step)
+        if improved and world.is_primary:
+            atomic_torch_save({"version": 1, "stage": stage, "model": model.state_dict(),
+                               "method": method.extra_state(), "epoch": epoch, "metric": best,
+                               "metric_name": sel_key, "config": cfg.to_dict()}, run.ckpt(stage, "best"))
+        save_last(epoch, 0)
+        summary = f"loss {record.get('train/loss', float('nan')):.4f} | {record['train/images_per_s']:.1f} img/s"
+        if metric is not None:
+            summary += f" | {sel_key} {metric:.4f} (best {best:.4f} @ {best_epoch + 1})"
+        logger.end_epoch(summary)
+        if st.early_stop_patience and bad_epochs >= st.early_stop_patience:
+            logger.info(f"[{stage}] early stop: no improvement for {bad_epochs} epochs")
+            break
+    if world.is_primary:
+        if not run.ckpt(stage, "best").is_file():  # no validation metric: keep the final weights
+            atomic_torch_save({"version": 1, "stage": stage, "model": model.state_dict(),
+                               "method": method.extra_state(), "epoch": epoch, "metric": None,
+                               "metric_name": sel_key, "config": cfg.to_dict()}, run.ckpt(stage, "best"))
+        run.mark_stage(stage, done=True, best_metric=best, best_epoch=best_epoch + 1, metric=sel_key,
+                       epochs=epoch, global_step=global_step)
+    distributed.barrier()
+    # The next stage starts from this stage's best weights.
+    best_state = load_ckpt(run.ckpt(stage, "best"), device)
+    model.load_state_dict(best_state["model"])
+    method.load_extra_state(best_state.get("method", {}))
+    return 0

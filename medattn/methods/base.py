@@ -1,0 +1,174 @@
+"""The method contract: what the runtime (hpc) needs from a training method.
+
+A method owns the science of one paper: which modules exist, which stages train which of them,
+the loss, and what a prediction is (one probability table per branch, plus an attention box
+when the method has one). The runtime owns processes, devices, data movement and files; it
+calls only the methods below, so every method gets DDP, DALI, checkpoints, resume, SLURM and
+sweeps for free.
+
+Batches are dicts of tensors on the device:
+  image    (B, C, H, W) float, normalised network input
+  labels   (B, L) float multi-hot (one-hot for single-label tasks)
+  target   (B,) int64 class index (single-label tasks; -1 otherwise)
+  index    (B,) int64 sample index in the prepared manifest
+  valid    (B,) bool (False on evaluation padding)
+  view_box (B, 4) normalised [x0, y0, x1, y1] of the input view inside the prepared image
+  hires    (B, C, S, S) uint8 prepared image, flipped like the view (when the method asks)
+  lung_box (B, 4) normalised [x, y, w, h], NaN when unknown (when the dataset has them)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from medattn.config import Config
+from medattn.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a method needs to know about the prepared dataset."""
+
+    label_names: tuple[str, ...]
+    eval_labels: tuple[str, ...]
+    task: str  # multilabel | singlelabel
+    channels: int
+    prepared_size: int
+    mean: tuple[float, ...] = (0.449,)
+    std: tuple[float, ...] = (0.226,)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+    @property
+    def eval_indices(self) -> list[int]:
+        return [self.label_names.index(n) for n in self.eval_labels]
+
+    @classmethod
+    def from_dataset(cls, ds, cfg: Config) -> "DataSpec":
+        from hpc.loader.views import ViewSpec  # the normalisation the loaders apply
+
+        v = ViewSpec.from_config(cfg.data, ds.image_size, ds.channels, train=False)
+        return cls(tuple(ds.label_names), tuple(ds.eval_labels), ds.task, ds.channels, ds.image_size,
+                   tuple(v.mean), tuple(v.std))
+
+
+class Method:
+    """Base class. Subclasses set ``name`` and ``stage_order`` and implement the hooks."""
+
+    name: ClassVar[str] = ""
+    # Allowed stage names in training order; empty = any names, in config order.
+    stage_order: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, cfg: Config, spec: DataSpec):
+        self.cfg = cfg
+        self.spec = spec
+        self.validate()
+
+    # ------------------------------------------------------------------ config
+    def validate(self) -> None:
+        names = self.cfg.stage_names()
+        if self.stage_order:
+            unknown = [s for s in names if s not in self.stage_order]
+            if unknown:
+                raise ConfigError(f"method {self.name!r} has no stage {unknown[0]!r} "
+                                  f"(its stages are {', '.join(self.stage_order)})")
+            order = [s for s in self.stage_order if s in names]
+            if order != names:
+                raise ConfigError(f"stages of method {self.name!r} must be in the order {', '.join(order)}")
+
+    @property
+    def num_classes(self) -> int:
+        return self.cfg.model.num_classes or self.spec.num_classes
+
+    # ------------------------------------------------------------------ model
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def trainable_modules(self, model: nn.Module, stage: str) -> list[nn.Module]:
+        """Modules trained in ``stage`` (default: the whole model)."""
+        return [model]
+
+    def prepare_stage(self, model: nn.Module, stage: str) -> list[nn.Parameter]:
+        """Freeze everything except this stage's modules; return the trainable parameters."""
+        train = self.trainable_modules(model, stage)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        params = []
+        for m in train:
+            for p in m.parameters():
+                p.requires_grad_(True)
+                params.append(p)
+        return params
+
+    def set_train_mode(self, model: nn.Module, stage: str) -> None:
+        """Frozen parts run in eval mode (their BatchNorm statistics must not drift)."""
+        model.eval()
+        for m in self.trainable_modules(model, stage):
+            m.train()
+
+    # ------------------------------------------------------------------ steps
+    def training_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], stage: str,
+                      epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, batch: dict[str, torch.Tensor], stage: str) -> dict[str, Any]:
+        """{"probs": {branch: (B, L)}, optional "boxes": (B, 4) normalised [x0,y0,x1,y1] in the
+        prepared image, optional "heatmap": (B, h, w) in [0, 1] over the input view}."""
+        raise NotImplementedError
+
+    def branches(self, stage: str) -> list[str]:
+        """Branches evaluated once ``stage`` is trained."""
+        return ["main"]
+
+    def select_branch(self, stage: str) -> str:
+        """The branch whose validation metric selects this stage's best checkpoint."""
+        return self.branches(stage)[-1]
+
+    def needs_hires(self, stage: str) -> bool:
+        return False
+
+    def start_epoch_hook(self, model: nn.Module, stage: str, epoch: int) -> None:
+        """Called on every rank before each training epoch (e.g. adaptive loss weights)."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """Non-parameter state to checkpoint (e.g. feature centres kept outside the model)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # ------------------------------------------------------------------ helpers
+    def to_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        return logits.softmax(-1) if self.spec.task == "singlelabel" else logits.sigmoid()
+
+    def normalize_uint8(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels (as in ``hires``) -> the loaders' normalisation."""
+        c = x.shape[1]
+        mean = torch.tensor(self.spec.mean, device=x.device).view(1, -1, 1, 1).expand(1, c, 1, 1)
+        std = torch.tensor(self.spec.std, device=x.device).view(1, -1, 1, 1).expand(1, c, 1, 1)
+        return (x.float() / 255.0 - mean) / std
+
+
+class StageStep(nn.Module):
+    """Wraps (method, model, stage) so that DDP sees one forward() per training step.
+
+    DDP synchronises gradients only for computations that go through its forward, so a method's
+    multi-branch step (frozen global branch -> crop -> local branch) must run inside it.
+    """
+
+    def __init__(self, method: Method, model: nn.Module, stage: str):
+        super().__init__()
+        self.method = method
+        self.model = model
+        self.stage = stage
+        self.epoch = 0
+
+    def forward(self, batch: dict[str, torch.Tensor]):
+        return self.method.training_loss(self.model, batch, self.stage, self.epoch)

@@ -1,0 +1,102 @@
+"""Model registry: ``@register_model(name)`` on a builder, ``create_model(name, ...)`` to build.
+
+A builder takes keyword arguments ``num_classes, in_chans, pool, drop_rate`` plus its own
+options (``layer4_stride`` for ResNets) and returns a :class:`ClassifierModel` with random
+weights; :func:`create_model` then loads the requested weights (never from the network).
+
+Example:
+    >>> import torch
+    >>> from medattn.models import create_model
+    >>> m = create_model("resnet18", num_classes=15, in_chans=1, weights="none")
+    >>> m(torch.zeros(2, 1, 64, 64)).shape
+    torch.Size([2, 15])
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+
+from medattn.errors import ConfigError
+from medattn.models.base import ClassifierModel
+
+Builder = Callable[..., ClassifierModel]
+_REGISTRY: dict[str, Builder] = {}
+
+
+def register_model(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: register ``fn`` as the builder of model ``name`` (names are unique).
+
+    The builder takes keyword-only ``num_classes, in_chans, pool, drop_rate`` and declares any
+    options of its own explicitly (no ``**kwargs``), so :func:`create_model` can check them.
+    """
+
+    def deco(fn: Builder) -> Builder:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def list_models() -> list[str]:
+    """Registered model names, sorted."""
+    _ensure_builtin()
+    return sorted(_REGISTRY)
+
+
+def is_model(name: str) -> bool:
+    _ensure_builtin()
+    return name in _REGISTRY
+
+
+def create_model(name: str, *, num_classes: int, in_chans: int = 1, weights: str | Path = "none",
+                 pool: str = "max", drop_rate: float = 0.0, **kw) -> ClassifierModel:
+    """Build a registered model and load its weights.
+
+    Args:
+        name: a registered name (:func:`list_models`), e.g. ``resnet50``.
+        num_classes: head outputs (0 = no head: forward returns the pooled features).
+        in_chans: 1 for the one-channel X-ray, 3 for RGB.
+        weights: ``none`` (random init), ``imagenet`` / ``imagenet_v2`` (torchvision's ImageNet
+            file from the local cache, see :mod:`medattn.models.weights`), or a path to a
+            state dict / medattn checkpoint.
+        pool: ``max`` (AG-CNN's Pool5) or ``avg`` global pooling.
+        drop_rate: dropout before the Linear head.
+        **kw: builder options, e.g. ``layer4_stride=1`` for the ResNets.
+
+    Raises:
+        ConfigError: unknown name or option, or weights that cannot be found or loaded.
+    """
+    _ensure_builtin()
+    if name not in _REGISTRY:
+        hint = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        raise ConfigError(f"model.backbone={name!r} is not a known model"
+                          + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                          + f"; known: {', '.join(sorted(_REGISTRY))}")
+    builder = _REGISTRY[name]
+    # Builders declare their options explicitly, so a misspelt or foreign option is named here
+    # instead of surfacing as a TypeError from deep inside torchvision.
+    params = inspect.signature(builder).parameters
+    bad = [k for k in kw if k not in params]
+    if bad:
+        own = [k for k in params if k not in ("num_classes", "in_chans", "pool", "drop_rate")]
+        raise ConfigError(f"model {name!r} has no option {bad[0]!r}"
+                          + (f" (its options: {', '.join(own)})" if own else " (it takes no options)"))
+    if in_chans < 1:
+        raise ConfigError(f"in_chans={in_chans} must be >= 1")
+    model = builder(num_classes=num_classes, in_chans=in_chans, pool=pool, drop_rate=drop_rate, **kw)
+    model.arch = name
+    w = str(weights)
+    if w != "none":
+        from medattn.models.weights import load_weights  # noqa: PLC0415 (weights imports this module)
+        load_weights(model, w)
+    return model
+
+
+def _ensure_builtin() -> None:
+    # The built-in backbones register themselves on import; importing here lets
+    # ``medattn.models.registry`` be used on its own.
+    import medattn.models.backbones  # noqa: F401, PLC0415

@@ -1,0 +1,184 @@
+"""The ClassifierModel contract over the whole registry, and AG-CNN end to end (CPU, small inputs)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medattn.config import AGCNNConfig, ModelConfig
+from medattn.errors import ConfigError
+from medattn.models import AGCNN, ClassifierModel, build_agcnn, create_model, is_model, list_models
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and far faster on a busy machine where
+    OpenMP threads spin waiting for each other (DenseNet at 64 px: 0.2 s vs 10 s here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+K = 5  # classes
+SIZE = 64  # input pixels: small enough to keep the registry-wide test fast
+
+EXPECTED_FEATURES = {"resnet18": 512, "resnet50": 2048, "resnet152": 2048, "densenet121": 1024, "vgg16_bn": 512}
+
+
+def test_registry_lists_the_backbones():
+    assert list_models() == sorted(EXPECTED_FEATURES)
+    assert is_model("resnet50") and not is_model("resnet51")
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_contract(name):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=K, in_chans=1, weights="none", drop_rate=0.1)
+    assert isinstance(model, ClassifierModel)
+    assert (model.arch, model.num_classes, model.in_chans, model.num_features) == (name, K, 1, EXPECTED_FEATURES[name])
+    x = torch.randn(2, 1, SIZE, SIZE)
+
+    # forward = forward_head(forward_features), finite, every parameter gets a gradient
+    model.train()
+    feats = model.forward_features(x)
+    side = SIZE // model.feature_stride
+    assert feats.shape == (2, model.num_features, side, side)
+    out = model.forward_head(feats)
+    assert out.shape == (2, K) and torch.isfinite(out).all()
+    out.square().sum().backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not no_grad, no_grad
+
+    # eval: one forward_features (with a hook on the Grad-CAM layer) and one forward
+    layer = model.gradcam_layer()
+    assert any(layer is m for m in model.modules())
+    seen = []
+    hook = layer.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    model.eval()
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        hook.remove()
+        assert len(seen) == 1 and len(seen[0]) == 4 and seen[0][0] == 2  # (B, C, h, w)
+        torch.testing.assert_close(model(x), model.forward_head(feats))
+        pooled = model.forward_head(feats, pre_logits=True)
+        torch.testing.assert_close(pooled, feats.amax(dim=(2, 3)))  # pool="max" is Pool5
+        maps = model.attention_maps(feats)
+        assert maps.shape == (2, 1, side, side) and (maps >= 0).all()
+        torch.testing.assert_close(maps[:, 0], feats.abs().amax(dim=1))
+
+        # reset_classifier(0): the head returns the pooled features; then a fresh head
+        model.reset_classifier(0)
+        assert model.num_classes == 0
+        torch.testing.assert_close(model.forward_head(feats), pooled)
+        model.reset_classifier(3)
+        assert model.num_classes == 3 and model.forward_head(feats).shape == (2, 3)
+
+
+def test_avg_pool_and_three_channels():
+    model = create_model("resnet18", num_classes=2, in_chans=3, pool="avg").eval()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        torch.testing.assert_close(model.forward_head(feats, pre_logits=True), feats.mean(dim=(2, 3)))
+    assert model.conv1.in_channels == 3
+
+
+def test_resnet_layer4_stride_1_is_output_stride_16():
+    # ResNet-152 at 224 on the meta device: shapes only, no compute.
+    with torch.device("meta"):
+        r152 = create_model("resnet152", num_classes=K, layer4_stride=1)
+        default = create_model("resnet152", num_classes=K)
+        x = torch.empty(2, 1, 224, 224)
+        assert r152.forward_features(x).shape == (2, 2048, 14, 14)
+        assert default.forward_features(x).shape == (2, 2048, 7, 7)
+    assert r152.feature_stride == 16
+    # and for real on a small BasicBlock ResNet
+    r18 = create_model("resnet18", num_classes=K, layer4_stride=1)
+    assert r18.forward_features(torch.randn(1, 1, SIZE, SIZE)).shape == (1, 512, 4, 4)
+
+
+def test_bad_names_and_options_are_config_errors():
+    with pytest.raises(ConfigError, match="did you mean 'resnet50'"):
+        create_model("resnet5O", num_classes=K)
+    with pytest.raises(ConfigError, match="no option 'layer4_stride'"):
+        create_model("densenet121", num_classes=K, layer4_stride=1)
+    with pytest.raises(ConfigError, match="model.pool='mean'"):
+        create_model("resnet18", num_classes=K, pool="mean")
+    with pytest.raises(ConfigError, match="layer4_stride=3"):
+        create_model("resnet18", num_classes=K, layer4_stride=3)
+
+
+# --------------------------------------------------------------------------------------------
+# AG-CNN
+# --------------------------------------------------------------------------------------------
+def agcnn(local: str = "", **kw) -> AGCNN:
+    torch.manual_seed(0)
+    return build_agcnn(ModelConfig(backbone="resnet18", weights="none"), AGCNNConfig(local_backbone=local, **kw),
+                       num_classes=K, in_chans=1)
+
+
+def test_agcnn_end_to_end():
+    model = agcnn(local="densenet121")  # different backbones, unshared weights
+    assert model.global_branch is not model.local_branch
+    assert model.fusion.in_features == 512 + 1024 and model.fusion.out_features == K
+    x = torch.randn(2, 1, SIZE, SIZE)
+    out = model(x, return_crops=True)
+    for key in ("global", "local", "fusion"):
+        assert out[key].shape == (2, K) and torch.isfinite(out[key]).all(), key
+    boxes = out["boxes"]
+    assert boxes.shape == (2, 4) and (boxes >= 0).all() and (boxes <= 1).all()
+    assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+    assert out["heatmap"].shape == (2, SIZE, SIZE) and out["empty"].shape == (2,)
+    assert out["crops"].shape == x.shape
+    # all three parts learn from the joint loss; the crop itself carries no gradient
+    sum(out[k].sum() for k in ("global", "local", "fusion")).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert not out["crops"].requires_grad
+
+
+def test_agcnn_parts_compose_like_forward():
+    model = agcnn().eval()
+    x = torch.randn(3, 1, SIZE, SIZE)
+    with torch.no_grad():
+        out = model(x)
+        lg, feats, pg = model.forward_global(x)
+        boxes, heat, empty = model.attend(feats, x.shape[-2:])
+        ll, pl = model.forward_local(model.crop(x, boxes))
+        torch.testing.assert_close(out["global"], lg)
+        torch.testing.assert_close(out["local"], ll)
+        torch.testing.assert_close(out["fusion"], model.forward_fusion(pg, pl))
+        torch.testing.assert_close(out["boxes"], boxes)
+    assert model.stage_module("fusion") is model.fusion
+
+
+def test_agcnn_hires_crop_matches_the_view():
+    """A view cut 1:1 from a hires image: cropping the box from hires equals cropping the view."""
+    from medattn.attention import crop_and_resize  # noqa: PLC0415
+
+    model = agcnn(crop_source="prepared")
+    assert model.needs_hires
+    g = torch.Generator().manual_seed(0)
+    hires = torch.rand(2, 1, 128, 128, generator=g)
+    view_boxes = torch.tensor([[0.25, 0.25, 0.75, 0.75], [0.0, 0.5, 0.5, 1.0]])
+    view = crop_and_resize(hires, view_boxes, 64)  # 64 px of a 128 image: exact pixels
+    flipped = torch.tensor([False, True])
+    view = torch.where(flipped.view(-1, 1, 1, 1), view.flip(-1), view)
+    # Boxes away from the view's edges: at an edge the hires crop rightly samples the real
+    # pixels just outside the view, where a crop of the view can only repeat its border.
+    boxes = torch.tensor([[0.25, 0.25, 0.75, 0.75], [0.125, 0.25, 0.5, 0.75]])
+    from_view = model.crop(view, boxes)
+    from_hires = model.crop(view, boxes, hires, view_boxes, flipped)
+    torch.testing.assert_close(from_hires, from_view)
+    # and forward accepts it
+    out = model(view, hires=hires, view_boxes=view_boxes, view_flipped=flipped)
+    assert out["fusion"].shape == (2, K)
+
+
+def test_agcnn_config_errors():
+    with pytest.raises(ConfigError, match="agcnn.heatmap='mean'"):
+        agcnn(heatmap="mean")
+    with pytest.raises(ConfigError, match="agcnn.tau=1.5"):
+        agcnn(tau=1.5)
+    with pytest.raises(ConfigError, match="local_backbone='vgg16_bn'"):
+        build_agcnn(ModelConfig(backbone="resnet18", weights="/some/file.pth"),
+                    AGCNNConfig(local_backbone="vgg16_bn"), num_classes=K)
