@@ -581,7 +581,10 @@ def _summary(r: PrepareResult) -> str:
     if r.skipped_missing:
         s += f"; skipped {r.skipped_missing} metadata rows whose image is missing"
     if r.processed and r.seconds > 0:
-        s += f"; {r.processed} images in {r.seconds:.1f} s ({r.images_per_s:.1f} images/s)"
+        s += f"; {r.processed} images in {r.seconds:.1f} s ({r.images_per_s:.1f} images/s"
+        if r.cpu_seconds > 0:
+            s += f", {r.processed / r.cpu_seconds:.1f} per CPU-second"
+        s += ")"
     return s
 
 
