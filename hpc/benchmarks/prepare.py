@@ -125,6 +125,13 @@ def _lossy_error(prep: Path, raw: Path) -> dict[str, float]:
             "psnr_db": "lossless" if mse == 0 else round(float(10 * np.log10(255.0 ** 2 / mse)), 2)}
 
 
+def _versions() -> dict[str, str]:
+    import PIL
+    import pyarrow
+
+    return {"pillow": PIL.__version__, "numpy": np.__version__, "pyarrow": pyarrow.__version__}
+
+
 def run(args: argparse.Namespace) -> int:
     from medattn.data._sources import nih_table
     from medattn.data.prepare import _resolve_workers, prepare_source
@@ -196,6 +203,7 @@ def run(args: argparse.Namespace) -> int:
                         extra={"settings": {"nih_root": str(args.nih_root), "size": args.size, "workers": workers,
                                             "limit": args.limit, "images": n, "formats": formats,
                                             "jpeg_quality": args.jpeg_quality, "png_level": args.png_level},
+                               "versions": _versions(),
                                # other jobs on the machine skew every figure: keep the evidence
                                "loadavg_before": load_before, "loadavg_after": os.getloadavg()})
     if path:
