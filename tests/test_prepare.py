@@ -541,3 +541,20 @@ def test_bench_prepare_writes_a_table_and_json(nih, tmp_path, capsys):
     assert ("prepare (end to end)", "raw") in stages and ("read shards (shuffled)", "jpeg") in stages
     assert all(r["images"] == 12 and r["images_per_s"] > 0 for r in rec["results"])
     assert rec["machine"]["cpu_count"] and rec["command"].startswith("medattn ")
+
+
+def test_random_split_and_val_fraction(nih, tmp_path, capsys):
+    root = nih[0]
+    out = tmp_path / "prep"
+    assert cli(["prepare", "--nih-root", str(root), "--out", str(out), "--size", "16", "--workers", "1",
+                "--split", "random", "--split-seed", "3", "--val-fraction", "0.25"]) == 0
+    ds = PreparedDataset.open(out)
+    m = ds.manifest
+    assert ds.info["split"] == "random" and ds.info["split_seed"] == 3
+    assert (m.groupby("patient")["split"].nunique() == 1).all()
+    per = m.drop_duplicates("patient")["split"].value_counts()
+    # 16 patients: round(0.55 * 16) = 9 train, round(0.25 * 16) = 4 val, the other 3 test.
+    assert (per["train"], per["val"], per["test"]) == (9, 4, 3)
+    assert cli(["prepare", "--nih-root", str(root), "--out", str(tmp_path / "x"), "--split", "chexnet",
+                "--val-fraction", "0.2"]) == 2
+    assert "--val-fraction does not apply to --split chexnet" in capsys.readouterr().err

@@ -19,6 +19,7 @@ from medattn.errors import DataError
 
 SPLITS = ("train", "val", "test")
 NIH_SIZE = 1024  # BBox_List coordinates are pixels of the 1024² original
+RANDOM_TEST = 0.2  # test share of patients of --split random (make_split's default 0.7/0.1/0.2)
 
 # Columns of SourceTable.records (all required; None/NaN where unknown).
 RECORD_COLUMNS = (
@@ -136,7 +137,8 @@ def nih_table(root: str | Path, *, split: str = "official", split_seed: int = 0,
         root: the NIH root (metadata beside ``images/`` or ``images_0NN/images/``).
         split: ``official``, ``chexnet`` or ``random``.
         split_seed: seed of the validation carve-out / random split.
-        val_fraction: validation share (None: the splitter's default).
+        val_fraction: validation share of patients (None: the splitter's default, 0.1):
+            official: of the train_val patients; random: of all patients, test stays 0.2.
         allow_missing: skip metadata rows whose image is absent (counted) instead of failing.
         masks: a lung-mask directory (``<image id>`` files); default ``root/masks`` if present.
         limit: keep only the first N present images (benchmarks); implies allow_missing.
@@ -146,11 +148,22 @@ def nih_table(root: str | Path, *, split: str = "official", split_seed: int = 0,
     from medattn.data.splits import check_patient_disjoint, make_split
 
     root = Path(root)
-    meta = load_nih(root)
-    entries = meta.entries.reset_index(drop=True)
     kwargs: dict[str, Any] = {}
     if val_fraction is not None:
-        kwargs["val_fraction"] = val_fraction
+        from medattn.errors import ConfigError
+
+        if split == "chexnet":
+            raise ConfigError("--val-fraction does not apply to --split chexnet (its val list is fixed)")
+        upper = 1.0 if split == "official" else 1.0 - RANDOM_TEST
+        if not 0.0 <= val_fraction < upper:
+            raise ConfigError(f"--val-fraction {val_fraction}: must be in [0, {upper:g}) for --split {split}")
+        if split == "random":
+            # Keep the random split's test share; val comes out of train.
+            kwargs["fractions"] = (1.0 - RANDOM_TEST - val_fraction, val_fraction, RANDOM_TEST)
+        else:
+            kwargs["val_fraction"] = val_fraction
+    meta = load_nih(root)
+    entries = meta.entries.reset_index(drop=True)
     split_of = make_split(meta, split, split_seed, **kwargs)
     labels = np.asarray(meta.label_matrix(), dtype=np.uint8)
     if labels.shape != (len(entries), len(NIH_LABELS)):
@@ -192,6 +205,8 @@ def nih_table(root: str | Path, *, split: str = "official", split_seed: int = 0,
         r = e[split_values.isna()].iloc[0]
         raise DataError(root, f"image {r['image']} got no split from make_split({split!r})",
                         row=int(r["source_row"]))
+    # The reader keeps the parsed labels in file order (aliases such as No_Finding mapped), not
+    # the raw text; joined again they are the Finding Labels value up to those spellings.
     if "finding_labels" in e.columns:
         finding = e["finding_labels"].astype(str).tolist()
     else:

@@ -199,7 +199,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "seeded random patient split (default official)")
     p.add_argument("--split-seed", type=int, default=0, metavar="K", help="split seed (default 0)")
     p.add_argument("--val-fraction", type=float, default=None, metavar="F",
-                   help="validation share of patients (default: the split's own default)")
+                   help="validation share of patients (default 0.1): official, of the train_val "
+                        "patients; random, of all patients (test stays 0.2); not for chexnet")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="worker processes (default: all usable cores)")
     p.add_argument("--allow-missing", action="store_true",
