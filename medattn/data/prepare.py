@@ -31,12 +31,12 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pandas as pd
 
-from medattn.errors import DataError, MedattnError
+from medattn.errors import DataError
 from medattn.data._images import PIXEL_FORMATS, RESIZE_FILTER
 from medattn.data._shards import (PARTIAL_DIR, SHARD_DIR, PartialState, SampleRecord, ShardWriter,
                                   atomic_write_bytes, atomic_write_json, default_shard_size,
                                   remove_stale_partials, shard_name)
-from medattn.data._sources import SPLITS, SourceTable, nih_table
+from medattn.data._sources import SourceTable, nih_table
 
 FORMAT_VERSION = 1
 DEFAULT_SIZE = 512
