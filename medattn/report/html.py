@@ -24,8 +24,8 @@ h3 { font-size: 16px; margin: 22px 0 8px; }
 p { margin: 8px 0; }
 code, pre { font-family: "DejaVu Sans Mono", Menlo, Consolas, monospace; font-size: 13px; }
 code { background: var(--bg-alt); padding: 1px 4px; border-radius: 3px; }
-pre { background: var(--bg-alt); border: 1px solid var(--line); padding: 10px 12px; overflow-x: auto;
-      white-space: pre-wrap; word-break: break-word; }
+pre { background: var(--bg-alt); border: 1px solid var(--line); padding: 10px 12px; overflow: auto;
+      white-space: pre-wrap; word-break: break-word; max-height: 560px; }
 table { border-collapse: collapse; margin: 8px 0 4px; font-size: 13.5px; }
 th, td { border: 1px solid var(--line); padding: 4px 8px; text-align: left; vertical-align: top; }
 th { background: var(--bg-alt); font-weight: 600; }
