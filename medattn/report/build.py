@@ -102,7 +102,7 @@ def build_report(run: str | Path, split: str = "test", samples: int = 12, out: s
         figdir = tmp / "figures"
         figdir.mkdir()
         doc = Document(title=f"medattn run report: {root.resolve().name}")
-        builder = _Builder(art, doc, tmp, figdir, samples, device, log)
+        builder = _Builder(art, doc, tmp, figdir, samples, device, log, data=data, eval_dir=eval_dir)
         builder.build()
         from medattn.report.html import render_html
         from medattn.report.md import render_markdown
@@ -130,9 +130,10 @@ def _swap_into_place(tmp: Path, dest: Path) -> None:
 
 class _Builder:
     def __init__(self, art: RunArtifacts, doc: Document, base: Path, figdir: Path, samples: int, device: str,
-                 log) -> None:
+                 log, data: str | None = None, eval_dir: str | Path | None = None) -> None:
         self.art, self.doc, self.base, self.figdir = art, doc, base, figdir
         self.samples, self.device, self.log = samples, device, log
+        self.data_arg, self.eval_dir_arg = data, eval_dir
         self.m = art.metrics
         self.notes = list(art.notes)
 
@@ -160,7 +161,12 @@ class _Builder:
         return self.art.eval_labels
 
     def _eval_cmd(self) -> str:
-        return f"medattn eval --run {self.art.root} --split {self.art.split}"
+        cmd = f"medattn eval --run {self.art.root} --split {self.art.split}"
+        if self.data_arg:
+            cmd += f" --data {self.data_arg}"
+        if self.eval_dir_arg:
+            cmd += f" --out-dir {self.eval_dir_arg}"
+        return cmd
 
     # ------------------------------------------------------------------ sections
     def build(self) -> None:
@@ -247,7 +253,8 @@ class _Builder:
             self.add(Banner("warn", "Not evaluated yet.", Text.of(
                 f"{a.eval_dir / 'metrics.json'} does not exist, so there are no test AUROC, ROC curves or "
                 "localisation numbers. Run ", Code(self._eval_cmd()), " and then this report again (or ",
-                Code(f"medattn report --run {a.root} --eval"), ", which evaluates first).")))
+                Code(f"medattn report --run {a.root} --eval"
+                     + (f" --split {a.split}" if a.split != "test" else "")), ", which evaluates first).")))
             return
         last = a.last_done_stage
         if last and m.get("stage") and m["stage"] != last:
@@ -547,6 +554,12 @@ class _Builder:
     # ------------------------------------------------------------------ overlays
     def overlays(self) -> None:
         self.add(Heading(2, "Where the model looks", "overlays"))
+        try:
+            self._overlays()
+        except Exception as e:  # the rest of the report is still worth having
+            self.add(Para(Text.of(f"No overlays: running the model failed ({type(e).__name__}: {e}).")))
+
+    def _overlays(self) -> None:
         if self.samples <= 0:
             self.add(Para(Text.of("Overlays skipped (--samples 0).")))
             return
@@ -642,7 +655,9 @@ class _Builder:
                 git = p.get("git") or {}
                 sha = str(git.get("sha") or "?")[:12] + (" (dirty)" if git.get("dirty") else "")
                 cmd = " ".join(str(c) for c in (p.get("command") or []))
-                rows.append([str(p.get("time_utc", "?")), sha, ", ".join(p.get("hosts") or []),
+                hosts = list(dict.fromkeys(p.get("hosts") or []))  # one entry per rank -> per host
+                host_txt = ", ".join(hosts) if len(hosts) <= 4 else f"{len(hosts)} hosts: {hosts[0]} … {hosts[-1]}"
+                rows.append([str(p.get("time_utc", "?")), sha, host_txt,
                              str(p.get("world_size", "?")), str(p.get("launcher", "?")),
                              str(p.get("slurm_job_id") or "—"), cmd])
             self.add(Table(["launch (UTC)", "git", "hosts", "processes", "launcher", "SLURM job", "command"], rows,
