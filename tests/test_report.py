@@ -477,3 +477,22 @@ def test_data_kind(tmp_path, source, marker, kind):
     (run / "provenance.json").write_text(json.dumps([{"data": str(prep)}]))
     art = collect(run)
     assert art.data_kind == kind and art.split_kind == "official" and art.data_dir == prep
+
+
+def test_overlay_panel_crop(tmp_path):
+    """The additive fourth panel of medattn.figures.overlay_panel shows the crop as given."""
+    from medattn import figures
+
+    img = np.zeros((40, 40), np.uint8)
+    crop = np.zeros((20, 20, 1), np.uint8)
+    crop[:, 10:] = 255  # right half white
+    fig = figures.overlay_panel(img, np.random.default_rng(0).random((5, 5)), attn_box=[0.2, 0.2, 0.6, 0.6],
+                                crop=crop, path=tmp_path / "o.png", dpi=50)
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["image", "attention heat map", "overlay", "local branch input (crop)"]
+    shown = panels[3].images[0].get_array()
+    np.testing.assert_array_equal(np.asarray(shown), crop[..., 0])
+    assert Image.open(tmp_path / "o.png").size == (16 * 50, int(4.4 * 50))
+    # without a crop: the three panels as before
+    fig3 = figures.overlay_panel(img, np.zeros((5, 5)))
+    assert len([ax for ax in fig3.axes if ax.get_title()]) == 3

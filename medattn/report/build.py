@@ -297,7 +297,7 @@ class _Builder:
             if good:
                 be, bv = max(good, key=lambda t: t[1])
                 part += (f"val mean AUROC {good[0][1]:.3f} (epoch {good[0][0]}) → best {bv:.3f} (epoch {be}), "
-                         f"{'above' if bv > CHANCE else 'not above'} chance 0.5")
+                         f"{bv - CHANCE:+.3f} over chance (0.5)")
             else:
                 part += "no validation AUROC recorded"
             fl = [v for v in loss if not math.isnan(v)]
@@ -371,7 +371,8 @@ class _Builder:
         ci = m.get("auroc_ci") or {}
         nboot = m.get("bootstrap")
         self.add(Para(Text.of(
-            f"Per-class AUROC on the {m.get('split')} split ('{self.art.split_kind}' split, {m.get('n_images')} images) "
+            f"Per-class AUROC on the {m.get('split')} split ('{self.art.split_kind}' split, "
+            f"{m.get('n_images')} images) "
             f"for each branch of the model of stage '{m.get('stage')}'"
             + (f", with bootstrap 95% intervals over images ({nboot} resamples)" if nboot else
                " (no bootstrap intervals: the evaluation ran with --bootstrap 0)")
@@ -498,7 +499,8 @@ class _Builder:
                          fmt(fl[0]) if fl else "n/a", fmt(fl[-1]) if fl else "n/a"])
         self.add(Table(["stage", "epochs", "finished", "first val AUROC", "best val AUROC", "first train loss",
                         "last train loss"], rows, numeric={3, 4, 5, 6},
-                       caption="Validation AUROC = mean over the evaluated classes of the stage's branch. Chance = 0.5."))
+                       caption="Validation AUROC = mean over the evaluated classes of the stage's branch. "
+                               "Chance = 0.5."))
 
     # ------------------------------------------------------------------ localisation
     def localisation(self) -> None:
@@ -675,7 +677,8 @@ class _Builder:
 
     def sources(self) -> None:
         self.add(Heading(2, "Sources of the published numbers", "sources"))
-        items = [Text.of(Strong(c.name + ": "), f"{c.source}; split: {c.split}." + (f" Note: {c.note}." if c.note else ""))
+        items = [Text.of(Strong(c.name + ": "),
+                         f"{c.source}; split: {c.split}." + (f" Note: {c.note}." if c.note else ""))
                  for c in P.AUROC_TABLES]
         items.append(Text.of(Strong("AG-CNN branch means: "), P.AGCNN_SOURCE + "."))
         items.append(Text.of(Strong("T(IoBB) accuracy: "), P.WANG_TIOBB_SOURCE + "."))

@@ -212,7 +212,7 @@ def predict(lm: LoadedModel, images: np.ndarray, batch_size: int = 16) -> list[I
         vb = view_boxes(views["window"], views["flip"])
         hires = torch.from_numpy(np.ascontiguousarray(chunk)).permute(0, 3, 1, 2).contiguous().to(lm.device)
         batch = {"image": x, "view_box": torch.from_numpy(vb).to(lm.device), "hires": hires,
-                 "index": torch.arange(n, device=lm.device), "valid": torch.ones(n, dtype=torch.bool),
+                 "index": torch.arange(n, device=lm.device), "valid": torch.ones(n, dtype=torch.bool, device=lm.device),
                  "labels": torch.zeros(n, lm.spec.num_classes, device=lm.device),
                  "target": torch.full((n,), -1, dtype=torch.long, device=lm.device)}
         with torch.no_grad():
