@@ -388,7 +388,9 @@ def test_viz_on_real_nih_pngs(trained, tmp_path, shared_nih):
 # --------------------------------------------------------------------------------------------
 # a real browser
 # --------------------------------------------------------------------------------------------
-def _chromium() -> str:
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The browser, checked before the (slow, module-scoped) run fixture is built."""
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:
         pytest.skip("Debian chromium not installed (make system-deps installs it)")
@@ -403,8 +405,8 @@ def _chrome(exe: str, tmp: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.browser
-def test_report_renders_in_chromium(report, tmp_path):
-    exe = _chromium()
+def test_report_renders_in_chromium(chromium, report, tmp_path):
+    exe = chromium
     res, html, _ = report
     shot = tmp_path / "shot.png"
     p = _chrome(exe, tmp_path, f"--screenshot={shot}", "--window-size=1280,4000", res.html.as_uri())
