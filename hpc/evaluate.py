@@ -206,6 +206,10 @@ def print_summary(result: dict[str, Any], out: Path) -> None:
     print(f"\nAUROC on the {result['split']} split ({result['n_images']} images, split '{result['split_kind']}', "
           f"stage {result['stage']}):\n")
     print(auroc_table(result))
+    acc = {b: e["accuracy"] for b, e in result["auroc"].items() if "accuracy" in e}
+    if acc:
+        print("\naccuracy: " + ", ".join(f"{b} {v:.3f}" for b, v in acc.items()) + "; macro AUROC (OvR): "
+              + ", ".join(f"{b} {_fmt(e.get('macro_auroc'))}" for b, e in result["auroc"].items()))
     loc = result.get("localization")
     if loc:
         acc = loc["overall"]["acc_iobb"]

@@ -143,25 +143,29 @@ class AGCNNConfig:
 
 @dataclass
 class DualAttendMedConfig:
-    """DualAttendMed / WS-DAN + CAL (seed 000), methods.md section 000."""
+    """DualAttendMed / WS-DAN + CAL (seed 000), methods.md section 000; docs/methods/dualattendmed.md.
+
+    ``null`` values take the variant's default (published | corrected)."""
 
     variant: str = "corrected"  # published | corrected
-    task: str = "multilabel"  # multilabel (sigmoid/BCE) | singlelabel (softmax/CE)
+    task: str = "auto"  # auto (the dataset's) | multilabel (sigmoid/BCE) | singlelabel (softmax/CE)
     num_maps: int = 32
     reduction: int = 16
     layer4_stride: int = 1
     feature_scale: float = 100.0
-    crop_theta: tuple[float, float] = (0.4, 0.6)
+    crop_theta: tuple[float, float] | None = None  # null: published (0.5, 0.5), corrected (0.4, 0.6)
     crop_padding: float = 0.1
-    drop_theta: tuple[float, float] = (0.2, 0.5)
-    beta: float = 0.05
+    drop_theta: tuple[float, float] | None = None  # null: published (0.5, 0.5), corrected (0.2, 0.5)
+    beta: float = 0.05  # feature-centre update rate
     lambda_cls: float = 1.0
-    lambda_att: float = 0.5
+    lambda_att: float | None = None  # "alignment" MSE; null: published 0.5, corrected 0
     lambda_div: float = 0.1
-    lambda_center: float = 0.01
-    eval_crop_theta: float = 0.5
+    lambda_center: float | None = None  # null: published 0.01 (aux centre loss), corrected 1 (CAL centre loss)
+    div_margin: float = 0.1
+    eval_crop_theta: float = 0.5  # DualAttendMed 0.5 / pad 0.1; CAL 0.1 / 0.05
     eval_crop_padding: float = 0.1
     eval_flip: bool = True
+    loc_padding: float = 0.0  # padding of the reported localisation box (the eval crop uses eval_crop_padding)
 
 
 @dataclass
@@ -541,7 +545,7 @@ _CHOICES = {
     "agcnn.component": ("largest", "all"),
     "agcnn.crop_source": ("input", "prepared"),
     "dualattendmed.variant": ("published", "corrected"),
-    "dualattendmed.task": ("multilabel", "singlelabel"),
+    "dualattendmed.task": ("auto", "multilabel", "singlelabel"),
     "gradcam_loss.variant": ("published", "differentiable"),
     "gradcam_loss.target": ("label", "predicted"),
 }

@@ -12,6 +12,7 @@ examples:
   medattn prepare --nih-root /data/nih --out /data/prep
   medattn prepare --nih-root /data/nih --out /data/prep256 --size 256 --split chexnet --workers 16
   medattn prepare --nih-root /data/nih-partial --out /tmp/prep --allow-missing
+  medattn prepare --layout csv --root /data/aptos --out /data/prep-aptos --size 256
 """
 from __future__ import annotations
 
@@ -188,9 +189,13 @@ def prepare_source(table: SourceTable, out: str | Path, *, size: int = DEFAULT_S
 
 # ====================================================================== CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--nih-root", required=True, metavar="DIR",
-                   help="NIH ChestX-ray14 root: metadata CSV, split lists, box list and the images "
-                        "(images/*.png, images_0NN/images/*.png or *.png)")
+    p.add_argument("--nih-root", "--root", dest="nih_root", required=True, metavar="DIR",
+                   help="dataset root. --layout nih: NIH ChestX-ray14 root: metadata CSV, split lists, box "
+                        "list and the images (images/*.png, images_0NN/images/*.png or *.png); "
+                        "--layout csv: train.csv, test.csv, train_images/, test_images/")
+    p.add_argument("--layout", choices=("nih", "csv"), default="nih",
+                   help="nih (default) or csv (filename,label CSVs of single-label datasets such as "
+                        "APTOS/DDR/Messidor-2; RGB kept; val carved from train.csv by --val-fraction)")
     p.add_argument("--out", required=True, metavar="PREP", help="prepared directory to write")
     p.add_argument("--size", type=int, default=DEFAULT_SIZE, metavar="S",
                    help=f"output side in pixels (default {DEFAULT_SIZE})")
@@ -220,6 +225,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "layout", "nih") == "csv":
+        from medattn.data._source_csv import run_csv
+
+        return run_csv(args)
     res = prepare(args.nih_root, args.out, size=args.size, split=args.split, split_seed=args.split_seed,
                   val_fraction=args.val_fraction, workers=args.workers, allow_missing=args.allow_missing,
                   masks=args.masks, pixel_format=args.pixel_format, jpeg_quality=args.jpeg_quality,

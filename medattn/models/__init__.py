@@ -1,4 +1,4 @@
-"""Models: the :class:`ClassifierModel` contract, the backbone registry, weights, AG-CNN.
+"""Models: the :class:`ClassifierModel` contract, the backbone registry, weights, AG-CNN, WS-DAN.
 
     >>> from medattn.models import create_model, list_models
     >>> list_models()
@@ -13,8 +13,9 @@ from medattn.models.agcnn import AGCNN, build_agcnn
 from medattn.models.base import ClassifierModel, GlobalPool2d
 from medattn.models.registry import create_model, is_model, list_models, register_model
 from medattn.models.weights import load_state_dict_file, load_weights
+from medattn.models.wsdan import WSDAN, build_wsdan
 
 __all__ = [
     "AGCNN", "ClassifierModel", "GlobalPool2d", "build_agcnn", "create_model", "is_model", "list_models",
-    "load_state_dict_file", "load_weights", "register_model",
+    "load_state_dict_file", "load_weights", "register_model", "WSDAN", "build_wsdan",
 ]
