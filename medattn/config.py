@@ -165,6 +165,7 @@ class DualAttendMedConfig:
     eval_crop_theta: float = 0.5  # DualAttendMed 0.5 / pad 0.1; CAL 0.1 / 0.05
     eval_crop_padding: float = 0.1
     eval_flip: bool = True
+    loc_theta: float | None = None  # localisation box: mean map >= loc_theta * max; null = eval_crop_theta
     loc_padding: float = 0.0  # padding of the reported localisation box (the eval crop uses eval_crop_padding)
 
 

@@ -204,8 +204,10 @@ class DualAttendMedMethod(Method):
             v = getattr(d, key)
             if v is not None and not 0.0 <= v[0] <= v[1] <= 1.0:
                 raise ConfigError(f"config key 'dualattendmed.{key}': need 0 <= lo <= hi <= 1, got {list(v)}")
-        if not 0.0 <= d.eval_crop_theta <= 1.0:
-            raise ConfigError(f"config key 'dualattendmed.eval_crop_theta' must be in [0, 1], got {d.eval_crop_theta}")
+        for key in ("eval_crop_theta", "loc_theta"):
+            v = getattr(d, key)
+            if v is not None and not 0.0 <= v <= 1.0:
+                raise ConfigError(f"config key 'dualattendmed.{key}' must be in [0, 1], got {v}")
         for key in ("crop_padding", "eval_crop_padding", "loc_padding"):
             if not 0.0 <= getattr(d, key) < 1.0:
                 raise ConfigError(f"config key 'dualattendmed.{key}' must be in [0, 1), got {getattr(d, key)}")
@@ -355,7 +357,8 @@ class DualAttendMedMethod(Method):
             main_f, aux_f, _, _ = self._views(model, x.flip(-1))
             main, aux = (main + main_f) / 2, (aux + aux_f) / 2
         size = tuple(x.shape[-2:])
-        view_boxes, _ = crop_boxes(mean_map, d.eval_crop_theta, d.loc_padding, size)
+        loc_theta = d.eval_crop_theta if d.loc_theta is None else d.loc_theta
+        view_boxes, _ = crop_boxes(mean_map, loc_theta, d.loc_padding, size)
         heat = F.interpolate(mean_map.unsqueeze(1), size=size, mode="bilinear", align_corners=True).squeeze(1)
         heat = heat.clamp_min(0)
         heat = heat / heat.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
