@@ -87,9 +87,10 @@ class Param:
         a, b = self.args[0], self.args[1]
         if self.func == "randint":
             return [a, b - 1]
-        if self.func == "quniform":
+        if self.func == "quniform":  # Ray snaps the bounds inwards to multiples of q
             q = self.args[2]
-            return [round(a / q) * q, round(b / q) * q]
+            snap = lambda x, f: round(x / q) * q if math.isclose(x / q, round(x / q)) else f(x / q) * q  # noqa: E731
+            return [snap(a, math.ceil), snap(b, math.floor)]
         return [a, math.nextafter(b, a)]  # b itself is never sampled
 
     def tune_domain(self, grid_search: bool = False):
@@ -378,7 +379,8 @@ def build_space(specs: list[str], cfg: Config, *, method_check=None) -> SearchSp
         _check_used(p, cfg, space)
     # Types and bounds: every candidate value must make a valid config (others at base values).
     for p in params:
-        for v in p.candidates():
+        for i, v in enumerate(p.candidates()):
+            what = f"value {v!r}" if p.discrete else f"{('lower', 'upper')[i]} end {p.args[i]!r} of {p.func}()"
             if p.name == "lam" and isinstance(v, str) and v.lower() != "adaptive":
                 raise ConfigError(f"--space lam: {v!r} is neither a number nor 'adaptive'")
             if p.name == "lam" and not isinstance(v, str) and not (isinstance(v, (int, float))
@@ -389,5 +391,5 @@ def build_space(specs: list[str], cfg: Config, *, method_check=None) -> SearchSp
                 if method_check is not None:
                     method_check(trial_cfg)
             except MedattnError as e:
-                raise ConfigError(f"--space {p.name}: value {v!r} is not valid: {e}") from None
+                raise ConfigError(f"--space {p.name}: {what} is not valid: {e}") from None
     return space
