@@ -198,7 +198,8 @@ def run(args: argparse.Namespace) -> int:
         return slurm.submit(args)
     t0 = time.time()
     plan, cfg, spec = plan_sweep(args)  # every input error surfaces here, before Ray starts
-    resumed = check_spec(plan.out, spec)
+    check_spec(plan.out, spec)
+    resumed = (plan.out / "tune" / "tuner.pkl").is_file()
     from sweeps import driver, results
 
     _log(f"{'resuming' if resumed else 'starting'} sweep in {plan.out}: {len(plan.job.space.params)} parameter(s) "

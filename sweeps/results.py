@@ -10,7 +10,7 @@ before writing anything. One row per trial:
   node_id, node_ip, hostname, run_dir, error.
 
 The best trial is the completed trial with the highest best_auroc (trials stopped early by
-ASHA report an earlier stage and are only ranked when none completed).
+ASHA report an earlier stage); best.yaml is written once a trial has completed.
 """
 from __future__ import annotations
 
@@ -110,9 +110,11 @@ def collect(out: Path, space, stages: list[str], result_grid=None) -> "Any":
 
 
 def best_row(df) -> dict[str, Any] | None:
-    if df.empty or df["best_auroc"].isna().all():
+    """The completed trial with the highest best_auroc (None when no trial completed)."""
+    done = df[(df["state"] == "completed") & df["best_auroc"].notna()] if len(df) else df
+    if done.empty:
         return None
-    return df.iloc[0].to_dict()
+    return done.iloc[0].to_dict()
 
 
 def _safe(name: str) -> str:
@@ -137,6 +139,8 @@ def write_all(out: Path, space, stages: list[str], data: str, result_grid=None, 
                   f"# train it: medattn train --config {out / 'best.yaml'} --data {data} --out RUN\n")
         atomic_write_text(out / "best.yaml", header + (run_dir / "config.yaml").read_text())
         summary["best"] = best
+    else:
+        log("no trial has completed yet: no best.yaml")
     plots = []
     done = df[(df["state"] == "completed") & df["best_auroc"].notna()] if len(df) else df
     shown, what = (done, "completed trials") if len(done) else (df[df["best_auroc"].notna()] if len(df) else df,

@@ -140,7 +140,11 @@ def submit(args: argparse.Namespace) -> int:
     from sweeps.cli import check_spec, plan_sweep
 
     plan, _cfg, sweep_spec = plan_sweep(args)  # space, config and data errors: before any job exists
+    if getattr(args, "tasks_per_node", None) not in (None, 1):
+        raise ConfigError("--tasks-per-node: a sweep runs one Ray node per SLURM node; use --nproc-per-trial "
+                          "for DDP inside a trial")
     spec = c.resolve_spec(args)
+    spec.tasks_per_node = 1  # one task per node hosts Ray; --cpus-per-task is all Ray may use there
     out = c.check_shared_path(args.out, "--out", spec.allow_local_dirs, must_exist=False)
     c.check_shared_path(args.data, "--data", spec.allow_local_dirs, must_exist=True)
     if args.address:
