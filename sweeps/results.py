@@ -6,7 +6,8 @@ before writing anything. One row per trial:
 
   trial_id, <each swept parameter>, best_auroc (best validation mean AUROC of the last stage the
   trial reached), best_auroc_<stage> for each trained stage, last_stage, epochs (epochs trained
-  by the trial, shared stages excluded), state (completed | stopped (by ASHA) | error | interrupted | running | pending),
+  by the trial, shared stages excluded), state (completed | stopped (early, by ASHA) | error |
+  interrupted | running | pending),
   node_id, node_ip, hostname, run_dir, error.
 
 The best trial is the completed trial with the highest best_auroc (trials stopped early by

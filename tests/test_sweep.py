@@ -35,7 +35,7 @@ pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.image_size=32", "data.resize=40", "stages.global.epochs=1", "stages.local.epochs=2",
         "stages.fusion.epochs=1", "stages.*.batch_size=16", "data.num_workers=0", "runtime.tensorboard=false",
-        "runtime.log_every=2", "stages.local.loss=focal", "stages.fusion.loss=focal"]
+        "runtime.log_every=2"]
 MAX_T = 3  # epochs a trial trains: local 2 + fusion 1 (global is shared)
 
 
@@ -118,8 +118,8 @@ def prep(tmp_path_factory):
 
 
 def sweep_cmd(cluster, prep, out, *extra):
-    return [sys.executable, "-m", "medattn", "sweep", "--config", "demo", "--data", str(prep), "--out", str(out),
-            "--space", "tau=uniform(0.5,0.9)", "--space", "gamma=choice(0,1,2,3)", "--max-concurrent", "2",
+    return [sys.executable, "-m", "medattn", "sweep", "--config", "sweep_demo", "--data", str(prep),
+            "--out", str(out), "--space", "tau=uniform(0.5,0.9)", "--space", "gamma=choice(0,1,2,3)", "--max-concurrent", "2",
             "--trial-resource", "medattn_slot=1", "--address", cluster.address, "--quiet", *extra, *TINY]
 
 
@@ -240,3 +240,22 @@ def test_two_node_sweep_asha_shared_global_and_resume_after_driver_kill(cluster,
     for n in ("tau", "gamma"):
         assert (out / "plots" / f"auroc_vs_{n}.png").read_bytes()[:4] == b"\x89PNG"
     assert "medattn sweep: best:" in r.stdout
+
+
+@pytest.mark.slow
+def test_ddp_inside_a_trial(cluster, prep, tmp_path):
+    """--nproc-per-trial 2: each trial (and the shared base) trains under torchrun with 2 gloo
+    processes, on the node Ray placed it."""
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "medattn", "sweep", "--config", "sweep_demo", "--data", str(prep), "--out", str(out),
+           "--space", "gamma=choice(1,2)", "--num-samples", "1", "--search", "random", "--scheduler", "none",
+           "--nproc-per-trial", "2", "--trial-resource", "medattn_slot=1", "--address", cluster.address, "--quiet",
+           *TINY, "stages.local.epochs=1"]
+    r = subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    (trial,) = list((out / "trials").iterdir())
+    (base,) = list((out / "base").iterdir())
+    assert {x["world_size"] for x in records(trial)} == {2}  # global (from the base), local, fusion
+    assert "torch.distributed.run --standalone --nproc-per-node=2" in (trial / "train.log").read_text()
+    assert "2 process(es) on cpu" in (base / "train.log").read_text()
+    assert pd.read_csv(out / "results.csv")["state"].tolist() == ["completed"]

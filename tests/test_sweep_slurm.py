@@ -19,8 +19,7 @@ pytest.importorskip("jobs.cluster", reason="the SLURM launcher (jobs.cluster) is
 
 pytestmark = [pytest.mark.ray, pytest.mark.slurm]
 TINY = ["data.image_size=32", "data.resize=40", "stages.global.epochs=1", "stages.local.epochs=1",
-        "stages.fusion.epochs=1", "stages.*.batch_size=16", "data.num_workers=0", "runtime.tensorboard=false",
-        "stages.local.loss=focal", "stages.fusion.loss=focal"]
+        "stages.fusion.epochs=1", "stages.*.batch_size=16", "data.num_workers=0", "runtime.tensorboard=false"]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +43,7 @@ def _ray_leftovers(job: str) -> list[str]:
 def test_sweep_on_a_slurm_allocation_and_resubmit(slurm, tmp_path):
     prep = make_prepared(tmp_path / "prep", n=96, size=40, seed=1)
     out = tmp_path / "sweep"
-    args = ["sweep", "--slurm", "--profile", "local", "--nodes", "2", "--cpus-per-task", "1", "--config", "demo",
+    args = ["sweep", "--slurm", "--profile", "local", "--nodes", "2", "--cpus-per-task", "1", "--config", "sweep_demo",
             "--data", str(prep), "--out", str(out), "--space", "tau=uniform(0.5,0.9)",
             "--space", "gamma=choice(0,1,2,3)", "--num-samples", "2", "--search", "random",
             "--scheduler", "none", "--quiet", *TINY]
