@@ -145,7 +145,8 @@ def _search_alg(plan: SweepPlan):
         except ModuleNotFoundError as e:  # optuna missing
             raise MissingDependencyError("optuna", "ray", "--search optuna") from e
         alg = OptunaSearch(metric="mean_auroc", mode="max", seed=plan.seed)
-        return ConcurrencyLimiter(alg, max_concurrent=plan.max_concurrent)
+        # TPE learns from finished trials: without a limit, Tune asks for as many as fit the cluster
+        return ConcurrencyLimiter(alg, max_concurrent=plan.max_concurrent) if plan.max_concurrent else alg
     from ray.tune.search import BasicVariantGenerator
 
     return BasicVariantGenerator(random_state=plan.seed, max_concurrent=plan.max_concurrent)
@@ -189,7 +190,7 @@ def run_tune(plan: SweepPlan, log):
             param_space=space,
             tune_config=tune.TuneConfig(
                 metric="mean_auroc", mode="max", num_samples=plan.num_samples, search_alg=_search_alg(plan),
-                scheduler=scheduler, max_concurrent_trials=plan.max_concurrent, reuse_actors=False,
+                scheduler=scheduler, max_concurrent_trials=plan.max_concurrent or None, reuse_actors=False,
                 trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(
                 name=EXPERIMENT, storage_path=str(plan.out), verbose=plan.verbose,

@@ -158,7 +158,8 @@ def write_all(out: Path, space, stages: list[str], data: str, result_grid=None, 
             title = f"val mean AUROC vs {n}: {len(shown)} {what}" + (
                 f" ({hidden} stopped/failed not shown)" if hidden and len(done) else "")
             try:
-                plot_metric_vs_param(shown, n, "best_auroc", hue=hue, path=path, title=title)
+                log_x = True if space.get(n).func == "loguniform" else None
+                plot_metric_vs_param(shown, n, "best_auroc", hue=hue, path=path, title=title, log_x=log_x)
                 plots.append(str(path))
             except ValueError as e:  # e.g. nothing plottable
                 log(f"plot for {n} skipped: {e}")
