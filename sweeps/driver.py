@@ -162,7 +162,7 @@ def run_tune(plan: SweepPlan, log):
     # Save the experiment state often (default: every >= 10 s), so a driver killed right after
     # a trial finished does not restart that trial on resume.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-    ray = import_ray()
+    import_ray()
     from ray import tune
 
     from sweeps.trial import make_trainable
@@ -196,7 +196,6 @@ def run_tune(plan: SweepPlan, log):
                 name=EXPERIMENT, storage_path=str(plan.out), verbose=plan.verbose,
                 failure_config=tune.FailureConfig(max_failures=plan.max_failures)),
         )
-    del ray
     return tuner.fit()
 
 

@@ -50,6 +50,7 @@ class TrialJob:
         cpus: CPUs per trial (for OMP_NUM_THREADS).
         poll_s: how often metrics.jsonl is checked.
         stop_timeout_s: how long a stopped trainer may take to checkpoint before SIGKILL.
+        extra_env: variables added to the trainer's environment.
     """
 
     out: str
