@@ -23,6 +23,7 @@ import json
 import math
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,8 +146,10 @@ class MetricsTail:
         return out
 
 
-# The running trainer of this actor (one trial per actor), for _StopTrainer.
+# The running trainer of this actor (one trial per actor), for _StopTrainer. The lock makes
+# "start a trainer" and "Tune stops the trial" exclusive: a trial being stopped starts none.
 _ACTIVE: dict[str, Any] = {}
+_LOCK = threading.Lock()
 
 
 def asha_stopped(out: str | os.PathLike) -> set[str]:
@@ -164,12 +167,15 @@ class _StopTrainer:
     woken after cleanup and the actor exits right after, too late for a checkpoint."""
 
     def cleanup(self):
-        proc, run_dir = _ACTIVE.get("proc"), _ACTIVE.get("run_dir")
+        with _LOCK:
+            _ACTIVE["stopping"] = True
+            proc, run_dir = _ACTIVE.get("proc"), _ACTIVE.get("run_dir")
+            timeout, stages = _ACTIVE.get("stop_timeout_s", 60.0), _ACTIVE.get("stages", [])
         if proc is not None and proc.poll() is None:
-            rc = launch.stop(proc, _ACTIVE.get("stop_timeout_s", 60.0))
+            rc = launch.stop(proc, timeout)
             # ASHA also "stops" a trial at its last epoch, while the trainer is wrapping up; a stop
-            # that is not ASHA's is the experiment shutting down (Ctrl-C): resumed later.
-            status = _status_after_exit(run_dir, _ACTIVE.get("stages", []), 0)
+            # that is not ASHA's is the experiment shutting down (Ctrl-C, SLURM USR2): resumed later.
+            status = _status_after_exit(run_dir, stages, 0)
             if status == "stopped" and run_dir.name not in asha_stopped(run_dir.parent.parent):
                 status = "interrupted"
             write_ledger(run_dir, status=status, trainer_exit=rc, ended=time.time())
@@ -233,8 +239,12 @@ def run_trial(job: TrialJob, config: dict[str, Any]) -> None:
     cmd = launch.train_command(run_dir / "config.yaml", job.data, run_dir, nproc=job.nproc)
     env = launch.trainer_env(job.cpus, job.nproc)
     env.update(job.extra_env)
-    proc = launch.start(cmd, run_dir / "train.log", env)
-    _ACTIVE.update(proc=proc, run_dir=run_dir, stop_timeout_s=job.stop_timeout_s, stages=job.stages)
+    with _LOCK:
+        if _ACTIVE.get("stopping"):  # Tune stopped the trial while it was being set up
+            write_ledger(run_dir, status="interrupted")
+            return
+        proc = launch.start(cmd, run_dir / "train.log", env)
+        _ACTIVE.update(proc=proc, run_dir=run_dir, stop_timeout_s=job.stop_timeout_s, stages=job.stages)
     try:
         while True:
             rc = proc.poll()
@@ -245,6 +255,9 @@ def run_trial(job: TrialJob, config: dict[str, Any]) -> None:
                     report(rec)
                 break
             time.sleep(job.poll_s)
+        with _LOCK:
+            if _ACTIVE.get("stopping"):  # Tune stopped it: _StopTrainer wrote the ledger
+                return
         status = _status_after_exit(run_dir, job.stages, rc)
         write_ledger(run_dir, status=status, trainer_exit=rc, ended=time.time(), epochs=n)
         if status != "completed":
@@ -253,7 +266,8 @@ def run_trial(job: TrialJob, config: dict[str, Any]) -> None:
     finally:
         if proc.poll() is None:  # the thread was stopped some other way
             launch.stop(proc, job.stop_timeout_s)
-        _ACTIVE.clear()
+        with _LOCK:
+            _ACTIVE.pop("proc", None)
 
 
 def make_trainable(job: TrialJob):

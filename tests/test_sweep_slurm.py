@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -93,5 +94,44 @@ def test_sweep_on_a_slurm_allocation_and_resubmit(slurm, tmp_path):
         if jobs:
             subprocess.run(["scancel", *jobs], capture_output=True, env=slurm_util.env())
         for job in jobs:
+            for n in ("n1", "n2"):
+                shutil.rmtree(f"/tmp/ray-{job}-{n}", ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_usr2_before_the_time_limit_requeues_and_resumes(slurm, tmp_path):
+    """USR2 (what SLURM sends before the time limit or on preemption) stops the driver: the
+    trainers checkpoint mid-epoch, the job requeues itself and the next start resumes them."""
+    prep = make_prepared(tmp_path / "prep", n=96, size=40, seed=1)
+    out = tmp_path / "sweep"
+    args = ["sweep", "--slurm", "--profile", "local", "--nodes", "2", "--cpus-per-task", "1", "--config", "sweep_demo",
+            "--data", str(prep), "--out", str(out), "--space", "gamma=choice(1,2)", "--search", "grid",
+            "--scheduler", "none", "--quiet", *TINY, "stages.local.epochs=3", "runtime.log_every=1"]
+    job = None
+    try:
+        with slurm_util.RequeueNudger():
+            r = slurm_util.medattn(*args, timeout=120)
+            assert r.returncode == 0, r.stdout + r.stderr
+            (job,) = slurm_util.job_ids(r.stdout)
+            deadline = time.time() + 300
+            while time.time() < deadline:
+                logs = [d / "train.log" for d in (out / "trials").glob("*")] if (out / "trials").is_dir() else []
+                if len(logs) == 2 and all(x.is_file() and "[local] epoch 1/3 step 1/" in x.read_text() for x in logs):
+                    break
+                time.sleep(0.3)
+            subprocess.run(["scancel", "--signal=USR2", "--batch", job], check=True, env=slurm_util.env())
+            st = slurm_util.wait_jobs([job], timeout=400)
+        log = _job_log(out, job)
+        assert st[job] == "COMPLETED", log[-4000:]
+        assert "USR2" in log and f"requeueing job {job}" in log
+        assert int(slurm_util.job_info(job).get("Restarts", "0")) == 1
+        df = pd.read_csv(out / "results.csv")
+        assert set(df["state"]) == {"completed"} and len(df) == 2
+        for d in (out / "trials").iterdir():
+            text = (d / "train.log").read_text()
+            assert "stopped by signal 15" in text and "[local] resuming at epoch" in text
+    finally:
+        if job:
+            subprocess.run(["scancel", job], capture_output=True, env=slurm_util.env())
             for n in ("n1", "n2"):
                 shutil.rmtree(f"/tmp/ray-{job}-{n}", ignore_errors=True)
