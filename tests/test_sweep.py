@@ -203,8 +203,9 @@ def test_two_node_sweep_asha_shared_global_and_resume_after_driver_kill(cluster,
     # finished before the kill: not run again; interrupted: the trainer resumed on its run dir
     for name, mtime in before.items():
         assert launches(runs[name]) == 1 and (runs[name] / "metrics.jsonl").stat().st_mtime_ns == mtime
-    for d in training:
-        assert launches(d) == 2
+    asha_stops = set(json.loads((out / "asha_stopped.json").read_text()))
+    for d in training:  # (unless ASHA stopped it in the instant before the kill)
+        assert launches(d) == 2 or (d.name in asha_stops and launches(d) == 1)
     for d in runs.values():  # every epoch recorded once, in order, whatever happened
         recs = [(x["stage"], x["epoch"]) for x in records(d)]
         assert recs == [("global", 1), ("local", 1), ("local", 2), ("fusion", 1)][:len(recs)]
