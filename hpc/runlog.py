@@ -109,15 +109,23 @@ class RunLogger:
             self._bar = tqdm(total=steps, initial=start_step, desc=self._desc, leave=False,
                              dynamic_ncols=True, file=sys.stderr)
 
-    def step(self, step: int, scalars: dict[str, float], images: int) -> None:
-        self._seen += images
+    def wants_scalars(self, step: int) -> bool:
+        """Whether ``step`` will print scalars (so the caller syncs the device only then)."""
+        if not self.primary:
+            return False
+        if self.progress == "bar":
+            return step % max(1, self.log_every // 4) == 0
+        return self.progress == "log" and (step % self.log_every == 0 or step == self._steps)
+
+    def step(self, step: int, scalars: dict[str, float] | None, images_so_far: int) -> None:
+        self._seen = images_so_far
         if not self.primary:
             return
         if self._bar is not None:
             self._bar.update(1)
-            if step % max(1, self.log_every // 4) == 0:
+            if scalars:
                 self._bar.set_postfix({k: f"{v:.4g}" for k, v in scalars.items()}, refresh=False)
-        elif self.progress == "log" and (step % self.log_every == 0 or step == self._steps):
+        elif scalars and self.progress == "log" and (step % self.log_every == 0 or step == self._steps):
             dt = max(1e-9, time.time() - self._tstart)
             s = " ".join(f"{k} {v:.4g}" for k, v in scalars.items())
             log.info(f"{self._desc} step {step}/{self._steps} {s} {self._seen / dt:.1f} img/s")

@@ -298,6 +298,26 @@ def _metric_value(metrics: dict[str, Any], key: str) -> float:
     return float("nan") if v is None else float(v)
 
 
+def optimizer_step(step_module, batch, optimizer, scaler, params, grad_clip: float, device: torch.device,
+                   precision: str, channels_last: bool):
+    """One training step: forward through the (DDP-wrapped) StageStep, backward, update.
+
+    Shared with ``medattn bench train`` so the benchmark measures exactly the trainer's step.
+    """
+    if channels_last:
+        batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+    with autocast_ctx(device, precision):
+        loss, logs = step_module(batch)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss, logs
+
+
 def train_stage(ctx: Ctx, stage: str, previous: list[str]) -> int:
     cfg, run, world, device, method, model, logger = (ctx.cfg, ctx.run, ctx.world, ctx.device, ctx.method,
                                                       ctx.model, ctx.logger)
@@ -374,6 +394,8 @@ def train_stage(ctx: Ctx, stage: str, previous: list[str]) -> int:
         distributed.barrier()
 
     channels_last = device.type == "cuda" and cfg.runtime.channels_last
+    # Steps between host syncs (stop-signal agreement, non-finite check, log scalars).
+    check_every = max(1, min(10, cfg.runtime.log_every))
     while epoch < st.epochs:
         method.start_epoch_hook(model, stage, epoch)
         method.set_train_mode(model, stage)
@@ -388,33 +410,30 @@ def train_stage(ctx: Ctx, stage: str, previous: list[str]) -> int:
         images = 0
         for batch in loader.epoch(epoch, step):
             lr = sched.apply(optimizer, epoch, step)
-            if channels_last:
-                batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
-            with autocast_ctx(device, ctx.precision):
-                loss, logs = step_module(batch)
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"[{stage}] non-finite loss at epoch {epoch + 1} step {step}: {loss.item()}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if st.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, st.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            loss, logs = optimizer_step(step_module, batch, optimizer, scaler, params, st.grad_clip, device,
+                                        ctx.precision, channels_last)
             step += 1
             global_step += 1
             n_steps += 1
             images += batch["image"].shape[0] * world.world_size
+            # Accumulate on the device: a float() here would wait for the GPU every step.
             for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            scalars = {k: v / n_steps for k, v in sums.items()}
-            scalars["lr"] = lr
-            logger.step(step, scalars, batch["image"].shape[0] * world.world_size)
-            if step % cfg.runtime.log_every == 0:
-                logger.step_scalars(stage, scalars, global_step)
+                sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
+            sync_now = step % check_every == 0 or step == plan.steps_per_epoch
+            if sync_now or logger.wants_scalars(step):
+                scalars = {k: float(v) / n_steps for k, v in sums.items()}
+                if not all(math.isfinite(v) for v in scalars.values()):
+                    raise RuntimeError(f"[{stage}] non-finite loss by epoch {epoch + 1} step {step}: {scalars}")
+                scalars["lr"] = lr
+                logger.step(step, scalars, images)
+                if step % cfg.runtime.log_every == 0:
+                    logger.step_scalars(stage, scalars, global_step)
+            else:
+                logger.step(step, None, images)
             if fault_after and global_step >= fault_after:
                 os._exit(137)  # simulate a node failure: no cleanup, no checkpoint
-            stop = distributed.any_true(STOP.requested, device)
+            # Every rank asks at the same steps, so all stop at the same step boundary.
+            stop = sync_now and distributed.any_true(STOP.requested, device)
             if stop or (cfg.runtime.ckpt_every_steps and global_step % cfg.runtime.ckpt_every_steps == 0
                         and step < plan.steps_per_epoch):
                 save_last(epoch, step)
@@ -423,6 +442,7 @@ def train_stage(ctx: Ctx, stage: str, previous: list[str]) -> int:
                 logger.info(f"[{stage}] checkpoint {last_path}; rerun the same command to resume")
                 return EXIT_CHECKPOINTED
         train_time = time.time() - t0
+        sums = {k: float(v) for k, v in sums.items()}
         # Per-rank sums -> means over all ranks (each rank saw its slice of every global batch).
         if world.distributed and sums:
             keys = sorted(sums)

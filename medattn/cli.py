@@ -93,8 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         p, module = _command_parser(name)
-        # intermixed: `key=value` overrides may come before or after options
-        args = p.parse_intermixed_args(argv[1:])
+        # intermixed: `key=value` overrides may come before or after options (not possible for
+        # commands with sub-commands, e.g. `bench`, which parse normally)
+        try:
+            args = p.parse_intermixed_args(argv[1:])
+        except TypeError:
+            args = p.parse_args(argv[1:])
         rc = module.run(args)
         return int(rc or 0)
     except MedattnError as e:

@@ -330,9 +330,11 @@ def _draw_box(ax, b: np.ndarray, color: str, ls: str, label: str | None = None) 
 def overlay_panel(image: Any, heatmap: Any, attn_box: Any = None,
                   gt_boxes: Sequence[Any] | None = None, title: str | None = None, *,
                   gt_labels: Sequence[str] | None = None, box_format: str = "xyxy",
-                  normalized: bool = True, alpha: float = 0.45,
+                  normalized: bool = True, alpha: float = 0.45, crop: Any = None,
+                  crop_title: str = "local branch input (crop)",
                   path: str | os.PathLike | None = None, dpi: int = 150) -> Figure:
-    """A 1 x 3 panel: image | heat map | image with the heat map, attention box and GT boxes.
+    """A 1 x 3 panel: image | heat map | image with the heat map, attention box and GT boxes
+    (1 x 4 with ``crop``: the attention crop, e.g. what AG-CNN's local branch sees).
 
     Args:
         image: (H, W) grey image, uint8 (0-255) or float (shown from its min to its max; [0, 1]
@@ -346,7 +348,9 @@ def overlay_panel(image: Any, heatmap: Any, attn_box: Any = None,
             prepared manifest's convention); x to the right, y down, origin top-left.
         normalized: box coordinates are fractions of the image width/height (default; the
             prepared manifest stores boxes so); ``False`` = pixels of ``image``.
-        alpha: opacity of the heat map in the overlay. path, dpi: save a PNG.
+        alpha: opacity of the heat map in the overlay.
+        crop: an optional fourth panel, (h, w) or (h, w, 3) like ``image`` (uint8 0-255 or float),
+            titled ``crop_title``. path, dpi: save a PNG.
     """
     img = M._as_array(image, "image")
     if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (3, 4)):
@@ -370,8 +374,15 @@ def overlay_panel(image: Any, heatmap: Any, attn_box: Any = None,
             vmin, vmax = 0.0, 1.0
     extent = (0, w, h, 0)  # pixel edges: x right, y down
 
-    fig = Figure(figsize=(12, 4.4), layout="constrained")
-    axes = fig.subplots(1, 3)
+    crop_img = None
+    if crop is not None:
+        crop_img = M._as_array(crop, "crop")
+        if crop_img.ndim == 3 and crop_img.shape[2] == 1:
+            crop_img = crop_img[..., 0]
+        if crop_img.ndim not in (2, 3) or (crop_img.ndim == 3 and crop_img.shape[2] not in (3, 4)):
+            raise ValueError(f"crop: expected (h, w) or (h, w, 3), got shape {crop_img.shape}")
+    fig = Figure(figsize=(16, 4.4) if crop_img is not None else (12, 4.4), layout="constrained")
+    axes = fig.subplots(1, 4 if crop_img is not None else 3)
     grey = dict(cmap="gray", vmin=vmin, vmax=vmax, extent=extent, interpolation="nearest") \
         if img.ndim == 2 else dict(extent=extent)
     axes[0].imshow(img, **grey)
@@ -396,9 +407,19 @@ def overlay_panel(image: Any, heatmap: Any, attn_box: Any = None,
                                               ec="none", alpha=0.9), clip_on=True)
     if attn_box is not None or gt_boxes:
         axes[2].legend(loc="lower right", fontsize=7, framealpha=0.8)
-    for ax in axes:
+    for ax in axes[:3]:
         ax.set_xlim(0, w)
         ax.set_ylim(h, 0)
+    if crop_img is not None:
+        ch, cw = crop_img.shape[:2]
+        if crop_img.ndim == 2:
+            lo, hi = (0, 255) if crop_img.dtype == np.uint8 else (
+                (0.0, 1.0) if crop_img.min() >= 0 and crop_img.max() <= 1 else (crop_img.min(), crop_img.max()))
+            axes[3].imshow(crop_img, cmap="gray", vmin=lo, vmax=hi, extent=(0, cw, ch, 0), interpolation="nearest")
+        else:
+            axes[3].imshow(crop_img, extent=(0, cw, ch, 0))
+        axes[3].set_title(crop_title)
+    for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
     if title:
