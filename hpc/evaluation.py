@@ -87,22 +87,22 @@ def classification_metrics(pred: Predictions, labels: np.ndarray, spec: DataSpec
     y = labels[pred.index]
     out: dict[str, Any] = {}
     for branch, p in pred.probs.items():
-        single = spec.task == "singlelabel" and targets is not None
         with warnings.catch_warnings():
             # A class without positives in a small split is reported as NaN (n/a), not warned
             # about on every validation.
             warnings.simplefilter("ignore", M.MetricWarning)
-            if single and len(p) and np.allclose(p.sum(1), 1.0, atol=1e-3):
-                # One-vs-rest AUROC of the softmax probabilities (the same numbers as against the
-                # one-hot labels, through the single-label API that checks the rows).
+            if spec.task == "singlelabel" and targets is not None and len(p) and np.allclose(p.sum(1), 1, atol=1e-3):
+                # One-vs-rest AUROC of softmax probabilities (equal to the AUROC against the one-hot
+                # labels, through the single-label API, which checks the rows).
                 per = M.per_class_auroc_ovr(p, targets[pred.index], list(spec.label_names))
             else:
                 per = M.per_class_auroc(p, y, list(spec.label_names))
         entry: dict[str, Any] = {name: per[name] for name in spec.label_names}
+        if spec.task == "singlelabel" and targets is not None:
+            entry["macro_auroc"] = M.mean_auroc(per)  # one-vs-rest, unweighted over every class
         entry["mean"] = M.mean_auroc(per, list(spec.eval_labels))
-        if single:
+        if spec.task == "singlelabel" and targets is not None:
             entry["accuracy"] = float((p.argmax(1) == targets[pred.index]).mean())
-            entry["macro_auroc"] = M.mean_auroc(per)  # unweighted over every class
         out[branch] = entry
     return out
 
