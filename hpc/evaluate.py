@@ -195,6 +195,10 @@ def auroc_table(result: dict[str, Any]) -> str:
     for name in result["eval_labels"]:
         lines.append(f"| {name} | " + " | ".join(_fmt(result["auroc"][b].get(name)) for b in branches) + " |")
     lines.append("| **mean** | " + " | ".join(f"**{_fmt(result['auroc'][b]['mean'])}**" for b in branches) + " |")
+    # Single-label runs: accuracy and the one-vs-rest macro AUROC over every class.
+    for key, title in (("macro_auroc", "macro AUROC (OvR)"), ("accuracy", "accuracy")):
+        if branches and all(key in result["auroc"][b] for b in branches):
+            lines.append(f"| {title} | " + " | ".join(_fmt(result["auroc"][b][key]) for b in branches) + " |")
     return "\n".join(lines)
 
 
@@ -206,10 +210,6 @@ def print_summary(result: dict[str, Any], out: Path) -> None:
     print(f"\nAUROC on the {result['split']} split ({result['n_images']} images, split '{result['split_kind']}', "
           f"stage {result['stage']}):\n")
     print(auroc_table(result))
-    acc = {b: e["accuracy"] for b, e in result["auroc"].items() if "accuracy" in e}
-    if acc:
-        print("\naccuracy: " + ", ".join(f"{b} {v:.3f}" for b, v in acc.items()) + "; macro AUROC (OvR): "
-              + ", ".join(f"{b} {_fmt(e.get('macro_auroc'))}" for b, e in result["auroc"].items()))
     loc = result.get("localization")
     if loc:
         acc = loc["overall"]["acc_iobb"]

@@ -498,7 +498,7 @@ def test_csv_layout_prepare_train_eval(tmp_path, capsys):
     main = m["auroc"]["main"]
     assert m["task"] == "singlelabel" and set(main) >= {"accuracy", "macro_auroc", "0", "1", "2", "mean"}
     print(f"csv layout: test accuracy {main['accuracy']:.3f}, macro AUROC {main['macro_auroc']:.3f}")
-    assert "accuracy: raw" in printed and "macro AUROC (OvR)" in printed
+    assert "| accuracy |" in printed and "| macro AUROC (OvR) |" in printed
     assert main["macro_auroc"] == pytest.approx(np.mean([main[c] for c in "012"]))
     assert main["macro_auroc"] > 0.7 and main["accuracy"] > 0.5
     preds = pd.read_csv(run / "eval" / "preds.csv")

@@ -185,9 +185,10 @@ def run_csv(args: argparse.Namespace) -> int:
     """``medattn prepare --layout csv``: the csv source table, written by the common prepare."""
     from medattn.data.prepare import prepare_source
 
-    if args.masks is not None:
-        raise ConfigError("--masks does not apply to --layout csv (no lung masks in this layout)")
-    if args.split != "official":
+    for flag, attr in (("--masks", "masks"), ("--task", "task"), ("--lung-model", "lung_model")):
+        if getattr(args, attr, None) is not None:
+            raise ConfigError(f"{flag} does not apply to --layout csv (fundus photos: no lung masks or NIH subsets)")
+    if getattr(args, "split", None) not in (None, "official"):  # (None: not given, where the default is None)
         raise ConfigError("--split does not apply to --layout csv: test is test.csv and validation a seeded "
                           "--val-fraction of train.csv")
     table = csv_table(args.nih_root, split_seed=args.split_seed, val_fraction=args.val_fraction,
