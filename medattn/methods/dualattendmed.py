@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medattn import losses
-from medattn.attention import crop_and_resize
+from medattn.attention import crop_and_resize, scale_maps
 from medattn.attention_wsdan import (alignment_loss_published, crop_boxes, diversity_loss_corrected,
                                      diversity_loss_published, drop_masks, sample_maps)
 from medattn.errors import ConfigError
@@ -359,9 +359,9 @@ class DualAttendMedMethod(Method):
         size = tuple(x.shape[-2:])
         loc_theta = d.eval_crop_theta if d.loc_theta is None else d.loc_theta
         view_boxes, _ = crop_boxes(mean_map, loc_theta, d.loc_padding, size)
-        heat = F.interpolate(mean_map.unsqueeze(1), size=size, mode="bilinear", align_corners=True).squeeze(1)
-        heat = heat.clamp_min(0)
-        heat = heat / heat.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
+        # Display map: min-max scaled (the published variant's maps can be negative everywhere).
+        heat = scale_maps(F.interpolate(mean_map.unsqueeze(1), size=size, mode="bilinear",
+                                        align_corners=True).squeeze(1), "minmax")
         vb = batch.get("view_box")
         if vb is None:
             vb = torch.tensor([0.0, 0.0, 1.0, 1.0], device=x.device).expand(x.shape[0], 4)
