@@ -29,7 +29,6 @@ from medattn.methods.dualattendmed import (aux_centre_loss_published, centre_los
 from prepfix import make_prepared
 
 REPO = Path(__file__).resolve().parents[1]
-NIH15 = tuple(f"L{i}" for i in range(15))
 
 
 @pytest.fixture(autouse=True)
