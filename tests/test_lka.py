@@ -43,7 +43,7 @@ def test_lka_blocks_sit_before_the_pools_of_blocks_3_to_5():
     m = create_model("vgg16_bn_lka", num_classes=14, in_chans=1, pool="avg", drop_rate=0.5).eval()
     seen = {}
     for name, mod in m.lka.items():
-        mod.register_forward_hook(lambda _m, i, o, n=name: seen.setdefault(n, (tuple(i[0].shape), tuple(o.shape))))
+        mod.register_forward_hook(lambda _m, i, o, n=name: seen.update({n: (tuple(i[0].shape), tuple(o.shape))}))
     with torch.no_grad():
         assert m(torch.randn(2, 1, 64, 64)).shape == (2, 14)
     # at 64 px: block 3 ends at 16x16 (before pool 23), block 4 at 8x8, block 5 at 4x4
