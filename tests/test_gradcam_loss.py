@@ -400,3 +400,16 @@ def test_differentiable_loss_raises_r_over_cross_entropy_and_eval_reports_the_bi
     per = pd.read_csv(runs["diff"] / "eval" / "per_image.csv")
     assert len(per) == 16 and per["r"].isna().sum() == 8  # No Finding images have no region
     assert m["per_image"]["r"]["n"] == 8 and m["per_image"]["r"]["mean"] == pytest.approx(per["r"].mean())
+
+
+def test_differentiable_loss_under_torchrun_with_two_processes(chest, tmp_path):
+    """The double backward inside DDP's forward: two gloo processes, one epoch, DALI-free."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "medattn",
+           "train", "--config", "gradcam_demo", "--data", str(chest), "--out", str(out), "gradcam_loss.lam=0.5",
+           *FAST, "stages.train.epochs=1", "data.num_workers=0"]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    rec = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert rec["world_size"] == 2 and 0 <= rec["train/att"] <= 1 and 0 <= rec["val/main/r"] <= 1
+    assert (out / "ckpt" / "train" / "best.pt").is_file()
