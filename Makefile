@@ -17,7 +17,7 @@ DEMO_IMAGES ?= 1600
 NPROC ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: help venv test demo clean-demo system-deps slurm-up slurm-down bench lint
+.PHONY: help venv test demo clean-demo system-deps slurm-up slurm-down bench-gpu
 
 help:
 	@echo "make demo         run the whole AG-CNN pipeline on a synthetic dataset (CPU, ~10 min)"
@@ -71,3 +71,7 @@ slurm-up:
 
 slurm-down:
 	scripts/slurm-local.sh stop
+
+# GPU benchmarks (on a GPU node): docs/benchmarks.md
+bench-gpu: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" scripts/gpu-bench.sh

@@ -279,6 +279,20 @@ def _eval_loader(ctx: Ctx, stage: str, split: str) -> EvalLoader:
                       seed=ctx.cfg.seed, hires=ctx.method.needs_hires(stage))
 
 
+def _share_buffers(model: torch.nn.Module, world: distributed.World) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics) before validation.
+
+    Without SyncBatchNorm (CPU, or runtime.sync_bn=false) each rank's running statistics
+    follow its own batches, but checkpoints keep rank 0's. Validating every shard with rank
+    0's makes the logged metrics those of the saved weights (what `medattn eval` sees) and
+    leaves them unchanged when a run resumes, possibly on other hosts. Training is unaffected:
+    it normalises with batch statistics.
+    """
+    if world.distributed:
+        for buf in model.buffers():
+            torch.distributed.broadcast(buf, 0)
+
+
 def _metric_value(metrics: dict[str, Any], key: str) -> float:
     v = metrics.get(key)
     return float("nan") if v is None else float(v)
@@ -438,6 +452,7 @@ def train_stage(ctx: Ctx, stage: str, previous: list[str]) -> int:
         t1 = time.time()
         val_metrics: dict[str, Any] = {}
         if (epoch + 1) % cfg.runtime.eval_every == 0 or epoch + 1 == st.epochs:
+            _share_buffers(model, world)
             preds = run_inference(method, model, val_loader, stage, device, ctx.precision, channels_last)
             if world.is_primary:
                 cls = classification_metrics(preds, ctx.ds.labels_matrix(), ctx.spec, ctx.ds.targets())

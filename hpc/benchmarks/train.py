@@ -36,8 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (cudnn autotune, compile)")
     p.add_argument("--batch", type=int, default=0, help="global batch for every stage (default: the config's)")
-    p.add_argument("--modes", default="trainer,step,bare,loader",
-                   help="comma list: trainer (end to end), step (resident batch), bare (plain loop), loader")
+    p.add_argument("--modes", default="trainer,step,bare,loader,eval",
+                   help="comma list: trainer (end to end), step (resident batch), bare (plain loop), loader, "
+                        "eval (validation forward)")
+    p.add_argument("--project", default="78146,8378",
+                   help="TRAIN,VAL image counts to project the config's full schedule onto (default: the "
+                        "official split of ChestX-ray14 with a 10%% patient validation part); '' = off")
     p.add_argument("--nproc", default="1", help="comma list of process counts, e.g. 1,2 (torchrun, gloo on CPU)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (default: torch's)")
@@ -161,6 +165,16 @@ def measure_stage(env: dict[str, Any], stage: str, modes: list[str], steps: int,
             loss.backward()
             opt.step()
         rows.append(row("bare", timed(h, steps), steps, "plain forward/backward/SGD on the same model"))
+    if "eval" in modes:
+        from hpc.evaluation import autocast_ctx
+
+        model.eval()
+
+        def ev():
+            with torch.no_grad(), autocast_ctx(device, precision):
+                method.predict(model, dict(resident), stage)
+        rows.append(row("eval", timed(ev, steps), steps, "validation forward (method.predict)"))
+        method.set_train_mode(model, stage)
     if "loader" in modes:
         loader2, _ = _loader(env, stage, steps + warmup + 2)
         it2 = iter(loader2.epoch(0))
@@ -233,9 +247,37 @@ def run(args: argparse.Namespace) -> int:
             r["scaling_efficiency"] = r["images_per_s"] / (r["processes"] * base[r["stage"]])
     print_table(rows, ["stage", "mode", "processes", "images_per_s", "ms_per_step", "global_batch", "device",
                        "precision", "scaling_efficiency", "note"])
-    path = write_result("train", rows, args.json_out, extra={"config": args.config, "data": data})
+    projection = project_schedule(rows, args) if args.project else None
+    path = write_result("train", rows, args.json_out, extra={"config": args.config, "data": data,
+                                                               "projection": projection})
     if path:
         print(f"wrote {path}")
     if tmp is not None:
         tmp.cleanup()
     return 0
+
+
+def project_schedule(rows: list[dict], args: argparse.Namespace) -> dict | None:
+    """Wall time of the config's whole schedule from measured per-stage throughput:
+    sum over stages of epochs x (train images / trainer img/s + val images / eval img/s)."""
+    from medattn.config import load_config
+
+    n_train, n_val = (int(x) for x in args.project.split(","))
+    cfg = load_config(args.config, list(args.overrides))
+    out = {"train_images": n_train, "val_images": n_val, "stages": {}}
+    for procs in sorted({r["processes"] for r in rows}):
+        total = 0.0
+        for stage, st in cfg.stages.items():
+            tr = [r for r in rows if r["stage"] == stage and r["mode"] == "trainer" and r["processes"] == procs]
+            ev = [r for r in rows if r["stage"] == stage and r["mode"] == "eval" and r["processes"] == procs]
+            if not tr:
+                continue
+            t = st.epochs * n_train / tr[0]["images_per_s"]
+            if ev:
+                t += st.epochs * n_val / ev[0]["images_per_s"]
+            out["stages"].setdefault(stage, {})[procs] = t
+            total += t
+        out[f"total_s_{procs}proc"] = total
+        print(f"projected schedule ({', '.join(f'{s}:{c.epochs}' for s, c in cfg.stages.items())} epochs, "
+              f"{n_train:,} train + {n_val:,} val images) with {procs} process(es): {total / 60:.1f} min")
+    return out

@@ -1,0 +1,111 @@
+"""Write a run as a plain sbatch script (no submitit needed on the cluster): srun starts one task
+per node, each runs torchrun with one worker per GPU (c10d rendezvous on the first node); all
+stages run in order in one job, which requeues itself on preemption or time-out
+(#SBATCH --requeue, --signal=B:USR2@S: the script traps USR2, has the trainer checkpoint,
+then runs scontrol requeue) and resumes where it stopped.
+
+  medattn sbatch --config agcnn_resnet50 --data /shared/prep --out /shared/runs/r50 \\
+      --nodes 2 --gpus-per-node 8 --cpus-per-task 8 --partition gpu --time 720 --output r50.sbatch
+  sbatch r50.sbatch
+
+Takes the same cluster flags and --profile as `medattn submit`, and checks them the same way
+when SLURM is reachable from here. Creates RUN/slurm (the job log folder) so the script can
+be submitted as is. Without --output the script is printed. See docs/slurm.md.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from jobs import cluster
+from jobs.submit import make_plan
+from medattn import __version__
+
+TEMPLATE = Path(__file__).with_name("templates") / "torchrun.sbatch"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="shipped config name (medattn configs) or a YAML path")
+    p.add_argument("--data", required=True, help="prepared directory on the shared filesystem")
+    p.add_argument("--out", required=True, help="run directory on the shared filesystem")
+    p.add_argument("--stages", help="comma-separated stages the job runs (default: all; done ones are skipped)")
+    cluster.add_cluster_arguments(p)
+    p.add_argument("--output", metavar="FILE", help="write the script here (default: print it)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+
+def _flag(name: str, value) -> str:
+    return f"#SBATCH --{name}" if value is True else f"#SBATCH --{name}={shlex.quote(str(value))}"
+
+
+def render(plan, stages_arg: str | None, script_name: str) -> str:
+    """The sbatch script text for a checked plan (see :func:`jobs.submit.make_plan`)."""
+    s = plan.spec
+    nproc = s.tasks
+    cpt = s.cpus_per_task or 1
+    lines = [
+        _flag("job-name", s.job_name or f"medattn-{plan.out.name}"),
+        _flag("nodes", s.nodes),
+        _flag("ntasks-per-node", 1),
+        _flag("cpus-per-task", nproc * cpt),  # the node's one task hosts torchrun and all its workers
+    ]
+    if s.gpus_per_node:
+        lines.append(_flag("gpus-per-node", s.gpus_per_node))
+    lines.append(_flag("time", cluster.default_time(s, plan.partition)))
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(s, key):
+            lines.append(_flag(key, getattr(s, key)))
+    if s.mem:
+        lines.append(_flag("mem", f"{int(s.mem)}G" if s.mem == int(s.mem) else f"{int(s.mem * 1024)}M"))
+    lines += [
+        _flag("output", f"{plan.log_dir}/sbatch-%j.out"),
+        _flag("open-mode", "append"),
+        _flag("requeue", True),
+        _flag("signal", f"B:USR2@{s.signal_delay}"),
+    ]
+    lines += [_flag(k, v) for k, v in s.sbatch.items()]
+    setup = [f"export {k}={shlex.quote(v)}" for k, v in s.env.items()] + list(s.setup)
+    targs = ["--config", plan.config, "--data", str(plan.data), "--out", str(plan.out)]
+    if stages_arg:
+        targs += ["--stages", stages_arg]
+    targs += plan.overrides
+    stages = plan.stages or []
+    what = (f"{plan.config} on {s.nodes} node(s) x {nproc} process(es)"
+            + (f" x {s.gpus_per_node} GPU(s)" if s.gpus_per_node else " (CPU, gloo)")
+            + (f"; stages {', '.join(stages)}" if stages else "; all stages done"))
+    values = {
+        "version": f"medattn {__version__}", "what": what, "script_name": script_name,
+        "log_dir": str(plan.log_dir), "out": str(plan.out), "out_q": shlex.quote(str(plan.out)),
+        "nproc": str(nproc), "signal_delay": str(s.signal_delay), "sbatch_lines": "\n".join(lines),
+        "setup_lines": "\n".join(setup) if setup else "# (no setup lines: --setup / profile setup)",
+        "max_requeues": str(s.max_timeouts), "omp_threads": str(cpt),
+        "python": s.python or shlex.quote(sys.executable),
+        "train_args": " ".join(shlex.quote(a) for a in targs),
+    }
+    text = TEMPLATE.read_text()
+    for k, v in values.items():
+        text = text.replace("{{" + k + "}}", v)
+    assert "{{" not in text, "unfilled template field"
+    return text
+
+
+def run(args: argparse.Namespace) -> int:
+    plan = make_plan(args, need_cluster=False)
+    name = args.output or "<this script>"
+    text = render(plan, args.stages, name)
+    plan.log_dir.mkdir(parents=True, exist_ok=True)  # #SBATCH --output needs it at submit time
+    if not plan.stages:
+        print(f"medattn: note: every selected stage of {plan.out} is done; the job would only check that",
+              file=sys.stderr)
+    if not args.output:
+        sys.stdout.write(text)
+        return 0
+    out = Path(args.output)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text)
+    tmp.chmod(0o755)
+    tmp.replace(out)
+    print(f"wrote {out}\nsubmit with: sbatch {out}\nlogs: {plan.log_dir}/sbatch-<job id>.out   run dir: {plan.out}")
+    return 0

@@ -1,0 +1,179 @@
+"""``medattn sweep --slurm``: the whole sweep as one SLURM allocation running a Ray cluster.
+
+The batch script (templates/sweep.sbatch, written to DIR/slurm/sweep.sbatch) starts Ray on
+every node of the allocation (templates/ray-node.sh via srun: the head on the first node, a
+worker on each other), runs the Tune driver on the first node against it, and stops Ray at the
+end. The experiment lives in DIR, on the shared filesystem, so submitting the same command
+again resumes it (the driver finds DIR/tune and restores it); the job also requeues itself on
+its time limit or on preemption (USR2 trap) and resumes the same way.
+
+Everything is checked before submitting: the search space and config (exactly as a local
+sweep: bad input fails here, before any job or trial starts), the cluster request (through
+``jobs.cluster``, shared with ``medattn submit``), shared paths, and that no job of this sweep
+is still queued or running.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from medattn import __version__
+from medattn.errors import ConfigError, MedattnError
+
+TEMPLATES = Path(__file__).with_name("templates")
+COMMENT = "medattn-sweep:"  # squeue comment that marks this sweep's jobs
+
+
+def _cluster():
+    try:
+        from jobs import cluster
+    except ImportError:
+        return None
+    return cluster
+
+
+def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
+    """``--slurm`` plus the SLURM flags of ``medattn submit`` (jobs.cluster), when installed."""
+    g = p.add_argument_group("SLURM (submit the sweep as one allocation that runs a Ray cluster)")
+    g.add_argument("--slurm", action="store_true", help="submit to SLURM instead of running here")
+    c = _cluster()
+    if c is not None and hasattr(c, "add_cluster_arguments"):
+        c.add_cluster_arguments(p)
+
+
+def _sweep_args(args: argparse.Namespace) -> list[str]:
+    """The sweep command line without --slurm and the cluster flags, with absolute paths."""
+    cfg = args.config
+    if Path(cfg).suffix in (".yaml", ".yml") or "/" in cfg:
+        cfg = str(Path(cfg).resolve())
+    out = ["--config", cfg, "--data", str(Path(args.data).resolve()), "--out", str(Path(args.out).resolve())]
+    for s in args.space:
+        out += ["--space", s]
+    opt = {"--num-samples": args.num_samples, "--search": args.search, "--scheduler": args.scheduler,
+           "--grace-period": args.grace_period, "--reduction-factor": args.reduction_factor,
+           "--max-concurrent": args.max_concurrent, "--gpus-per-trial": args.gpus_per_trial,
+           "--cpus-per-trial": args.cpus_per_trial, "--nproc-per-trial": args.nproc_per_trial,
+           "--max-failures": args.max_failures, "--seed": args.seed}
+    for k, v in opt.items():
+        if v is not None:
+            out += [k, str(v)]
+    for r in args.trial_resource:
+        out += ["--trial-resource", r]
+    if args.no_reuse:
+        out.append("--no-reuse")
+    if args.quiet:
+        out.append("--quiet")
+    return out + list(args.overrides)
+
+
+def _render(template: str, values: dict[str, str]) -> str:
+    text = (TEMPLATES / template).read_text()
+    for k, v in values.items():
+        text = text.replace("{{" + k + "}}", v)
+    if "{{" in text:
+        raise AssertionError(f"unfilled placeholder in {template}: {text[text.index('{{'):][:40]}")
+    return text
+
+
+def _flag(name: str, value) -> str:
+    return f"#SBATCH --{name}" if value is True else f"#SBATCH --{name}={shlex.quote(str(value))}"
+
+
+def render(args: argparse.Namespace, spec, partition, out: Path, num_samples: int) -> tuple[str, str]:
+    """(sweep.sbatch, ray-node.sh) texts for a checked request."""
+    from sweeps.launch import PACKAGE_ROOT
+
+    c = _cluster()
+    log_dir = out / "slurm"
+    python = spec.python or sys.executable
+    lines = [_flag("job-name", spec.job_name or f"medattn-sweep-{out.name}"), _flag("nodes", spec.nodes),
+             _flag("ntasks-per-node", 1), _flag("cpus-per-task", spec.cpus_per_task or 1)]
+    if spec.gpus_per_node:
+        lines.append(_flag("gpus-per-node", spec.gpus_per_node))
+    lines.append(_flag("time", c.default_time(spec, partition)))
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(spec, key, None):
+            lines.append(_flag(key, getattr(spec, key)))
+    if spec.mem:
+        lines.append(_flag("mem", f"{int(spec.mem)}G" if spec.mem == int(spec.mem) else f"{int(spec.mem * 1024)}M"))
+    lines += [_flag("output", f"{log_dir}/sweep-%j.out"), _flag("open-mode", "append"), _flag("requeue", True),
+              _flag("signal", f"B:USR2@{spec.signal_delay}"), _flag("comment", f"{COMMENT}{out}")]
+    lines += [_flag(k, v) for k, v in getattr(spec, "sbatch", {}).items()]
+    setup = [f"export {k}={shlex.quote(str(v))}" for k, v in getattr(spec, "env", {}).items()] + list(spec.setup)
+    what = (f"{num_samples} trial(s) of {args.config} on {spec.nodes} node(s)"
+            + (f" x {spec.gpus_per_node} GPU(s)" if spec.gpus_per_node else " (CPU)"))
+    node_script = log_dir / "ray-node.sh"
+    values = {
+        "version": f"medattn {__version__}", "what": what, "script_name": str(log_dir / "sweep.sbatch"),
+        "log_dir": str(log_dir), "out": str(out), "out_q": shlex.quote(str(out)), "python": shlex.quote(python),
+        "root_q": shlex.quote(str(PACKAGE_ROOT)), "signal_delay": str(spec.signal_delay),
+        "sbatch_lines": "\n".join(lines), "setup_lines": "\n".join(setup) or "# (no setup lines)",
+        "node_script_q": shlex.quote(str(node_script)), "gpus_per_node": str(spec.gpus_per_node or 0),
+        "sweep_args": " ".join(shlex.quote(a) for a in _sweep_args(args)),
+        "max_requeues": str(spec.max_timeouts),
+    }
+    return _render("sweep.sbatch", values), _render("ray-node.sh", values)
+
+
+def _active_jobs(out: Path) -> list[str]:
+    """Jobs of this sweep that SLURM still has queued or running."""
+    c = _cluster()
+    r = c.slurm_cmd(["squeue", "-h", "-o", "%i|%T|%k"], check=False)
+    jobs = []
+    for line in r.stdout.splitlines():
+        parts = line.strip().split("|", 2)
+        if len(parts) == 3 and parts[2] == f"{COMMENT}{out}":
+            jobs.append(f"{parts[0]} ({parts[1]})")
+    return jobs
+
+
+def submit(args: argparse.Namespace) -> int:
+    """Check everything, write DIR/slurm/sweep.sbatch and submit it; prints the job id."""
+    c = _cluster()
+    if c is None:
+        raise MedattnError("--slurm needs the SLURM launcher (jobs.cluster, `medattn submit`), which is not in "
+                           "this installation")
+    from sweeps.cli import check_spec, plan_sweep
+
+    plan, _cfg, sweep_spec = plan_sweep(args)  # space, config and data errors: before any job exists
+    if getattr(args, "tasks_per_node", None) not in (None, 1):
+        raise ConfigError("--tasks-per-node: a sweep runs one Ray node per SLURM node; use --nproc-per-trial "
+                          "for DDP inside a trial")
+    spec = c.resolve_spec(args)
+    spec.tasks_per_node = 1  # one task per node hosts Ray; --cpus-per-task is all Ray may use there
+    out = c.check_shared_path(args.out, "--out", spec.allow_local_dirs, must_exist=False)
+    c.check_shared_path(args.data, "--data", spec.allow_local_dirs, must_exist=True)
+    if args.address:
+        raise ConfigError("--address and --slurm: the job starts its own Ray cluster; leave --address out")
+    if args.gpus_per_trial > spec.gpus_per_node:
+        raise ConfigError(f"--gpus-per-trial {args.gpus_per_trial:g} but the job asks for "
+                          f"{spec.gpus_per_node} GPU(s) per node (--gpus-per-node)")
+    if args.cpus_per_trial > (spec.cpus_per_task or 1):
+        raise ConfigError(f"--cpus-per-trial {args.cpus_per_trial:g} but Ray gets {spec.cpus_per_task or 1} CPU(s) "
+                          f"per node (--cpus-per-task): no trial could start")
+    with c.clean_slurm_env():
+        partition = c.check_against_cluster(spec)
+        active = _active_jobs(out)
+        if active:
+            raise MedattnError(f"{out}: sweep job(s) {', '.join(active)} still queued or running; wait for them or "
+                               f"scancel them, then submit again to resume")
+        resumed = check_spec(out, sweep_spec)
+        script, node_script = render(args, spec, partition, out, plan.num_samples)
+        log_dir = out / "slurm"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        c.test_only(script, log_dir)
+        (log_dir / "ray-node.sh").write_text(node_script)
+        path = log_dir / "sweep.sbatch"
+        path.write_text(script)
+        r = c.slurm_cmd(["sbatch", "--parsable", str(path)])
+    job_id = r.stdout.strip().split(";")[0]
+    with open(log_dir / "jobs.jsonl", "a") as f:
+        f.write(json.dumps({"job_id": job_id, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "resume": resumed}) + "\n")
+    print(f"medattn sweep: submitted job {job_id} ({'resumes' if resumed else 'starts'} the sweep in {out}); "
+          f"log: {log_dir / f'sweep-{job_id}.out'}")
+    print(f"medattn sweep: follow it with: squeue -j {job_id}; tail -f {log_dir / f'sweep-{job_id}.out'}")
+    return 0
