@@ -384,7 +384,8 @@ def test_differentiable_loss_raises_r_over_cross_entropy_and_eval_reports_the_bi
                                f"gradcam_loss.lam={lam}", *FAST]) == 0
     r = {k: _val(v, "val/main/r") for k, v in runs.items()}
     mass = {k: _val(v, "val/main/cam_in_region") for k, v in runs.items()}
-    print(f"\nmean validation r: CE {np.mean(r['ce']):.3f} {r['ce']}, differentiable {np.mean(r['diff']):.3f} {r['diff']}")
+    print(f"\nmean validation r: CE {np.mean(r['ce']):.3f} {r['ce']}, "
+          f"differentiable {np.mean(r['diff']):.3f} {r['diff']}")
     print(f"map share in the region: CE {np.mean(mass['ce']):.3f}, differentiable {np.mean(mass['diff']):.3f}")
     assert np.mean(r["diff"]) >= 0.9 and np.mean(r["diff"]) > np.mean(r["ce"]) + 0.3
     assert np.mean(mass["diff"]) > np.mean(mass["ce"])

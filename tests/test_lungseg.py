@@ -3,7 +3,6 @@ to the loader's views, Dice/IoU by hand, training through the runtime, and `prep
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

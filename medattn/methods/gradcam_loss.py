@@ -14,9 +14,12 @@ Variants (``gradcam_loss.variant``):
   current weights (pytorch-grad-cam switches its model copy to eval), turned into a constant,
   and r is a hard count. The attention term therefore carries no gradient: the parameter
   gradient is exactly lam * grad(CE) (tested in tests/test_gradcam_loss.py).
-* ``differentiable`` (medattn's own): the map comes from the training forward pass itself,
-  with ``create_graph=True`` (a double backward), and r is the soft count
-  mean_{p in R} sigmoid((CAM(p) - thresh) / T); the term moves the network's attention.
+* ``differentiable`` (medattn's own): the map is built with ``create_graph=True`` (a double
+  backward) and r is the soft count mean_{p in R} sigmoid((CAM(p) - thresh) / T); the term moves
+  the network's attention. ``gradcam_loss.cam_mode=eval`` (default) differentiates the map of
+  the network in evaluation mode, the map that is scored at test time (one extra forward; two
+  forward graphs are alive until the backward); ``train`` uses the training forward itself
+  (cheaper, but training-mode BatchNorm couples the samples of the batch).
 
 Grad-CAM is batched on the device (medattn.gradcam): no model copy, no per-sample loop, no
 per-batch segmentation — the lung boxes were computed once by ``medattn prepare``.
@@ -83,7 +86,8 @@ class GradCAMLossMethod(ClassifierMethod):
                               "flip of the view, not rotated)")
         self.codes = torch.tensor([REGION_CODE[g.regions.get(n, "none")] for n in self.spec.label_names])
         if not bool((self.codes > 0).any()) and (g.lam < 1.0 or g.adaptive):
-            raise ConfigError(f"gradcam_loss.regions: none of the dataset's classes ({', '.join(self.spec.label_names)}) "
+            names = ", ".join(self.spec.label_names)
+            raise ConfigError(f"gradcam_loss.regions: none of the dataset's classes ({names}) "
                               "has a region, so the attention term would always be 0; map a class to "
                               "lower|upper|outside|lung (e.g. gradcam_loss.regions.Effusion=lower) or set lam=1")
         self.current_lam = self.lam(0)
@@ -137,7 +141,8 @@ class GradCAMLossMethod(ClassifierMethod):
         return lung_box_in_view(batch["lung_box"], batch.get("window"), batch.get("flip"))
 
     @staticmethod
-    def _per_image(ratios: list[tuple[torch.Tensor, torch.Tensor]], n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _per_image(ratios: list[tuple[torch.Tensor, torch.Tensor]], n: int, device
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean of (1 - r) over each image's regions, and how many regions it has."""
         att = torch.zeros(n, device=device)
         cnt = torch.zeros(n, device=device)
