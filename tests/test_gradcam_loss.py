@@ -289,6 +289,20 @@ def test_task_subsets_follow_the_published_recipe_patient_disjoint():
     assert json.loads(out) == select_task(e, "nf_effusion_pneumothorax", 7).to_dict()
 
 
+def test_task_sizes_on_the_real_metadata(shared_nih):
+    """On the real v2020 metadata the Effusion task has the published size (791 per class in val
+    and test, from the released log), from all 3,955 single-label Effusion images."""
+    from medattn.data._source_tasks import select_task
+    from medattn.data.nih import load_nih
+
+    e = load_nih(shared_nih).entries.reset_index(drop=True)
+    labels = dict(zip(e["image"], e["labels"]))
+    split = select_task(e, "nf_effusion", 0)
+    n = pd.crosstab(split.to_numpy(), [labels[i][0] for i in split.index])
+    assert (n["Effusion"] == n["No Finding"]).all() and n["Effusion"].sum() == 3955
+    assert abs(n.loc["val", "Effusion"] - 791) <= 20 and abs(n.loc["test", "Effusion"] - 791) <= 20
+
+
 HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
           "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
 

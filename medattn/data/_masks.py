@@ -84,33 +84,45 @@ def write_mask_store(out: Path, mask_paths: list[str | None], images: list[str],
     if not any(p is not None for p in mask_paths):
         return None
     width = math.ceil(size / 8)
-    packed = np.zeros((n, size, width), np.uint8)
+    (out / "masks").mkdir(exist_ok=True)
+    tmp = out / (MASK_FILE + ".partial")
+    # Written through a memory map: the packed masks of a large set need not fit in memory.
+    packed = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, size, width))
     known = np.zeros(n, bool)
     tasks = [(size, [(i, mask_paths[i]) for i in range(a, min(n, a + _CHUNK))]) for a in range(0, n, _CHUNK)]
     workers = max(1, min(workers, len(tasks)))
+    pool = None
     if workers > 1:
         ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-        with ctx.Pool(workers) as pool:
-            results = list(pool.imap(_work, tasks))
-    else:
-        results = [_work(t) for t in tasks]
-    for got, err in results:
-        if err is not None:
-            path, msg = err.split("\t", 1)
-            i = mask_paths.index(path)
-            raise DataError(path, f"lung mask of image {images[i]}: {msg}")
-        for i, bits in got:
-            if bits is not None:
-                packed[i] = bits
-                known[i] = True
-    (out / "masks").mkdir(exist_ok=True)
-    for rel, arr in ((MASK_FILE, packed), (KNOWN_FILE, known)):
-        tmp = out / (rel + ".partial")
-        with open(tmp, "wb") as f:
-            np.save(f, arr)
-            f.flush()
+        pool = ctx.Pool(workers)
+    try:
+        results = pool.imap(_work, tasks) if pool is not None else map(_work, tasks)
+        for got, err in results:
+            if err is not None:
+                path, msg = err.split("\t", 1)
+                i = mask_paths.index(path)
+                raise DataError(path, f"lung mask of image {images[i]}: {msg}")
+            for i, bits in got:
+                if bits is not None:
+                    packed[i] = bits
+                    known[i] = True
+        packed.flush()
+        del packed
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, out / rel)
+        os.replace(tmp, out / MASK_FILE)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        if tmp.exists():
+            tmp.unlink()
+    ktmp = out / (KNOWN_FILE + ".partial")
+    with open(ktmp, "wb") as f:
+        np.save(f, known)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(ktmp, out / KNOWN_FILE)
     return {"path": MASK_FILE, "known": KNOWN_FILE, "size": size, "count": int(known.sum()),
             "packing": "np.packbits(axis=-1)"}
 
