@@ -380,8 +380,18 @@ def train_stage(ctx: Ctx, stage: str, previous: list[str]) -> int:
         and st.select_metric.count("/") == 1 else st.select_metric
     fault_after = int(os.environ.get("MEDATTN_FAULT_AFTER_STEPS", "0") or 0)  # tests: hard kill
 
+    # Running sums of the epoch in progress, so a mid-epoch resume logs the whole epoch's means.
+    partial: dict[str, Any] = {"sums": {}, "n_steps": 0, "images": 0, "time": 0.0}
+    resumed_partial = state.get("partial_epoch") if state is not None and step > 0 else None
+
     def save_last(e: int, s: int) -> None:
         rng = distributed.all_gather_object(distributed.rng_state())
+        part = None
+        if s > 0:  # mid-epoch: keep what this epoch has accumulated (means over ranks)
+            keys = sorted(partial["sums"])
+            vals = distributed.all_reduce_sum([float(partial["sums"][k]) for k in keys], device)
+            part = {"sums": {k: v / world.world_size for k, v in zip(keys, vals)}, "n_steps": partial["n_steps"],
+                    "images": partial["images"], "time": partial["time"] + time.time() - partial["t0"]}
         if world.is_primary:
             atomic_torch_save({
                 "version": 1, "stage": stage, "model": model.state_dict(),
@@ -389,7 +399,7 @@ def train_stage(ctx: Ctx, stage: str, previous: list[str]) -> int:
                 "scaler": scaler.state_dict(), "method": method.extra_state(),
                 "epoch": e, "step": s, "global_step": global_step, "best": best, "best_epoch": best_epoch,
                 "bad_epochs": bad_epochs, "rng": dict(enumerate(rng)), "world_size": world.world_size,
-                "config": cfg.to_dict(),
+                "config": cfg.to_dict(), "partial_epoch": part,
             }, last_path)
         distributed.barrier()
 
@@ -405,9 +415,14 @@ def train_stage(ctx: Ctx, stage: str, previous: list[str]) -> int:
             step_module.epoch = epoch
         logger.start_epoch(stage, epoch, st.epochs, plan.steps_per_epoch, step)
         t0 = time.time()
-        sums: dict[str, float] = {}
-        n_steps = 0
-        images = 0
+        sums: dict[str, Any] = {}
+        n_steps, images, time_before = 0, 0, 0.0
+        if resumed_partial:
+            sums = {k: torch.tensor(v, device=device) for k, v in resumed_partial["sums"].items()}
+            n_steps, images, time_before = (resumed_partial["n_steps"], resumed_partial["images"],
+                                            resumed_partial["time"])
+            resumed_partial = None
+        partial.update(sums=sums, n_steps=n_steps, images=images, time=time_before, t0=t0)
         for batch in loader.epoch(epoch, step):
             lr = sched.apply(optimizer, epoch, step)
             loss, logs = optimizer_step(step_module, batch, optimizer, scaler, params, st.grad_clip, device,
@@ -419,6 +434,7 @@ def train_stage(ctx: Ctx, stage: str, previous: list[str]) -> int:
             # Accumulate on the device: a float() here would wait for the GPU every step.
             for k, v in logs.items():
                 sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
+            partial.update(sums=sums, n_steps=n_steps, images=images)
             sync_now = step % check_every == 0 or step == plan.steps_per_epoch
             if sync_now or logger.wants_scalars(step):
                 scalars = {k: float(v) / n_steps for k, v in sums.items()}
@@ -441,7 +457,7 @@ def train_stage(ctx: Ctx, stage: str, previous: list[str]) -> int:
                 logger.end_epoch(f"stopped by signal {STOP.signum} at step {step}; checkpoint saved")
                 logger.info(f"[{stage}] checkpoint {last_path}; rerun the same command to resume")
                 return EXIT_CHECKPOINTED
-        train_time = time.time() - t0
+        train_time = time.time() - t0 + time_before
         sums = {k: float(v) for k, v in sums.items()}
         # Per-rank sums -> means over all ranks (each rank saw its slice of every global batch).
         if world.distributed and sums:

@@ -8,9 +8,9 @@ The stop/requeue protocol (docs/slurm.md, "Requeue design"):
    a reference to that handler, then lets the trainer replace it: with
    ``MEDATTN_STOP_SIGNALS=USR2`` the trainer's handler only sets ``hpc.train.STOP``.
 2. SLURM sends USR2 to every task ``signal_delay`` seconds before the time limit, or when the
-   job is preempted. Each rank sets its flag; after every step all ranks agree (an all-reduce
-   of the flag), so they stop after the *same* step even if the signal reached them at
-   different moments, or only some of them.
+   job is preempted. Each rank sets its flag; every few steps (the same steps on every rank)
+   all ranks agree (an all-reduce of the flag), so they stop after the *same* step even if
+   the signal reached them at different moments, or only some of them.
 3. The trainer saves ``RUN/ckpt/<stage>/last.pt`` (rank 0 writes, every rank waits at a
    barrier until it is renamed into place) and returns ``EXIT_CHECKPOINTED``.
 4. Only then does rank 0 call submitit's handler: it calls :meth:`StageRunner.checkpoint`
@@ -57,17 +57,17 @@ class StageRunner(submitit.helpers.Checkpointable):
         self.attempt = 0  # incremented by checkpoint(): how many times this job was requeued
 
     def __call__(self) -> dict[str, Any]:
-        from hpc import train as train_mod
-        from hpc.checkpoint import RunDir
-
         # submitit's USR2 handler (a SignalHandler method), installed before this call.
         requeue_handler = signal.getsignal(signal.SIGUSR2)
         # The trainer turns USR2 into its STOP flag; SIGTERM stays with submitit, which logs and
         # ignores it (SLURM sends TERM on scancel and before a preemption kill: a cancelled job
         # must not requeue itself).
         os.environ["MEDATTN_STOP_SIGNALS"] = "USR2"
-        if self.hide_gpus:
+        if self.hide_gpus:  # before torch looks at CUDA
             os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        from hpc import train as train_mod
+        from hpc.checkpoint import RunDir
+
         if "OMP_NUM_THREADS" not in os.environ:
             import torch
 
@@ -89,8 +89,10 @@ class StageRunner(submitit.helpers.Checkpointable):
         if not isinstance(owner, submitit.core.job_environment.SignalHandler):
             raise RuntimeError("the trainer checkpointed on USR2 but this task was not started by submitit on "
                                "SLURM, so nothing can requeue it: submit again to resume")
-        # The requeue terminates this job step: die on its SIGTERM instead of idling until SIGKILL.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if rank != 0:
+            # The requeue terminates this job step: die on its SIGTERM instead of idling until
+            # SIGKILL. Rank 0 keeps ignoring it, logs the requeue and exits by itself.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
         print(f"medattn: rank {rank}: checkpoint complete on every rank; "
               + ("requeueing the job" if rank == 0 else "rank 0 requeues the job"), flush=True)
         handler(signal.SIGUSR2, None)  # rank 0: checkpoint() + scontrol requeue + exit; others: return

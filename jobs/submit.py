@@ -128,7 +128,9 @@ def make_plan(args: argparse.Namespace, *, need_cluster: bool) -> Plan:
         if bs % spec.world_size:
             raise ConfigError(f"stages.{s}.batch_size {bs} is not divisible by the {spec.world_size} processes "
                               f"({spec.nodes} node(s) x {spec.tasks} task(s)); the global batch is split evenly")
-    return Plan(spec, args.config, list(args.overrides), out, data, todo, done, part)
+    # a config given as a file must be found from the compute nodes' working directory too
+    config = str(Path(args.config).absolute()) if Path(args.config).is_file() else args.config
+    return Plan(spec, config, list(args.overrides), out, data, todo, done, part)
 
 
 def train_args(plan: Plan, stages: list[str]) -> list[str]:

@@ -132,10 +132,10 @@ class RequeueNudger:
                 jid, reason, start = (line.split("|") + ["", ""])[:3]
                 if reason != "BeginTime":
                     continue
-                try:
+                try:  # the begin time while it is ahead, "N/A" once it has passed
                     due = datetime.fromisoformat(start) <= datetime.now()
                 except ValueError:
-                    continue
+                    due = start == "N/A"
                 if due:
                     subprocess.run(["scontrol", "update", f"jobid={jid}", "StartTime=now"], capture_output=True)
                     self.nudged.append(jid)

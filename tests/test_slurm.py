@@ -1,8 +1,10 @@
 """`medattn submit` and `medattn sbatch` on a real two-node SLURM cluster (scripts/slurm-local.sh:
 slurmctld + slurmd n1, n2 on this host, munge): a stage chain on 2 nodes x 1 task (gloo),
-equal to one process; a preempted job that checkpoints, requeues and resumes on every rank;
-a generated sbatch script that requeues itself and completes; wrong settings refused at submit
-time with nothing left queued; a failing job reported by --wait.
+equal to one process; a job preempted by a higher-priority partition that checkpoints,
+requeues and resumes on every rank;
+a generated sbatch script that requeues itself and completes; time-outs counted against
+--max-timeouts, with the failure reported by --wait; wrong settings refused at submit time
+with nothing left queued.
 
 Skipped when slurm-wlm/munge are not installed or not root (`make system-deps`).
 """
@@ -13,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -140,21 +141,27 @@ def test_two_nodes_match_one_process(chain, prep, tmp_path):
 
 
 def test_preempted_job_checkpoints_requeues_and_resumes_on_every_rank(chain, prep, tmp_path):
-    """USR2 in the middle of the global stage (SIGTERM first, as submitit's job._interrupt()
-    sends): both ranks stop after the same step, rank 0 requeues, the job resumes from the
-    checkpoint and ends with exactly the weights of the uninterrupted chain's global stage."""
+    """A real preemption in the middle of the global stage: a job in the higher-priority
+    partition "urgent" needs both nodes, so SLURM sends the running job USR2
+    (preempt_send_user_signal). Both ranks stop after the same step, rank 0 checkpoints and
+    requeues, the urgent job runs, and the job resumes on both nodes and ends with exactly the
+    weights of the uninterrupted chain's global stage. A SIGTERM before it (scancel sends one;
+    so does submitit's job._interrupt()) must change nothing."""
     ref_run, _ = chain
     run = tmp_path / "run"
     r = medattn("submit", *TWO_NODES, "--config", "demo", "--data", prep, "--out", run, "--stages", "global", *BASE)
     assert r.returncode == 0, r.stderr
     (jid,) = job_ids(r.stdout)
     wait_for_line(run / "slurm" / f"{jid}_0_log.out", SIGNAL_AT)
-    subprocess.run(["scancel", "--signal=TERM", jid], check=True)  # must be ignored
-    subprocess.run(["scancel", "--signal=USR2", jid], check=True)
+    subprocess.run(["scancel", "--signal=TERM", jid], check=True)  # logged and ignored
     t0 = time.time()
-    assert wait_jobs([jid], timeout=240)[jid] == "COMPLETED"
-    print(f"signal -> requeue -> completed: {time.time() - t0:.1f} s")
+    urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-N", "2", "--ntasks-per-node=2", "-o", "/dev/null",
+                             "--wrap", "true"], env=env(), capture_output=True, text=True, check=True).stdout.strip()
+    states = wait_jobs([jid, urgent], timeout=240)
+    print(f"preemption -> requeue -> completed: {time.time() - t0:.1f} s")
+    assert states == {jid: "COMPLETED", urgent: "COMPLETED"}
     assert job_info(jid)["Restarts"] == "1"
+    assert job_info(urgent)["StartTime"] < job_info(jid)["StartTime"]  # it ran while ours waited
     log0, log1 = ((run / "slurm" / f"{jid}_{t}_log.out").read_text() + (run / "slurm" / f"{jid}_{t}_log.err").read_text()
                   for t in (0, 1))
     assert "Bypassing signal SIGTERM" in log0 and "Bypassing signal SIGTERM" in log1
@@ -162,7 +169,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_on_every_rank(chain, pre
     step = int(stop.split(";")[0])
     epoch = int(log0.split(" stopped by signal")[0].rsplit("epoch ", 1)[1].split("/")[0])
     assert f"resuming at epoch {epoch} step {step} " in log0
-    assert "Requeued job" in log0 and "this job is preempted" in log0
+    assert "this job is preempted" in log0 and "Requeued job" in log0
     assert "checkpoint complete on every rank" in log1 and "attempt 2" in log1  # rank 1 came back too
     got = _stage_of_records(run, "global")
     assert [x["epoch"] for x in got] == [1, 2, 3]  # no epoch twice, none missing
@@ -196,21 +203,45 @@ def test_sbatch_script_requeues_itself_and_completes(chain, prep, tmp_path):
     _assert_same_weights(run / "ckpt" / "global" / "last.pt", ref_run / "ckpt" / "global" / "last.pt")
 
 
-def test_wait_reports_a_failed_job_and_its_chain(cluster, prep, tmp_path):
-    """A job that fails at run time (a pixel shard is missing): --wait exits 1 with the log's
-    tail, and the dependent job is cancelled by SLURM instead of pending forever."""
-    bad = tmp_path / "prep"
-    shutil.copytree(prep, bad)
-    shard = sorted((bad / "shards").glob("*.npy"))[0]
-    shard.unlink()
+def test_time_outs_requeue_until_max_timeouts_then_wait_reports_the_failure(chain, prep, tmp_path):
+    """submitit counts a USR2 as a time-out when the job has used most of its time (with
+    --time 1, always). --max-timeouts 1: the first time-out requeues the job, the second ends
+    it; --wait reports the failure with the log's tail, and SLURM cancels the dependent job
+    instead of leaving it pending. The checkpoint survives: resubmitting finishes the stage
+    with the weights of the uninterrupted run."""
+    ref_run, _ = chain
     run = tmp_path / "run"
-    r = medattn("submit", "--profile", "local", "--config", "demo", "--data", bad, "--out", run,
-                "--stages", "global,local", "--wait", "--poll", "1", *BASE)
-    assert r.returncode == 1, r.stdout + r.stderr
-    g, loc = job_ids(r.stdout)[:2]
-    assert f"global (job {g}): FAILED" in r.stdout and f"local (job {loc}): CANCELLED" in r.stdout
-    assert "last lines of" in r.stdout and shard.name in r.stdout
-    assert not queued(f"medattn:{run}")
+    cmd = [sys.executable, "-m", "medattn", "submit", *TWO_NODES, "--time", "1", "--signal-delay", "1",
+           "--max-timeouts", "1", "--config", "demo", "--data", str(prep), "--out", str(run),
+           "--stages", "global,local", "--wait", "--poll", "1", *BASE]
+    waiter = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        log = run / "slurm"
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(log.glob("*_0_log.out")):
+            time.sleep(0.2)
+        jid = sorted(log.glob("*_0_log.out"))[0].name.split("_")[0]
+        wait_for_line(log / f"{jid}_0_log.out", SIGNAL_AT)
+        subprocess.run(["scancel", "--signal=USR2", jid], check=True)  # time-out 1: requeued
+        wait_for_line(log / f"{jid}_0_log.out", "resuming at epoch")
+        subprocess.run(["scancel", "--signal=USR2", jid], check=True)  # time-out 2: the end
+        out, err = waiter.communicate(timeout=240)
+    finally:
+        waiter.kill()
+    assert waiter.returncode == 1, out + err
+    g, loc = job_ids(out)[:2]
+    assert f"global (job {g}): FAILED" in out and f"local (job {loc}): CANCELLED" in out
+    assert "last lines of" in out and "Job not requeued because: timed-out too many times" in out
+    text = (log / f"{g}_0_log.out").read_text()
+    assert text.count("this job is timed-out") == 2 and "Requeued job" in text and "(0 remaining timeouts)" in text
+    assert job_info(g)["Restarts"] == "1" and not queued(f"medattn:{run}")
+    # the second time-out still left a complete checkpoint: a resubmit finishes the stage
+    r = medattn("submit", *TWO_NODES, "--config", "demo", "--data", prep, "--out", run, "--stages", "global",
+                "--wait", "--poll", "1", *BASE)
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = _stage_of_records(run, "global")
+    assert [x["epoch"] for x in got] == [1, 2, 3]
+    _assert_same_weights(run / "ckpt" / "global" / "last.pt", ref_run / "ckpt" / "global" / "last.pt")
 
 
 def _submit_in_process(capsys, *args):
