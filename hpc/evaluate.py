@@ -7,7 +7,10 @@ accuracy as in Wang et al. 2017), and per-image predictions.
 
 Writes RUN/eval/metrics.json and RUN/eval/preds.csv (for --split test; other splits go to
 RUN/eval_<split>/). preds.csv has one row per image and branch: the image id, the branch, one
-probability column per label (p_<label>) and the ground truth (y_<label>).
+probability column per label (p_<label>) and the ground truth (y_<label>). Two-class single-label
+runs also get seed 002's table (AUC, Youden threshold, sensitivity, specificity) under "binary";
+methods with per-image scores (lung Dice/IoU, the Grad-CAM region ratio r) get their means under
+"per_image" and one row per image in per_image.csv.
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ import numpy as np
 
 from hpc import distributed
 from hpc.checkpoint import RunDir, atomic_write_text, load as load_ckpt
-from hpc.evaluation import classification_metrics, localization_metrics, run_inference
+from hpc.evaluation import (binary_metrics, classification_metrics, extras_means, localization_metrics,
+                            run_inference)
 from medattn.config import load_saved_config
 from medattn.errors import DataError, MedattnError
 
@@ -151,6 +155,13 @@ def summarize(preds, ds, spec, cfg, split: str, stage: str, ckpt: str, bootstrap
     loc = localization_metrics(preds, ds)
     if loc is not None:
         result["localization"] = loc
+    binary = binary_metrics(preds, spec, ds.targets())
+    if binary is not None:
+        result["binary"] = binary
+    if preds.extras:
+        result["per_image"] = {
+            name: {"mean": mean, "n": int(np.isfinite(np.asarray(preds.extras[name], np.float64)).sum())}
+            for name, mean in extras_means(preds).items()}
     return result
 
 
@@ -161,6 +172,11 @@ def write_outputs(out: Path, result: dict[str, Any], preds, ds, spec) -> None:
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=2, default=_json_default))
     labels = ds.labels_matrix()[preds.index]
     images = ds.manifest["image"].to_numpy()[preds.index]
+    if preds.extras:
+        edf = pd.DataFrame({"image": images, **{k: np.asarray(v) for k, v in preds.extras.items()}})
+        tmp = out / ".per_image.csv.tmp"
+        edf.to_csv(tmp, index=False, float_format="%.6g")
+        tmp.replace(out / "per_image.csv")
     frames = []
     for branch, p in preds.probs.items():
         df = pd.DataFrame({"image": images, "branch": branch})
@@ -169,9 +185,10 @@ def write_outputs(out: Path, result: dict[str, Any], preds, ds, spec) -> None:
         for j, name in enumerate(spec.label_names):
             df[f"y_{name}"] = labels[:, j].astype(np.int8)
         frames.append(df)
-    tmp = out / ".preds.csv.tmp"
-    pd.concat(frames, ignore_index=True).to_csv(tmp, index=False, float_format="%.6g")
-    tmp.replace(out / "preds.csv")
+    if frames:  # a segmentation run has per-image scores but no class probabilities
+        tmp = out / ".preds.csv.tmp"
+        pd.concat(frames, ignore_index=True).to_csv(tmp, index=False, float_format="%.6g")
+        tmp.replace(out / "preds.csv")
     if preds.boxes is not None:
         bdf = pd.DataFrame({"image": images, "x0": preds.boxes[:, 0], "y0": preds.boxes[:, 1],
                             "x1": preds.boxes[:, 2], "y1": preds.boxes[:, 3]})
@@ -207,13 +224,26 @@ def _fmt(v) -> str:
 
 
 def print_summary(result: dict[str, Any], out: Path) -> None:
-    print(f"\nAUROC on the {result['split']} split ({result['n_images']} images, split '{result['split_kind']}', "
-          f"stage {result['stage']}):\n")
-    print(auroc_table(result))
+    if result["auroc"]:
+        print(f"\nAUROC on the {result['split']} split ({result['n_images']} images, split '{result['split_kind']}', "
+              f"stage {result['stage']}):\n")
+        print(auroc_table(result))
+    binary = result.get("binary")
+    if binary:
+        for branch, rep in binary.items():
+            if branch == "positive_class":
+                continue
+            y = rep.get("at_youden") or {}
+            print(f"\n{branch}: {binary['positive_class']} vs rest: AUC {_fmt(rep['auroc'])}, Youden threshold "
+                  f"{_fmt(y.get('threshold'))}: sensitivity {_fmt(y.get('sensitivity'))}, specificity "
+                  f"{_fmt(y.get('specificity'))}, accuracy {_fmt(y.get('accuracy'))}")
+    for name, e in (result.get("per_image") or {}).items():
+        print(f"\nmean {name} over {e['n']} images of the {result['split']} split: {_fmt(e['mean'])}")
     loc = result.get("localization")
     if loc:
         acc = loc["overall"]["acc_iobb"]
         print(f"\nlocalisation ({loc['n_boxes']} boxes on {loc['n_images']} images): mean IoU "
               f"{loc['overall']['iou_mean']:.3f}, mean IoBB {loc['overall']['iobb_mean']:.3f}, "
               + ", ".join(f"T(IoBB)>{t}: {acc[t]:.3f}" for t in ("0.1", "0.25", "0.5") if t in acc))
-    print(f"\nwrote {out / 'metrics.json'}, {out / 'preds.csv'}")
+    written = [out / "metrics.json"] + [out / n for n in ("preds.csv", "per_image.csv") if (out / n).is_file()]
+    print(f"\nwrote {', '.join(map(str, written))}")

@@ -41,7 +41,7 @@ def run_inference(method: Method, model: torch.nn.Module, loader, stage: str, de
     """Predict on this rank's share; returns the gathered Predictions on rank 0, None elsewhere."""
     was_training = model.training
     model.eval()
-    idx_l, probs_l, boxes_l = [], {}, []
+    idx_l, probs_l, boxes_l, extras_l = [], {}, [], {}
     for k, batch in enumerate(loader):
         if max_batches is not None and k >= max_batches:
             break
@@ -55,11 +55,14 @@ def run_inference(method: Method, model: torch.nn.Module, loader, stage: str, de
             probs_l.setdefault(b, []).append(p[valid].float().cpu().numpy())
         if out.get("boxes") is not None:
             boxes_l.append(out["boxes"][valid].float().cpu().numpy())
+        for name, v in (out.get("extras") or {}).items():
+            extras_l.setdefault(name, []).append(v[valid].float().cpu().numpy())
     model.train(was_training)
     local = {
         "index": np.concatenate(idx_l) if idx_l else np.zeros(0, np.int64),
         "probs": {b: np.concatenate(v) for b, v in probs_l.items()},
         "boxes": np.concatenate(boxes_l) if boxes_l else None,
+        "extras": {k: np.concatenate(v) for k, v in extras_l.items()},
     }
     parts = distributed.all_gather_object(local)
     if not distributed.current().is_primary:
@@ -74,7 +77,21 @@ def run_inference(method: Method, model: torch.nn.Module, loader, stage: str, de
     boxes = None
     if parts[0]["boxes"] is not None:
         boxes = np.concatenate([p["boxes"] for p in parts])[order]
-    return Predictions(index, probs, boxes)
+    extras = {k: np.concatenate([p["extras"][k] for p in parts])[order] for k in parts[0]["extras"]}
+    return Predictions(index, probs, boxes, extras)
+
+
+def extras_means(pred: Predictions | None) -> dict[str, float | None]:
+    """Mean of each per-image extra (``predict(...)["extras"]``) over the images where it is
+    defined (NaN = not defined for that image, e.g. no target region); None if none is."""
+    if pred is None:
+        return {}
+    out: dict[str, float | None] = {}
+    for name, v in pred.extras.items():
+        v = np.asarray(v, dtype=np.float64)
+        ok = np.isfinite(v)
+        out[name] = float(v[ok].mean()) if ok.any() else None
+    return out
 
 
 def classification_metrics(pred: Predictions, labels: np.ndarray, spec: DataSpec,
@@ -103,7 +120,41 @@ def classification_metrics(pred: Predictions, labels: np.ndarray, spec: DataSpec
         entry["mean"] = M.mean_auroc(per, list(spec.eval_labels))
         if spec.task == "singlelabel" and targets is not None:
             entry["accuracy"] = float((p.argmax(1) == targets[pred.index]).mean())
+        entry["loss"] = probability_loss(p, y, spec, None if targets is None else targets[pred.index])
         out[branch] = entry
+    return out
+
+
+def probability_loss(p: np.ndarray, y: np.ndarray, spec: DataSpec, targets: np.ndarray | None = None) -> float:
+    """The validation loss from predicted probabilities (``val/loss``).
+
+    Single-label: cross-entropy of the target class, -mean log p[target]. Multi-label: binary
+    cross-entropy averaged over the evaluated labels (``spec.eval_labels``) and images.
+    Probabilities are clipped to [1e-7, 1 - 1e-7].
+    """
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    if len(p) == 0:
+        return float("nan")
+    if spec.task == "singlelabel" and targets is not None and (targets >= 0).all():
+        return float(-np.log(p[np.arange(len(p)), targets]).mean())
+    cols = spec.eval_indices
+    pe, ye = p[:, cols], np.asarray(y, dtype=np.float64)[:, cols]
+    return float(-(ye * np.log(pe) + (1 - ye) * np.log(1 - pe)).mean())
+
+
+def binary_metrics(pred: Predictions, spec: DataSpec, targets: np.ndarray) -> dict[str, Any] | None:
+    """Seed 002's binary-task table for a 2-class single-label run, per branch: AUC of the
+    positive class's probability, the Youden-optimal threshold with its sensitivity and
+    specificity, and the operating point at 0.5 (:func:`medattn.metrics.binary_report`).
+    None for any other task."""
+    from medattn import metrics as M
+
+    if spec.task != "singlelabel" or spec.num_classes != 2:
+        return None
+    t = targets[pred.index]
+    out: dict[str, Any] = {"positive_class": spec.label_names[1]}
+    for branch, p in pred.probs.items():
+        out[branch] = M.binary_report(p[:, 1], t == 1)
     return out
 
 

@@ -31,7 +31,7 @@ import torch
 
 from hpc import distributed
 from hpc.checkpoint import RunDir, atomic_torch_save, atomic_write_text, load as load_ckpt
-from hpc.evaluation import autocast_ctx, classification_metrics, run_inference
+from hpc.evaluation import autocast_ctx, classification_metrics, extras_means, run_inference
 from hpc.loader import EvalLoader, TrainLoader, TrainPlan
 from hpc.runlog import RunLogger, setup_logging
 from hpc.schedule import LRSchedule, build_optimizer
@@ -272,7 +272,7 @@ def _loader_batch(stage_cfg, world: distributed.World) -> int:
 def _eval_loader(ctx: Ctx, stage: str, split: str) -> EvalLoader:
     st = ctx.cfg.stages[stage]
     per_rank = max(1, (st.eval_batch_size or st.batch_size) // ctx.world.world_size)
-    idx = ctx.ds.indices(split)
+    idx = ctx.method.stage_indices(ctx.ds, stage, split, ctx.ds.indices(split))
     if ctx.cfg.data.max_samples:
         idx = idx[: ctx.cfg.data.max_samples]
     return EvalLoader(ctx.ds, ctx.cfg.data, idx, per_rank, ctx.world.rank, ctx.world.world_size, ctx.device,
@@ -337,7 +337,7 @@ def train_stage(ctx: Ctx, stage: str, previous: list[str]) -> int:
             method.load_extra_state(src.get("method", {}))
             logger.info(f"[{stage}] initialised from {init}")
 
-    train_idx = ctx.ds.indices(cfg.data.train_split)
+    train_idx = method.stage_indices(ctx.ds, stage, cfg.data.train_split, ctx.ds.indices(cfg.data.train_split))
     if cfg.data.max_samples:
         train_idx = train_idx[: cfg.data.max_samples]
     try:
@@ -476,8 +476,14 @@ def train_stage(ctx: Ctx, stage: str, previous: list[str]) -> int:
                     val_metrics[f"val/{branch}/mean_auroc"] = entry["mean"]
                     if "accuracy" in entry:
                         val_metrics[f"val/{branch}/accuracy"] = entry["accuracy"]
+                    if "loss" in entry:
+                        val_metrics[f"val/{branch}/loss"] = entry["loss"]
                     for name in ctx.spec.eval_labels:
                         val_metrics[f"val/{branch}/auroc/{name}"] = entry[name]
+                # Per-image quantities a method reports besides probabilities (lung Dice,
+                # Grad-CAM region ratio), averaged over the images that have them.
+                for name, value in extras_means(preds).items():
+                    val_metrics[f"val/{sel_branch}/{name}"] = value
             val_metrics = distributed.broadcast_object(val_metrics)
         metric = _metric_value(val_metrics, sel_key) if val_metrics else None
         sched.end_epoch(metric)

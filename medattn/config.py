@@ -182,8 +182,14 @@ class GradCAMLossConfig:
     layer: str = ""  # "" = the backbone's default Grad-CAM layer
     target: str = "label"  # label | predicted (the published code scores the predicted class)
     soft_temperature: float = 0.05
+    # class name -> region of the lung box: lower | upper | outside | lung | none
     regions: dict[str, str] = field(default_factory=lambda: {
         "Effusion": "lower", "Pneumothorax": "upper", "Subcutaneous_Emphysema": "outside"})
+    eval_ratio: bool = True  # also compute r (hard) on validation/eval images: val/<branch>/r
+    # The network state the map is computed in: eval (as pytorch-grad-cam, which switches the
+    # model to eval mode; one extra forward) or train (the training forward itself; cheaper,
+    # but BatchNorm batch statistics couple the samples and differ from test time).
+    cam_mode: str = "eval"
 
 
 @dataclass
@@ -198,13 +204,27 @@ class LKAConfig:
     """VGG16-BN + large-kernel attention (seed 004), methods.md section 004."""
 
     blocks: list[int] = field(default_factory=lambda: [3, 4, 5])
-    dropout: float = 0.5
+    dropout: float = 0.5  # head dropout (GAP -> dropout -> Linear)
+    # Stages that train and validate on abnormal images only (seed 004's stage 1 drops "No
+    # Finding" rows); the patient split is the prepared one for every stage.
+    abnormal_only_stages: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LungSegConfig:
+    """Lung segmentation (image/mask pairs) for seed 002's lung boxes."""
+
+    arch: str = "unet"  # unet | fcn_resnet50 | deeplabv3_resnet50 | deeplabv3_mobilenet_v3_large | lraspp_mobilenet_v3_large
+    base_width: int = 64  # unet: channels of the first level (64 = Ronneberger et al.)
+    depth: int = 4  # unet: number of down-sampling steps
+    loss: str = "bce_dice"  # bce | dice | bce_dice
+    threshold: float = 0.5  # probability threshold of the predicted mask
 
 
 @dataclass
 class Config:
     name: str = ""
-    method: str = "agcnn"  # agcnn | dualattendmed | gradcam_loss | vgg_lka | classifier
+    method: str = "agcnn"  # agcnn | dualattendmed | gradcam_loss | vgg_lka | classifier | lungseg
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -216,6 +236,7 @@ class Config:
     gradcam_loss: GradCAMLossConfig = field(default_factory=GradCAMLossConfig)
     focal: FocalConfig = field(default_factory=FocalConfig)
     lka: LKAConfig = field(default_factory=LKAConfig)
+    lungseg: LungSegConfig = field(default_factory=LungSegConfig)
 
     def stage_names(self) -> list[str]:
         return list(self.stages)
@@ -549,6 +570,10 @@ _CHOICES = {
     "dualattendmed.task": ("auto", "multilabel", "singlelabel"),
     "gradcam_loss.variant": ("published", "differentiable"),
     "gradcam_loss.target": ("label", "predicted"),
+    "gradcam_loss.cam_mode": ("eval", "train"),
+    "lungseg.arch": ("unet", "fcn_resnet50", "deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large",
+                     "lraspp_mobilenet_v3_large"),
+    "lungseg.loss": ("bce", "dice", "bce_dice"),
 }
 _STAGE_CHOICES = {
     "optimizer.name": ("sgd", "adam", "adamw"),

@@ -22,7 +22,8 @@ def one_thread():
 K = 5  # classes
 SIZE = 64  # input pixels: small enough to keep the registry-wide test fast
 
-EXPECTED_FEATURES = {"resnet18": 512, "resnet50": 2048, "resnet152": 2048, "densenet121": 1024, "vgg16_bn": 512}
+EXPECTED_FEATURES = {"resnet18": 512, "resnet50": 2048, "resnet152": 2048, "densenet121": 1024, "vgg16_bn": 512,
+                     "vgg16_bn_lka": 512}
 
 
 def test_registry_lists_the_backbones():

@@ -21,7 +21,6 @@ Layout (DualAttendMed README, ``datasets/mydataset.py``)::
 """
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 from typing import Any
@@ -180,23 +179,3 @@ def _carve_val(rows: list[dict[str, Any]], index: dict[str, int], frac: float, s
         split[i] = "val"
     return split
 
-
-def run_csv(args: argparse.Namespace) -> int:
-    """``medattn prepare --layout csv``: the csv source table, written by the common prepare."""
-    from medattn.data.prepare import prepare_source
-
-    for flag, attr in (("--masks", "masks"), ("--task", "task"), ("--lung-model", "lung_model")):
-        if getattr(args, attr, None) is not None:
-            raise ConfigError(f"{flag} does not apply to --layout csv (fundus photos: no lung masks or NIH subsets)")
-    if getattr(args, "split", None) not in (None, "official"):  # (None: not given, where the default is None)
-        raise ConfigError("--split does not apply to --layout csv: test is test.csv and validation a seeded "
-                          "--val-fraction of train.csv")
-    table = csv_table(args.nih_root, split_seed=args.split_seed, val_fraction=args.val_fraction,
-                      allow_missing=args.allow_missing)
-    res = prepare_source(table, args.out, size=args.size, workers=args.workers, pixel_format=args.pixel_format,
-                         jpeg_quality=args.jpeg_quality, png_level=args.png_level, shard_size=args.shard_size,
-                         progress=False if args.no_progress else None)
-    if res.already_complete:
-        print(f"{res.out} is already prepared with these settings; nothing to do")
-    print(res)
-    return 0

@@ -94,3 +94,95 @@ def write_fake_prepared(root: Path, n: int = 96, size: int = 64, seed: int = 0, 
     }
     (root / "dataset.json").write_text(json.dumps(info, indent=1))
     return root
+
+
+# ---------------------------------------------------------------------------------------------
+# Chest-like images with lung masks (seed 002's tasks, lung segmentation)
+# ---------------------------------------------------------------------------------------------
+CHEST_FINDINGS = ("No Finding", "Effusion", "Pneumothorax")
+
+
+def draw_chest(rng: np.random.Generator, size: int, finding: str = "No Finding", marker: bool = False
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """One chest-like gray image and its lung mask.
+
+    Two dark elliptical lungs (jittered in place and size) in a brighter body on noise. Effusion
+    fills the bottom of one lung with bright fluid (the lower half of the lung box);
+    pneumothorax darkens the top of one lung behind a bright pleural line (the upper half).
+    ``marker`` adds a bright square in the top-left corner, outside the lungs: a shortcut a
+    classifier can use instead of the lesion (a "hospital tag" confounder).
+
+    Returns:
+        (S, S) uint8 image and (S, S) bool lung mask.
+    """
+    s = size
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float64) / s
+    img = 150 + 30 * (yy - 0.5) + rng.normal(0, 8, (s, s))
+    body = ((xx - 0.5) / 0.46) ** 2 + ((yy - 0.55) / 0.5) ** 2 <= 1
+    img[~body] = 40 + rng.normal(0, 5, (~body).sum())
+    mask = np.zeros((s, s), bool)
+    lungs = []
+    for side in (-1, 1):
+        cx = 0.5 + side * rng.uniform(0.16, 0.2)
+        cy = rng.uniform(0.46, 0.52)
+        rx, ry = rng.uniform(0.11, 0.14), rng.uniform(0.24, 0.3)
+        lung = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1
+        mask |= lung
+        lungs.append((lung, cy, ry))
+    img[mask] = 70 + rng.normal(0, 8, mask.sum())
+    if finding != "No Finding":
+        lung, cy, ry = lungs[int(rng.integers(0, 2))]
+        if finding == "Effusion":
+            level = cy + ry * rng.uniform(0.35, 0.55)  # fluid below this row
+            fl = lung & (yy >= level)
+            img[fl] = rng.uniform(105, 150) + rng.normal(0, 8, fl.sum())
+        elif finding == "Pneumothorax":
+            level = cy - ry * rng.uniform(0.4, 0.55)
+            pt = lung & (yy <= level)
+            img[pt] = 15 + rng.normal(0, 4, pt.sum())
+            edge = lung & (np.abs(yy - level) <= 1.5 / s)
+            img[edge] = 210
+        else:
+            raise ValueError(f"draw_chest: unknown finding {finding!r} (have {CHEST_FINDINGS})")
+    if marker:
+        m = max(3, s // 8)
+        img[2:2 + m, 2:2 + m] = 245
+    return np.clip(img, 0, 255).astype(np.uint8), mask
+
+
+def write_fake_chest_folder(root: Path, *, classes: tuple[str, ...] = ("No Finding", "Effusion"),
+                            counts: dict[str, int] | None = None, size: int = 64, seed: int = 0,
+                            marker: float = 0.0, folder_names: dict[str, str] | None = None) -> Path:
+    """Write chest-like PNGs in seed 002's class-folder layout plus their lung masks.
+
+    ``root/images/{train,val,test}/<folder>/<id>.png`` (one image per patient, NIH-style ids
+    ``PPPPPPPP_000.png``) and ``root/masks/<id>.png`` (255 = lung). ``medattn prepare --layout
+    imagefolder --root ROOT/images --masks ROOT/masks`` reads it.
+
+    Args:
+        classes: findings (:data:`CHEST_FINDINGS`), in class order.
+        counts: images per class and split (default train 24, val 8, test 8).
+        size: image side in pixels.
+        seed: generator seed.
+        marker: probability that an image of a *disease* class carries the corner marker.
+        folder_names: class -> folder name (default: the seed's ``0NoFinding``, ``1Effusion``, ...).
+    """
+    from PIL import Image
+
+    counts = counts or {"train": 24, "val": 8, "test": 8}
+    folder_names = folder_names or {c: f"{i}{c.replace(' ', '')}" for i, c in enumerate(classes)}
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    patient = 0
+    for split in ("train", "val", "test"):
+        for c in classes:
+            d = root / "images" / split / folder_names[c]
+            d.mkdir(parents=True, exist_ok=True)
+            for _ in range(counts[split]):
+                patient += 1
+                name = f"{patient:08d}_000.png"
+                img, mask = draw_chest(rng, size, c, marker=c != "No Finding" and rng.random() < marker)
+                Image.fromarray(img).save(d / name)
+                Image.fromarray(mask.astype(np.uint8) * 255).save(root / "masks" / name)
+    return root

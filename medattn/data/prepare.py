@@ -12,6 +12,8 @@ examples:
   medattn prepare --nih-root /data/nih --out /data/prep
   medattn prepare --nih-root /data/nih --out /data/prep256 --size 256 --split chexnet --workers 16
   medattn prepare --nih-root /data/nih-partial --out /tmp/prep --allow-missing
+  medattn prepare --nih-root /data/nih --task nf_effusion --out /data/prep-ne --lung-model runs/lungseg
+  medattn prepare --layout imagefolder --root /data/nofind_effusion --out /data/prep-ne --masks /data/masks
   medattn prepare --layout csv --root /data/aptos --out /data/prep-aptos --size 256
 """
 from __future__ import annotations
@@ -37,6 +39,7 @@ from medattn.data._images import PIXEL_FORMATS, RESIZE_FILTER
 from medattn.data._shards import (PARTIAL_DIR, SHARD_DIR, PartialState, SampleRecord, ShardWriter,
                                   atomic_write_bytes, atomic_write_json, default_shard_size,
                                   remove_stale_partials, shard_name)
+from medattn.data._masks import write_mask_store
 from medattn.data._sources import SourceTable, nih_table
 
 FORMAT_VERSION = 1
@@ -90,7 +93,8 @@ def prepare(nih_root: str | Path, out: str | Path, *, size: int = DEFAULT_SIZE, 
             pixel_format: str = DEFAULT_FORMAT, jpeg_quality: int = DEFAULT_JPEG_QUALITY,
             png_level: int = DEFAULT_PNG_LEVEL, shard_size: int | None = None,
             limit: int | None = None, require_splits: bool = True, progress: bool | None = None,
-            on_shard_done: Callable[[int], None] | None = None) -> PrepareResult:
+            on_shard_done: Callable[[int], None] | None = None, layout: str = "nih",
+            task: str | None = None, lung_model: str | Path | None = None) -> PrepareResult:
     """Prepare an NIH ChestX-ray14 root into ``out`` (see the module docstring).
 
     Args:
@@ -112,17 +116,49 @@ def prepare(nih_root: str | Path, out: str | Path, *, size: int = DEFAULT_SIZE, 
         require_splits: fail when a split ends up empty.
         progress: tqdm bar (True), log lines (False), or by whether stderr is a terminal (None).
         on_shard_done: called with the shard index after each shard is durable (tests).
+        layout: ``nih`` (an NIH root), ``imagefolder`` (``train|val|test/<class>/*.png``;
+            ``nih_root`` is that folder; single-label, the folders are the split) or ``csv``
+            (DualAttendMed's ``train.csv``/``test.csv`` + ``*_images/``; see
+            :mod:`medattn.data._source_csv`; ``split`` is ignored, ``val_fraction`` carves validation).
+        task: a seed-002 subset of an NIH root: ``nf_effusion``, ``nf_pneumothorax`` or
+            ``nf_effusion_pneumothorax`` (its own patient split, seeded by ``split_seed``).
+        lung_model: a trained ``lungseg`` run directory or checkpoint: its predicted lung box
+            of every image is stored in the manifest (run once, after the pixels are written).
 
     With more than one worker this starts processes (forkserver/spawn), so a script that calls
     it must do so under ``if __name__ == "__main__":``, as for any multiprocessing code.
     ``workers=1`` decodes in the calling process.
     """
     _check_options(size, pixel_format, jpeg_quality, png_level, shard_size, workers)
-    table = nih_table(nih_root, split=split, split_seed=split_seed, val_fraction=val_fraction,
-                      allow_missing=allow_missing, masks=masks, limit=limit)
+    if layout == "csv":
+        from medattn.errors import ConfigError
+
+        for flag, value in (("--task", task), ("--masks", masks), ("--lung-model", lung_model)):
+            if value is not None:
+                raise ConfigError(f"{flag} does not apply to --layout csv (fundus photos: no lung masks or NIH subsets)")
+        from medattn.data._source_csv import csv_table
+
+        table = csv_table(nih_root, split_seed=split_seed, val_fraction=val_fraction, allow_missing=allow_missing,
+                          limit=limit)
+    elif layout == "imagefolder":
+        if task is not None:
+            from medattn.errors import ConfigError
+
+            raise ConfigError("--task builds a subset of an NIH root; it does not apply to --layout imagefolder")
+        from medattn.data._source_imagefolder import imagefolder_table
+
+        table = imagefolder_table(nih_root, masks=masks)
+    elif task is not None:
+        from medattn.data._source_tasks import task_table
+
+        table = task_table(nih_root, task, split_seed=split_seed, allow_missing=allow_missing, masks=masks)
+    else:
+        table = nih_table(nih_root, split=split, split_seed=split_seed, val_fraction=val_fraction,
+                          allow_missing=allow_missing, masks=masks, limit=limit)
     return prepare_source(table, out, size=size, workers=workers, pixel_format=pixel_format,
                           jpeg_quality=jpeg_quality, png_level=png_level, shard_size=shard_size,
-                          require_splits=require_splits, progress=progress, on_shard_done=on_shard_done)
+                          require_splits=require_splits, progress=progress, on_shard_done=on_shard_done,
+                          lung_model=lung_model)
 
 
 def prepare_source(table: SourceTable, out: str | Path, *, size: int = DEFAULT_SIZE,
@@ -130,7 +166,8 @@ def prepare_source(table: SourceTable, out: str | Path, *, size: int = DEFAULT_S
                    jpeg_quality: int = DEFAULT_JPEG_QUALITY, png_level: int = DEFAULT_PNG_LEVEL,
                    shard_size: int | None = None, require_splits: bool = True,
                    progress: bool | None = None,
-                   on_shard_done: Callable[[int], None] | None = None) -> PrepareResult:
+                   on_shard_done: Callable[[int], None] | None = None,
+                   lung_model: str | Path | None = None) -> PrepareResult:
     """Write any :class:`SourceTable` as a prepared directory (the layout-independent part).
 
     Args: as :func:`prepare`; ``table`` says which images, labels and splits to store.
@@ -141,6 +178,12 @@ def prepare_source(table: SourceTable, out: str | Path, *, size: int = DEFAULT_S
     channels = table.channels
     shard_size = int(shard_size or default_shard_size(size, channels))
     settings = _settings(table, size, pixel_format, jpeg_quality, png_level, shard_size)
+    lung_ckpt = None
+    if lung_model is not None:
+        from medattn.methods.lungseg import resolve_checkpoint
+
+        lung_ckpt = resolve_checkpoint(lung_model)
+        settings["lung_model"] = {"checkpoint": str(lung_ckpt), "sha256": _file_sha256(lung_ckpt)}
 
     done = _open_out(out, settings)
     if done is not None:
@@ -181,7 +224,24 @@ def prepare_source(table: SourceTable, out: str | Path, *, size: int = DEFAULT_S
             if on_shard_done is not None:
                 on_shard_done(k)
 
-    info = _finish(table, out, settings, finished, n_shards, size, pixel_format)
+    extra_info: dict[str, Any] = {}
+    # Lung masks as pixels (lung segmentation trains and is scored on them), then the lung
+    # boxes a trained segmentation model predicts; both before the manifest and dataset.json.
+    mask_entry = write_mask_store(out, _opt_str(table.records["mask_path"]), table.records["image"].tolist(),
+                                  size, _resolve_workers(workers))
+    if mask_entry is not None:
+        extra_info["lung_masks"] = mask_entry
+    lung_override = None
+    if lung_ckpt is not None:
+        from medattn.methods.lungseg import predict_lung_boxes
+
+        reader = _shard_reader(out, finished, n_shards, size, channels, pixel_format)
+        _log(f"predicting lung boxes with {lung_ckpt} ({n} images)")
+        lung_override = predict_lung_boxes(reader.read_batch, n, lung_ckpt)
+        extra_info["lung_boxes_from"] = {"kind": "model", **settings["lung_model"]}
+    elif mask_entry is not None or table.has_masks:
+        extra_info["lung_boxes_from"] = {"kind": "masks", "dir": table.settings.get("masks")}
+    info = _finish(table, out, settings, finished, n_shards, size, pixel_format, lung_override, extra_info)
     secs = time.perf_counter() - t0
     cpu = time.process_time() - cpu0 + stats.get("worker_cpu_s", 0.0)
     return _result(out, info, resumed_shards=resumed, processed=n_todo, seconds=secs, cpu_seconds=cpu)
@@ -190,16 +250,25 @@ def prepare_source(table: SourceTable, out: str | Path, *, size: int = DEFAULT_S
 # ====================================================================== CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nih-root", "--root", dest="nih_root", required=True, metavar="DIR",
-                   help="dataset root. --layout nih: NIH ChestX-ray14 root: metadata CSV, split lists, box "
-                        "list and the images (images/*.png, images_0NN/images/*.png or *.png); "
-                        "--layout csv: train.csv, test.csv, train_images/, test_images/")
-    p.add_argument("--layout", choices=("nih", "csv"), default="nih",
-                   help="nih (default) or csv (filename,label CSVs of single-label datasets such as "
-                        "APTOS/DDR/Messidor-2; RGB kept; val carved from train.csv by --val-fraction)")
+                   help="NIH ChestX-ray14 root: metadata CSV, split lists, box list and the images "
+                        "(images/*.png, images_0NN/images/*.png or *.png); with --layout imagefolder, "
+                        "the folder holding train/, val/ and test/; with --layout csv, the folder holding "
+                        "train.csv, test.csv, train_images/ and test_images/")
+    p.add_argument("--layout", choices=("nih", "imagefolder", "csv"), default="nih",
+                   help="nih (default); imagefolder: train|val|test/<class>/*.png, single-label, class "
+                        "order = sorted folder names (as torchvision's ImageFolder); csv: DualAttendMed's "
+                        "filename,label CSVs (APTOS/DDR/Messidor-2), single-label, RGB kept, val = a seeded "
+                        "--val-fraction (default 0.1) of each class of train.csv")
+    p.add_argument("--task", choices=("nf_effusion", "nf_pneumothorax", "nf_effusion_pneumothorax"), default=None,
+                   help="seed 002's single-label subsets of an NIH root: No Finding vs Effusion / Pneumothorax / "
+                        "both, No Finding sampled 1:1 from other patients, patient split 60/20/20 seeded by "
+                        "--split-seed")
+    p.add_argument("--lung-model", default=None, metavar="RUN",
+                   help="a trained lungseg run (or its checkpoint): store its predicted lung box per image")
     p.add_argument("--out", required=True, metavar="PREP", help="prepared directory to write")
     p.add_argument("--size", type=int, default=DEFAULT_SIZE, metavar="S",
                    help=f"output side in pixels (default {DEFAULT_SIZE})")
-    p.add_argument("--split", choices=("official", "chexnet", "random"), default="official",
+    p.add_argument("--split", choices=("official", "chexnet", "random"), default=None,
                    help="official lists (+ val carved by patient), CheXNet 70/10/20 files, or a "
                         "seeded random patient split (default official)")
     p.add_argument("--split-seed", type=int, default=0, metavar="K", help="split seed (default 0)")
@@ -225,11 +294,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "layout", "nih") == "csv":
-        from medattn.data._source_csv import run_csv
+    from medattn.errors import ConfigError
 
-        return run_csv(args)
-    res = prepare(args.nih_root, args.out, size=args.size, split=args.split, split_seed=args.split_seed,
+    if args.split is not None and (args.layout in ("imagefolder", "csv") or args.task):
+        raise ConfigError("--split does not apply to " + {
+            "imagefolder": "--layout imagefolder (the folders are the split)",
+            "csv": "--layout csv (test is test.csv, validation a seeded --val-fraction of train.csv)"}.get(
+                args.layout, "--task (it makes its own patient split)"))
+    if args.val_fraction is not None and (args.layout == "imagefolder" or args.task):
+        raise ConfigError("--val-fraction does not apply to --layout imagefolder or --task")
+    res = prepare(args.nih_root, args.out, size=args.size, split=args.split or "official",
+                  split_seed=args.split_seed, layout=args.layout, task=args.task, lung_model=args.lung_model,
                   val_fraction=args.val_fraction, workers=args.workers, allow_missing=args.allow_missing,
                   masks=args.masks, pixel_format=args.pixel_format, jpeg_quality=args.jpeg_quality,
                   png_level=args.png_level, shard_size=args.shard_size,
@@ -478,7 +553,7 @@ def _write_shards(table: SourceTable, out: Path, pending: list[int], shard_size:
 
 # ---------------------------------------------------------------- manifest and dataset.json
 def _manifest_table(table: SourceTable, finished: dict[int, tuple[dict[str, Any], list[SampleRecord]]],
-                    n_shards: int):
+                    n_shards: int, lung_override: list[list[float] | None] | None = None):
     import pyarrow as pa
 
     recs = table.records
@@ -499,6 +574,8 @@ def _manifest_table(table: SourceTable, finished: dict[int, tuple[dict[str, Any]
             i += 1
     if i != n:
         raise RuntimeError(f"shards hold {i} samples, the table has {n}")
+    if lung_override is not None:
+        lung = list(lung_override)
 
     box_type = pa.struct([("label", pa.string()), ("x", pa.float64()), ("y", pa.float64()),
                           ("w", pa.float64()), ("h", pa.float64())])
@@ -529,7 +606,8 @@ def _manifest_table(table: SourceTable, finished: dict[int, tuple[dict[str, Any]
 
 def _finish(table: SourceTable, out: Path, settings: dict[str, Any],
             finished: dict[int, tuple[dict[str, Any], list[SampleRecord]]], n_shards: int, size: int,
-            pixel_format: str) -> dict[str, Any]:
+            pixel_format: str, lung_override: list[list[float] | None] | None = None,
+            extra_info: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write manifest.parquet (tmp + rename), then dataset.json (last), then drop .partial."""
     import io
 
@@ -537,7 +615,7 @@ def _finish(table: SourceTable, out: Path, settings: dict[str, Any],
 
     from medattn import __version__
 
-    tbl, conv, lung = _manifest_table(table, finished, n_shards)
+    tbl, conv, lung = _manifest_table(table, finished, n_shards, lung_override)
     buf = io.BytesIO()
     pq.write_table(tbl, buf, compression="zstd")
     atomic_write_bytes(out / "manifest.parquet", buf.getvalue())
@@ -567,10 +645,33 @@ def _finish(table: SourceTable, out: Path, settings: dict[str, Any],
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "medattn_version": __version__,
         "prepare_settings": settings,
+        **(extra_info or {}),
     }
     atomic_write_json(out / "dataset.json", info)
     PartialState(out).remove()
     return info
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _shard_reader(out: Path, finished: dict[int, tuple[dict[str, Any], list[SampleRecord]]], n_shards: int,
+                  size: int, channels: int, pixel_format: str):
+    """A PreparedDataset over the finished shards, before the manifest exists (for the lung model)."""
+    from medattn.data.prepared import PreparedDataset
+
+    rows = [(k, r.slot, r.offset, r.nbytes) for k in range(n_shards) for r in finished[k][1]]
+    man = pd.DataFrame(rows, columns=["shard", "slot", "offset", "nbytes"])
+    info = {"shards": [finished[k][0] for k in range(n_shards)], "pixel_format": pixel_format,
+            "image_size": size, "channels": channels}
+    return PreparedDataset(root=out, info=info, manifest=man)
 
 
 def _result(out: Path, info: dict[str, Any], **kw: Any) -> PrepareResult:

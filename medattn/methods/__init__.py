@@ -14,7 +14,8 @@ METHODS: dict[str, str] = {
     "classifier": "medattn.methods.classifier:ClassifierMethod",
     "dualattendmed": "medattn.methods.dualattendmed:DualAttendMedMethod",
     "gradcam_loss": "medattn.methods.gradcam_loss:GradCAMLossMethod",
-    "vgg_lka": "medattn.methods.classifier:ClassifierMethod",
+    "lungseg": "medattn.methods.lungseg:LungSegMethod",
+    "vgg_lka": "medattn.methods.vgg_lka:VGGLKAMethod",
 }
 
 

@@ -39,6 +39,7 @@ class DataSpec:
     prepared_size: int
     mean: tuple[float, ...] = (0.449,)
     std: tuple[float, ...] = (0.226,)
+    root: str = ""  # the prepared directory (methods that read extra stores, e.g. lung masks)
 
     @property
     def num_classes(self) -> int:
@@ -54,7 +55,7 @@ class DataSpec:
 
         v = ViewSpec.from_config(cfg.data, ds.image_size, ds.channels, train=False)
         return cls(tuple(ds.label_names), tuple(ds.eval_labels), ds.task, ds.channels, ds.image_size,
-                   tuple(v.mean), tuple(v.std))
+                   tuple(v.mean), tuple(v.std), str(getattr(ds, "root", "")))
 
 
 class Method:
@@ -132,6 +133,14 @@ class Method:
 
     def needs_hires(self, stage: str) -> bool:
         return False
+
+    def stage_indices(self, ds, stage: str, split: str, indices):
+        """The samples of ``split`` that ``stage`` trains or validates on (default: all of them).
+
+        A method may train a stage on a subset of the prepared split (seed 004's stage 1 uses
+        abnormal images only); the patient split itself is never changed here.
+        """
+        return indices
 
     def start_epoch_hook(self, model: nn.Module, stage: str, epoch: int) -> None:
         """Called on every rank before each training epoch (e.g. adaptive loss weights)."""

@@ -2,13 +2,14 @@
 
     >>> from medattn.models import create_model, list_models
     >>> list_models()
-    ['densenet121', 'resnet152', 'resnet18', 'resnet50', 'vgg16_bn']
+    ['densenet121', 'resnet152', 'resnet18', 'resnet50', 'vgg16_bn', 'vgg16_bn_lka']
     >>> model = create_model("resnet50", num_classes=15, in_chans=1, weights="imagenet")  # doctest: +SKIP
 
 ``weights="imagenet"`` reads torchvision's file from the local cache and never downloads
 (``medattn weights fetch resnet50`` on a machine with internet; see :mod:`medattn.models.weights`).
 """
 from medattn.models import backbones  # noqa: F401  (registers the built-in backbones)
+from medattn.models import lka  # noqa: F401  (registers vgg16_bn_lka)
 from medattn.models.agcnn import AGCNN, build_agcnn
 from medattn.models.base import ClassifierModel, GlobalPool2d
 from medattn.models.registry import create_model, is_model, list_models, register_model

@@ -218,7 +218,8 @@ def load_weights(model: nn.Module, weights: str, *, arch: str | None = None) -> 
     Raises:
         ConfigError: missing file, or keys/shapes that do not match (the message lists them).
     """
-    arch = arch or getattr(model, "arch", "")
+    # A model built on another's trunk (vgg16_bn_lka) names the architecture whose file it loads.
+    arch = arch or getattr(model, "imagenet_arch", None) or getattr(model, "arch", "")
     in_chans = getattr(model, "in_chans", 3)
     if weights in VARIANTS:
         path = find_imagenet(arch, weights)
