@@ -225,10 +225,15 @@ def test_two_node_sweep_asha_shared_global_and_resume_after_driver_kill(cluster,
         cfg = load_config(d / "config.yaml")
         row = df.set_index("trial_id").loc[t]
         assert cfg.agcnn.tau == pytest.approx(row["tau"]) and cfg.focal.gamma == row["gamma"]
-        if row["state"] == "stopped":
+        ledger = json.loads((d / "sweep_trial.json").read_text())
+        if row["state"] == "stopped" and "trainer_exit" in ledger:
             # ASHA's stop reached the trainer as SIGTERM: it checkpointed and exited 3
-            assert json.loads((d / "sweep_trial.json").read_text())["trainer_exit"] == 3
+            assert ledger["trainer_exit"] == 3
             assert "stopped by signal 15" in log_text
+        elif row["state"] == "stopped":
+            # ASHA stopped it in the instant before the driver was killed, so the trainer went
+            # down with the driver before its exit was recorded; the resumed sweep kept the stop
+            assert d in training and d.name in asha_stops and launches(d) == 1
     assert trainers_of(out) == []
 
     # best.yaml: the completed trial with the highest validation mean AUROC, ready to train
