@@ -101,13 +101,17 @@ def _lung_soft(anat, X, Y, e, side=None):
 
 
 def _nodule(cv, anat, les, rng):
-    r = les["r"]
-    win = cv.window(les["x"] - r, les["x"] + r, les["y"] - r, les["y"] + r)
-    X, Y = cv.xy(win)
-    d2 = ((X - les["x"]) ** 2 + (Y - les["y"]) ** 2) / (r * r)
-    a = les["dens"] * np.clip(1.0 - d2, 0.0, 1.0) ** 0.3
-    # calcified (granuloma-like): brighter than soft tissue, which also sets it apart from a mass
-    return [(win, a, "calcified")], _box_of(win, d2 < 1.0, cv.R)
+    layers, boxes = [], []
+    for sp in les["spots"]:
+        r = sp["r"]
+        win = cv.window(sp["x"] - r, sp["x"] + r, sp["y"] - r, sp["y"] + r)
+        X, Y = cv.xy(win)
+        d2 = ((X - sp["x"]) ** 2 + (Y - sp["y"]) ** 2) / (r * r)
+        a = les["dens"] * np.clip(1.0 - d2, 0.0, 1.0) ** 0.3
+        # calcified (granuloma-like): brighter than soft tissue, which also sets it apart from a mass
+        layers.append((win, a, "calcified"))
+        boxes.append(_box_of(win, d2 < 1.0, cv.R))
+    return layers, boxes
 
 
 def _mass(cv, anat, les, rng):
@@ -135,6 +139,15 @@ def _cardiomegaly(cv, anat, les, rng):
 
 
 def _effusion(cv, anat, les, rng):
+    layers, boxes = [], []
+    for part in les["sides"]:
+        lay, box = _effusion_side(cv, anat, dict(part, dens=les["dens"]))
+        layers.extend(lay)
+        boxes.append(box)
+    return layers, boxes
+
+
+def _effusion_side(cv, anat, les):
     g = lung_geometry(anat, les["side"])
     top = g["cp"] - les["h"] - les["men"] - 0.02
     win = cv.window(min(g["lateral"], g["medial"]), max(g["lateral"], g["medial"]), top, g["cp"] + 0.02)
@@ -225,9 +238,14 @@ def _pneumonia(cv, anat, les, rng):
     X, Y = cv.xy(win)
     d = np.sqrt(((X - les["x"]) / (les["r"] * les["ecc"])) ** 2 + ((Y - les["y"]) * les["ecc"] / les["r"]) ** 2)
     n = smooth_noise(rng, X.shape[0], X.shape[1], 0.03 * cv.R)
-    env = np.clip((1.12 - d + 0.08 * n) / 0.4, 0.0, 1.0)
-    a = les["dens"] * env * (0.88 + 0.12 * n) * _lung_soft(anat, X, Y, cv.e)
-    a = np.clip(a, 0.0, 1.0)
+    env = np.clip((1.12 - d + 0.15 * n) / 0.4, 0.0, 1.0)
+    # air bronchograms: dark tubes running out from the hilum through the opacity
+    hx, hy = hilum(anat, les["side"])
+    dx, dy = X - hx, Y - hy
+    tubes = np.clip(1.0 - np.abs(np.cos(les["m"] * np.arctan2(dy, dx) + 8.0 * np.sqrt(dx * dx + dy * dy) + les["ph"])) / 0.3,
+                    0.0, 1.0)
+    a = les["dens"] * env * (0.9 + 0.1 * n) * (1.0 - 0.6 * tubes * np.clip((0.85 - d) / 0.3, 0.0, 1.0))
+    a = np.clip(a * _lung_soft(anat, X, Y, cv.e), 0.0, 1.0)
     return [(win, a, "opaque")], _box_of(win, a > 0.35 * les["dens"], cv.R)
 
 
@@ -284,7 +302,7 @@ def _fibrosis(cv, anat, les, rng):
         yd = Y / sp + 0.35 * smooth_noise(rng, h, w, cell)
         gx = np.abs(np.sin(np.pi * xd))
         gy = np.abs(np.sin(np.pi * yd))
-        lines = np.clip(1.0 - np.minimum(gx, gy) / 0.45, 0.0, 1.0)
+        lines = np.clip(1.0 - np.minimum(gx, gy) / 0.6, 0.0, 1.0)
         ld = lung_dist(anat, side, X, Y)
         periph = np.clip(1.15 - ld / 0.08, 0.45, 1.0)
         a = les["dens"] * lines * periph * _soft(ld, cv.e) * _soft(Y - les["y0"], 0.05)
@@ -293,6 +311,15 @@ def _fibrosis(cv, anat, les, rng):
 
 
 def _pleural_thickening(cv, anat, les, rng):
+    layers, boxes = [], []
+    for band in les["bands"]:
+        lay, box = _pleural_band(cv, anat, dict(band, dens=les["dens"]))
+        layers.extend(lay)
+        boxes.append(box)
+    return layers, boxes
+
+
+def _pleural_band(cv, anat, les):
     side = les["side"]
     g = lung_geometry(anat, side)
     x0, x1 = min(g["lateral"], g["medial"]), max(g["lateral"], g["medial"])
@@ -446,7 +473,7 @@ def _crop(region: np.ndarray, rwin: tuple[slice, slice], win: tuple[slice, slice
     return out
 
 
-def render(job: dict) -> tuple[np.ndarray, np.ndarray, dict[str, tuple[float, float, float, float]]]:
+def render(job: dict) -> tuple[np.ndarray, np.ndarray, dict[str, list[tuple[float, float, float, float]]]]:
     """Draw one image.
 
     Args:
@@ -454,8 +481,8 @@ def render(job: dict) -> tuple[np.ndarray, np.ndarray, dict[str, tuple[float, fl
             anatomy), ``lesions`` (from ``plan_findings``), ``view`` ("PA"/"AP").
 
     Returns:
-        (image S x S uint8, lung mask S x S uint8 with 255 = lung, boxes by label as
-        image-normalised (u0, v0, u1, v1)).
+        (image S x S uint8, lung mask S x S uint8 with 255 = lung, boxes by label: a list of
+        image-normalised (u0, v0, u1, v1), one per drawn part, e.g. per nodule).
     """
     S = int(job["size"])
     R = min(S, MAX_RENDER)
@@ -467,7 +494,7 @@ def render(job: dict) -> tuple[np.ndarray, np.ndarray, dict[str, tuple[float, fl
     anat = job["anat"]
 
     layers: list = []
-    boxes: dict[str, tuple[float, float, float, float]] = {}
+    boxes: dict[str, list[tuple[float, float, float, float]]] = {}
     no_marks: list = []
     for les in job["lesions"]:
         lrng = np.random.default_rng(les["seed"])   # texture follows the lesion over follow-ups
@@ -477,8 +504,9 @@ def render(job: dict) -> tuple[np.ndarray, np.ndarray, dict[str, tuple[float, fl
         else:
             lay, box = LESION_DRAW[les["cls"]](cv, anat, les, lrng)
         layers.extend(lay)
-        if box is not None:
-            boxes[les["cls"]] = box
+        found = [b for b in (box if isinstance(box, list) else [box]) if b is not None]
+        if found:
+            boxes[les["cls"]] = found
 
     img, lung = _draw_anatomy(cv, half, anat, rng, no_marks)
     water = anat["t_center"] - rng.uniform(5.0, 20.0)
@@ -497,13 +525,14 @@ def render(job: dict) -> tuple[np.ndarray, np.ndarray, dict[str, tuple[float, fl
         else:
             sub += a
 
-    # side marker (a bright "L" in a top corner) on most films
-    if rng.uniform() < 0.65:
+    # side marker (a thin "L" in a top corner) on some films; kept thin and faint so that it
+    # does not look like a nodule to a small CNN
+    if rng.uniform() < 0.3:
         u0 = rng.uniform(0.04, 0.12) if rng.uniform() < 0.5 else rng.uniform(0.82, 0.9)
         v0 = rng.uniform(0.03, 0.1)
-        c0, r0, k = int(u0 * R), int(v0 * R), max(2, R // 90)
-        img[r0:r0 + 5 * k, c0:c0 + k] = 240.0
-        img[r0 + 4 * k:r0 + 5 * k, c0:c0 + 3 * k] = 240.0
+        c0, r0, k = int(u0 * R), int(v0 * R), max(1, R // 200)
+        img[r0:r0 + 12 * k, c0:c0 + k] = 170.0
+        img[r0 + 11 * k:r0 + 12 * k, c0:c0 + 7 * k] = 170.0
 
     # film response: gamma, contrast, brightness; AP films are a little flatter
     gamma = rng.uniform(0.94, 1.06)

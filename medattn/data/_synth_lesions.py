@@ -91,20 +91,27 @@ def plan_lesion(cls: str, anat: dict, rng: np.random.Generator, avoid: list) -> 
     u = rng.uniform
     seed = int(rng.integers(2**31))
     if cls == "Nodule":
-        r = u(0.025, 0.033)
-        side, x, y = _point_in_lung(rng, anat, None, (0.2, 0.72), r + 0.008, avoid)
-        return {"cls": cls, "seed": seed, "x": x, "y": y, "r": r, "dens": u(0.88, 0.97)}
+        # one nodule in half of the films, 2-4 ("multiple pulmonary nodules") in the rest;
+        # each gets its own box
+        spots = []
+        for _ in range(int(rng.choice(4, p=(0.5, 0.25, 0.15, 0.1))) + 1):
+            r = u(0.028, 0.036)
+            side, x, y = _point_in_lung(rng, anat, None, (0.2, 0.72), r + 0.008, avoid)
+            spots.append({"x": x, "y": y, "r": r})
+            avoid.append((x, y, r))
+        return {"cls": cls, "seed": seed, "spots": spots, "dens": u(0.88, 0.97)}
     if cls == "Mass":
-        r = u(0.058, 0.088)
+        r = u(0.058, 0.085)
         side, x, y = _point_in_lung(rng, anat, None, (0.22, 0.66), 0.6 * r, avoid, (0.2, 0.85))
         return {"cls": cls, "seed": seed, "x": x, "y": y, "r": r, "dens": u(0.85, 0.95),
                 "lob": [u(0.0, 0.12), u(0.0, 0.1)], "ph": [u(0, 6.3), u(0, 6.3)], "ecc": u(0.85, 1.15)}
     if cls == "Cardiomegaly":
         return {"cls": cls, "seed": seed}
     if cls == "Effusion":
-        side = int(rng.integers(2))
-        return {"cls": cls, "seed": seed, "side": side, "h": u(0.12, 0.24), "men": u(0.05, 0.09),
-                "dens": u(0.9, 0.97)}
+        # unilateral, or bilateral in 30 % (one box per side)
+        sides = [0, 1] if u() < 0.3 else [int(rng.integers(2))]
+        return {"cls": cls, "seed": seed, "dens": u(0.9, 0.97),
+                "sides": [{"side": sd, "h": u(0.12, 0.24), "men": u(0.05, 0.09)} for sd in sides]}
     if cls == "Pneumothorax":
         side = int(rng.integers(2))
         return {"cls": cls, "seed": seed, "side": side, "k": u(0.6, 0.74), "ylim": u(0.52, 0.64),
@@ -125,9 +132,9 @@ def plan_lesion(cls: str, anat: dict, rng: np.random.Generator, avoid: list) -> 
         return {"cls": cls, "seed": seed, "x": x, "y": y, "rx": u(0.085, 0.12), "ry": u(0.1, 0.14),
                 "cell": u(0.028, 0.036), "dens": u(0.72, 0.85)}
     if cls == "Pneumonia":
-        side, x, y = _point_in_lung(rng, anat, None, (0.28, 0.66), 0.04, avoid, (0.25, 0.85))
-        return {"cls": cls, "seed": seed, "x": x, "y": y, "r": u(0.07, 0.1), "ecc": u(0.8, 1.25),
-                "dens": u(0.82, 0.92)}
+        side, x, y = _point_in_lung(rng, anat, None, (0.3, 0.64), 0.05, avoid, (0.3, 0.8))
+        return {"cls": cls, "seed": seed, "side": side, "x": x, "y": y, "r": u(0.085, 0.11), "ecc": u(0.8, 1.25),
+                "dens": u(0.75, 0.88), "m": u(20.0, 26.0), "ph": u(0.0, 6.3)}
     if cls == "Consolidation":
         side = int(rng.integers(2))
         if rng.uniform() < 0.45:
@@ -145,17 +152,21 @@ def plan_lesion(cls: str, anat: dict, rng: np.random.Generator, avoid: list) -> 
             bullae.append((x, y, r))
         return {"cls": cls, "seed": seed, "bullae": bullae}
     if cls == "Fibrosis":
-        return {"cls": cls, "seed": seed, "sp": u(0.03, 0.04), "sides": [0, 1] if u() < 0.8 else [int(rng.integers(2))],
-                "y0": u(0.34, 0.44), "dens": u(0.6, 0.75)}
+        return {"cls": cls, "seed": seed, "sp": u(0.038, 0.048), "sides": [0, 1] if u() < 0.8 else [int(rng.integers(2))],
+                "y0": u(0.32, 0.42), "dens": u(0.72, 0.85)}
     if cls == "Pleural_Thickening":
-        side = int(rng.integers(2))
-        g = lung_geometry(anat, side)
-        if rng.uniform() < 0.3:
-            return {"cls": cls, "seed": seed, "kind": "apical", "side": side, "t": u(0.055, 0.07),
-                    "y0": g["top"], "y1": g["top"] + u(0.12, 0.16), "dens": u(0.9, 0.97)}
-        y0 = u(0.2, 0.36)
-        return {"cls": cls, "seed": seed, "kind": "lateral", "side": side, "t": u(0.05, 0.065),
-                "y0": y0, "y1": y0 + u(0.26, 0.38), "dens": u(0.9, 0.97)}
+        # lateral band or apical cap, on one side or (40 %) both
+        bands = []
+        for side in ([0, 1] if u() < 0.4 else [int(rng.integers(2))]):
+            g = lung_geometry(anat, side)
+            if rng.uniform() < 0.3:
+                bands.append({"kind": "apical", "side": side, "t": u(0.055, 0.07), "y0": g["top"],
+                              "y1": g["top"] + u(0.12, 0.16)})
+            else:
+                y0 = u(0.2, 0.36)
+                bands.append({"kind": "lateral", "side": side, "t": u(0.05, 0.065), "y0": y0,
+                              "y1": y0 + u(0.26, 0.38)})
+        return {"cls": cls, "seed": seed, "bands": bands, "dens": u(0.9, 0.97)}
     if cls == "Hernia":
         g = lung_geometry(anat, 1)
         x = 0.5 + u(0.01, 0.06)
@@ -166,15 +177,17 @@ def plan_lesion(cls: str, anat: dict, rng: np.random.Generator, avoid: list) -> 
     raise ValueError(f"no lesion model for {cls!r}")
 
 
-def lesion_footprint(les: dict) -> tuple[float, float, float] | None:
-    """(x, y, radius) of a lesion that later ones should avoid, if it is a localized one."""
+def lesion_footprint(les: dict) -> list[tuple[float, float, float]]:
+    """(x, y, radius) of the localized parts of a lesion, which later lesions should avoid."""
+    if "spots" in les:
+        return [(s["x"], s["y"], s["r"]) for s in les["spots"]]
     if "x" in les and "r" in les:
-        return les["x"], les["y"], les["r"]
+        return [(les["x"], les["y"], les["r"])]
     if "x" in les and "rx" in les:
-        return les["x"], les["y"], max(les["rx"], les["ry"])
+        return [(les["x"], les["y"], max(les["rx"], les["ry"]))]
     if les.get("kind") == "band":
-        return les["x"], les["y"], les["len"] / 2
-    return None
+        return [(les["x"], les["y"], les["len"] / 2)]
+    return []
 
 
 def plan_findings(anat: dict, labels: list[str], carried: dict[str, dict], rng: np.random.Generator
@@ -195,18 +208,14 @@ def plan_findings(anat: dict, labels: list[str], carried: dict[str, dict], rng: 
     lesions: list[dict] = []
     avoid: list[tuple[float, float, float]] = []
     for les in carried.values():
-        fp = lesion_footprint(les)
-        if fp:
-            avoid.append(fp)
+        avoid.extend(lesion_footprint(les))
     for cls in labels:
         if cls == "No Finding":
             continue
         les = carried.get(cls)
         if les is None:
             les = plan_lesion(cls, anat2, rng, avoid)
-            fp = lesion_footprint(les)
-            if fp:
-                avoid.append(fp)
+            avoid.extend(fp for fp in lesion_footprint(les) if fp not in avoid)
         lesions.append(les)
     return anat2, lesions
 

@@ -28,7 +28,7 @@ PREVALENCE: dict[str, float] = {
     "Infiltration": 0.14,        # real 0.177
     "Effusion": 0.10,            # 0.119
     "Atelectasis": 0.09,         # 0.103
-    "Nodule": 0.06,              # 0.056
+    "Nodule": 0.075,             # 0.056
     "Mass": 0.055,               # 0.052
     "Pneumothorax": 0.05,        # 0.047
     "Consolidation": 0.045,      # 0.042
@@ -36,12 +36,12 @@ PREVALENCE: dict[str, float] = {
     "Cardiomegaly": 0.045,       # 0.025
     "Emphysema": 0.04,           # 0.022
     "Edema": 0.04,               # 0.021
-    "Fibrosis": 0.04,            # 0.015
+    "Fibrosis": 0.045,           # 0.015
     "Pneumonia": 0.04,           # 0.013
     "Hernia": 0.035,             # 0.002
 }
 ABNORMAL_SHARE = 0.5
-N_FINDINGS_P = (0.55, 0.28, 0.12, 0.05)        # 1, 2, 3, 4 findings on an abnormal image
+N_FINDINGS_P = (0.62, 0.26, 0.09, 0.03)        # 1, 2, 3, 4 findings on an abnormal image
 # Findings that usually persist over a patient's follow-ups (kept in place when carried).
 CHRONIC = frozenset({"Cardiomegaly", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia", "Nodule", "Mass"})
 CARRY_P = 0.5
@@ -237,11 +237,12 @@ def _fmt(v: float) -> str:
     return f"{v:.15g}"
 
 
-def box_rows(rows: list[ImageMeta], boxes: dict[int, dict[str, tuple[float, float, float, float]]]
+def box_rows(rows: list[ImageMeta], boxes: dict[int, dict[str, list[tuple[float, float, float, float]]]]
              ) -> list[tuple[str, str, float, float, float, float]]:
     """The box list's rows (image, label as spelled in the file, x, y, w, h in 1024-px space).
 
-    ``boxes`` maps image index -> label -> image-normalised (u0, v0, u1, v1) from the renderer.
+    ``boxes`` maps image index -> label -> image-normalised (u0, v0, u1, v1) boxes from the
+    renderer (several for multiple nodules or a bilateral effusion: one row each).
     Coordinates are snapped to whole pixels of the original DICOM and scaled to 1024 (that is
     how NIH's boxes were made, and why they are fractional), grouped by class like the file.
     """
@@ -250,12 +251,12 @@ def box_rows(rows: list[ImageMeta], boxes: dict[int, dict[str, tuple[float, floa
         for r in sorted(rows, key=lambda r: r.image):
             if cls not in r.box_labels or cls not in boxes.get(r.index, {}):
                 continue
-            u0, v0, u1, v1 = boxes[r.index][cls]
-            x0 = math.floor(u0 * r.width) * 1024.0 / r.width
-            x1 = min(math.ceil(u1 * r.width), r.width) * 1024.0 / r.width
-            y0 = math.floor(v0 * r.height) * 1024.0 / r.height
-            y1 = min(math.ceil(v1 * r.height), r.height) * 1024.0 / r.height
-            out.append((r.image, BOX_SPELLING.get(cls, cls), x0, y0, x1 - x0, y1 - y0))
+            for u0, v0, u1, v1 in boxes[r.index][cls]:
+                x0 = math.floor(u0 * r.width) * 1024.0 / r.width
+                x1 = min(math.ceil(u1 * r.width), r.width) * 1024.0 / r.width
+                y0 = math.floor(v0 * r.height) * 1024.0 / r.height
+                y1 = min(math.ceil(v1 * r.height), r.height) * 1024.0 / r.height
+                out.append((r.image, BOX_SPELLING.get(cls, cls), x0, y0, x1 - x0, y1 - y0))
     return out
 
 

@@ -90,8 +90,12 @@ def _check_out(out: Path) -> None:
         raise DataError(out, f"--out is not empty and was not written by `medattn synth` (no {MARKER}); "
                              "choose a new or empty directory, so that nothing of yours is overwritten")
     parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise DataError(parent, "parent directory of --out does not exist")
+    if parent.exists() and not parent.is_dir():
+        raise DataError(parent, "parent of --out is not a directory")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)   # `--out demo-out/nih` on a fresh checkout
+    except OSError as e:
+        raise DataError(parent, f"cannot create the parent directory of --out: {e.strerror or e}") from None
     if not os.access(parent, os.W_OK):
         raise DataError(parent, "parent directory of --out is not writable")
 
