@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +108,10 @@ def measure_stage(env: dict[str, Any], stage: str, modes: list[str], steps: int,
     if world.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        step_module = DDP(step_module, device_ids=[device.index] if device.type == "cuda" else None,
-                          broadcast_buffers=False)
+        with warnings.catch_warnings():  # as in hpc.train: rank-local BN buffers, on purpose
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+            step_module = DDP(step_module, device_ids=[device.index] if device.type == "cuda" else None,
+                              broadcast_buffers=False)
     if cfg.runtime.compile:
         step_module = torch.compile(step_module)
     optimizer = build_optimizer(params, cfg.stages[stage])
