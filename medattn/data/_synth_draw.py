@@ -138,13 +138,18 @@ def _cardiomegaly(cv, anat, les, rng):
     return [], _box_of(win, ext_mask, cv.R)
 
 
-def _effusion(cv, anat, les, rng):
+def _parts(draw_one, cv, anat, les, key):
+    """Draw each part of a lesion (``les[key]``, sharing its density); one box per part."""
     layers, boxes = [], []
-    for part in les["sides"]:
-        lay, box = _effusion_side(cv, anat, dict(part, dens=les["dens"]))
+    for part in les[key]:
+        lay, box = draw_one(cv, anat, dict(part, dens=les["dens"]))
         layers.extend(lay)
         boxes.append(box)
     return layers, boxes
+
+
+def _effusion(cv, anat, les, rng):
+    return _parts(_effusion_side, cv, anat, les, "sides")   # one side, or both
 
 
 def _effusion_side(cv, anat, les):
@@ -311,12 +316,7 @@ def _fibrosis(cv, anat, les, rng):
 
 
 def _pleural_thickening(cv, anat, les, rng):
-    layers, boxes = [], []
-    for band in les["bands"]:
-        lay, box = _pleural_band(cv, anat, dict(band, dens=les["dens"]))
-        layers.extend(lay)
-        boxes.append(box)
-    return layers, boxes
+    return _parts(_pleural_band, cv, anat, les, "bands")
 
 
 def _pleural_band(cv, anat, les):
