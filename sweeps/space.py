@@ -40,7 +40,7 @@ ALIASES = {
 }
 # Config sections that only one method reads.
 METHOD_SECTIONS = {"agcnn": ("agcnn",), "dualattendmed": ("dualattendmed",),
-                   "gradcam_loss": ("gradcam_loss",), "lka": ("vgg_lka",)}
+                   "gradcam_loss": ("gradcam_loss",), "lka": ("vgg_lka",), "lungseg": ("lungseg",)}
 _SPEC = re.compile(r"^\s*([A-Za-z_][\w.*]*)\s*=\s*([a-z]+)\s*\((.*)\)\s*$", re.S)
 
 

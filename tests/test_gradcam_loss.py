@@ -415,6 +415,14 @@ def test_differentiable_loss_raises_r_over_cross_entropy_and_eval_reports_the_bi
     per = pd.read_csv(runs["diff"] / "eval" / "per_image.csv")
     assert len(per) == 16 and per["r"].isna().sum() == 8  # No Finding images have no region
     assert m["per_image"]["r"]["n"] == 8 and m["per_image"]["r"]["mean"] == pytest.approx(per["r"].mean())
+    # the report shows the same binary table
+    from medattn.report.build import build_report
+
+    build_report(runs["diff"], samples=2)
+    md = (runs["diff"] / "report" / "report.md").read_text()
+    assert "Binary task: Effusion vs the rest" in md
+    youden = rep["at_youden"]
+    assert f"| main | {rep['auroc']:.3f} | Youden | {youden['threshold']:.3f} | {youden['sensitivity']:.3f} |" in md
 
 
 def test_differentiable_loss_under_torchrun_with_two_processes(chest, tmp_path):

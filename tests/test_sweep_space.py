@@ -78,6 +78,7 @@ def test_syntax_errors_name_the_parameter(text, words):
     (["focal.alpha=uniform(0.2,0.8)"], [], ["--space focal.alpha", "focal"]),
     (["lam=choice(0.25,0.5,adaptive)"], [], ["--space lam", "'agcnn'", "gradcam_loss"]),
     (["dualattendmed.beta=uniform(0.01,0.1)"], [], ["--space dualattendmed.beta", "not used by method 'agcnn'"]),
+    (["lungseg.threshold=uniform(0.3,0.7)"], [], ["--space lungseg.threshold", "not used by method 'agcnn'"]),
     (["gamma=choice(0,1,abc)"], FOCAL, ["--space gamma", "'abc'", "expected a number"]),
     (["tau=uniform(0.5,1.5)"], [], ["--space tau", "agcnn.tau", "(0, 1)"]),
     (["tau=choice(0.5,high)"], [], ["--space tau", "'high'"]),

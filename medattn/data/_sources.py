@@ -48,7 +48,7 @@ class SourceTable:
             samples are stored (= their manifest index).
         label_names: names of the label vector's entries.
         eval_labels: the labels metrics average over.
-        task: ``multilabel`` or ``multiclass``.
+        task: ``multilabel`` or ``singlelabel``.
         channels: 1 (gray) or 3 (RGB).
         expected_size: the documented source side (NIH: 1024); others are counted ``not_1024``.
         source: the ``source`` object of dataset.json (kind, root, ...).
