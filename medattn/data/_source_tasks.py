@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medattn.data._sources import NIH_SIZE, SPLITS, SourceTable, order_records
+from medattn.data._sources import NIH_SIZE, SPLITS, SourceTable, normalised_boxes, order_records, resolve_mask_dir
 from medattn.errors import DataError
 
 TASKS: dict[str, tuple[str, ...]] = {
@@ -149,15 +149,8 @@ def task_table(root: str | Path, task: str, *, split_seed: int = 0, allow_missin
                               "the images that are present")
     skipped = int((~present).sum())
     sel = sel[present]
-    mask_dir = Path(masks) if masks is not None else (root / "masks" if (root / "masks").is_dir() else None)
-    if masks is not None and not mask_dir.is_dir():
-        raise DataError(mask_dir, "lung-mask directory does not exist (--masks)")
-    boxes: dict[str, list[dict[str, Any]]] = {}
-    if meta.boxes is not None and len(meta.boxes):
-        for b in meta.boxes.itertuples(index=False):
-            boxes.setdefault(b.image, []).append(
-                {"label": str(b.label), "x": float(b.x) / NIH_SIZE, "y": float(b.y) / NIH_SIZE,
-                 "w": float(b.w) / NIH_SIZE, "h": float(b.h) / NIH_SIZE})
+    mask_dir = resolve_mask_dir(root, masks)
+    boxes = normalised_boxes(meta)
     target = [classes.index(v[0]) for v in sel["labels"]]
     onehot = [np.eye(len(classes), dtype=np.uint8)[t] for t in target]
 

@@ -125,6 +125,27 @@ def order_records(df: pd.DataFrame) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------- NIH ChestX-ray14
+def resolve_mask_dir(root: Path, masks: str | Path | None) -> Path | None:
+    """The lung-mask directory: ``--masks`` if given (it must exist), else ROOT/masks if present."""
+    mask_dir = Path(masks) if masks is not None else (root / "masks" if (root / "masks").is_dir() else None)
+    if masks is not None and not mask_dir.is_dir():
+        raise DataError(mask_dir, "lung-mask directory does not exist (--masks)")
+    return mask_dir
+
+
+def normalised_boxes(meta: Any) -> dict[str, list[dict[str, Any]]]:
+    """BBox_List rows by image, as fractions of the image side."""
+    boxes: dict[str, list[dict[str, Any]]] = {}
+    if meta.boxes is not None and len(meta.boxes):
+        for b in meta.boxes.itertuples(index=False):
+            # Normalise by the documented 1024 px, not the file's size: the box list refers to
+            # the original 1024² images even where a downscaled copy is on disk.
+            boxes.setdefault(b.image, []).append(
+                {"label": str(b.label), "x": float(b.x) / NIH_SIZE, "y": float(b.y) / NIH_SIZE,
+                 "w": float(b.w) / NIH_SIZE, "h": float(b.h) / NIH_SIZE})
+    return boxes
+
+
 def nih_table(root: str | Path, *, split: str = "official", split_seed: int = 0,
               val_fraction: float | None = None, allow_missing: bool = False,
               masks: str | Path | None = None, limit: int | None = None) -> SourceTable:
@@ -185,18 +206,8 @@ def nih_table(root: str | Path, *, split: str = "official", split_seed: int = 0,
                               "pass --allow-missing to prepare the images that are present",
                         row=None)
 
-    mask_dir = Path(masks) if masks is not None else (root / "masks" if (root / "masks").is_dir() else None)
-    if masks is not None and not mask_dir.is_dir():
-        raise DataError(mask_dir, "lung-mask directory does not exist (--masks)")
-
-    boxes: dict[str, list[dict[str, Any]]] = {}
-    if meta.boxes is not None and len(meta.boxes):
-        for b in meta.boxes.itertuples(index=False):
-            # Normalise by the documented 1024 px, not the file's size: the box list refers to
-            # the original 1024² images even where a downscaled copy is on disk.
-            boxes.setdefault(b.image, []).append(
-                {"label": str(b.label), "x": float(b.x) / NIH_SIZE, "y": float(b.y) / NIH_SIZE,
-                 "w": float(b.w) / NIH_SIZE, "h": float(b.h) / NIH_SIZE})
+    mask_dir = resolve_mask_dir(root, masks)
+    boxes = normalised_boxes(meta)
 
     sel = np.flatnonzero(present)
     e = entries.iloc[sel]
