@@ -49,14 +49,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="medattn eval")
-    add_arguments(p)
-    args = p.parse_intermixed_args(argv)
-    try:
-        return run(args)
-    except MedattnError as e:
-        print(f"medattn eval: error: {e}", file=sys.stderr)
-        return e.exit_code
+    """In-process entry point (tests): ``medattn eval ARGV``, returning its exit status."""
+    from medattn.cli import main as cli_main
+
+    return cli_main(["eval", *(sys.argv[1:] if argv is None else argv)])
 
 
 def _data_path(run: RunDir, data: str | None) -> str:

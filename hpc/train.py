@@ -37,7 +37,7 @@ from hpc.loader import EvalLoader, TrainLoader, TrainPlan
 from hpc.runlog import RunLogger, setup_logging
 from hpc.schedule import LRSchedule, build_optimizer
 from medattn.config import Config, load_config, load_saved_config, save_config
-from medattn.errors import ConfigError, DataError, MedattnError
+from medattn.errors import ConfigError, DataError
 
 EXIT_CHECKPOINTED = 3  # stopped by a signal after saving a checkpoint: rerun to resume
 
@@ -89,15 +89,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """In-process entry point (tests): like the CLI, returns an exit status."""
-    p = argparse.ArgumentParser(prog="medattn train")
-    add_arguments(p)
-    args = p.parse_intermixed_args(argv)
-    try:
-        return run(args)
-    except MedattnError as e:
-        print(f"medattn train: error: {e}", file=sys.stderr)
-        return e.exit_code
+    """In-process entry point (tests): ``medattn train ARGV``, returning its exit status."""
+    from medattn.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 # ---------------------------------------------------------------------------------------------
