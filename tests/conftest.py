@@ -23,3 +23,16 @@ def shared_nih() -> Path:
     if not (SHARED_NIH / "Data_Entry_2017_v2020.csv").is_file():
         pytest.skip(f"real ChestX-ray14 files not found at {SHARED_NIH} (only in the developers' workspace)")
     return SHARED_NIH
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: one intra-op thread is faster, and far faster on a busy machine where
+    OpenMP threads spin waiting for each other (DenseNet at 64 px: 0.2 s vs 10 s here).
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

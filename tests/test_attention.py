@@ -14,14 +14,7 @@ from medattn.attention import (attention_boxes, connected_components, crop_and_r
                                threshold_mask)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a busy machine where
-    OpenMP threads spin waiting for each other (DenseNet at 64 px: 0.2 s vs 10 s here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,14 +9,7 @@ from medattn.errors import ConfigError
 from medattn.models import AGCNN, ClassifierModel, build_agcnn, create_model, is_model, list_models
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a busy machine where
-    OpenMP threads spin waiting for each other (DenseNet at 64 px: 0.2 s vs 10 s here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 K = 5  # classes
