@@ -166,6 +166,14 @@ def load_profile(path: str | os.PathLike) -> dict[str, Any]:
     return out
 
 
+def add_run_arguments(p: argparse.ArgumentParser, stages_help: str) -> None:
+    """--config/--data/--out/--stages, as `medattn submit` and `medattn sbatch` take them."""
+    p.add_argument("--config", required=True, help="shipped config name (medattn configs) or a YAML path")
+    p.add_argument("--data", required=True, help="prepared directory on the shared filesystem")
+    p.add_argument("--out", required=True, help="run directory on the shared filesystem")
+    p.add_argument("--stages", help=stages_help)
+
+
 def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
     """The flags shared by ``medattn submit`` and ``medattn sbatch`` (all default to the profile)."""
     g = p.add_argument_group("cluster (flags override --profile)")

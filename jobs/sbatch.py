@@ -27,10 +27,7 @@ TEMPLATE = Path(__file__).with_name("templates") / "torchrun.sbatch"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="shipped config name (medattn configs) or a YAML path")
-    p.add_argument("--data", required=True, help="prepared directory on the shared filesystem")
-    p.add_argument("--out", required=True, help="run directory on the shared filesystem")
-    p.add_argument("--stages", help="comma-separated stages the job runs (default: all; done ones are skipped)")
+    cluster.add_run_arguments(p, stages_help="comma-separated stages the job runs (default: all; done ones are skipped)")
     cluster.add_cluster_arguments(p)
     p.add_argument("--output", metavar="FILE", help="write the script here (default: print it)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")

@@ -34,10 +34,7 @@ SRUN_ARGS = ["--kill-on-bad-exit=1"]  # one rank dies -> the step ends now, not 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="shipped config name (medattn configs) or a YAML path")
-    p.add_argument("--data", required=True, help="prepared directory on the shared filesystem")
-    p.add_argument("--out", required=True, help="run directory on the shared filesystem")
-    p.add_argument("--stages", help="comma-separated stages to submit (default: all that are not done)")
+    cluster.add_run_arguments(p, stages_help="comma-separated stages to submit (default: all that are not done)")
     cluster.add_cluster_arguments(p)
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script(s) and submit nothing")
     p.add_argument("--wait", action="store_true",
