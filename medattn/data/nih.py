@@ -100,6 +100,16 @@ def _resolve(path: str | os.PathLike) -> Path:
     return p
 
 
+def _split_header(line: str) -> tuple[list[str], int]:
+    """Header fields (stripped) and how many of them are named: NIH headers end in empty fields
+    from trailing commas (``Bbox [x,y,w,h],,,``; the 2017 file's ``...PixelSpacing[x,y],``)."""
+    header = [h.strip() for h in line.split(",")]
+    n_named = len(header)
+    while n_named and not header[n_named - 1]:
+        n_named -= 1
+    return header, n_named
+
+
 def _read_lines(path: str | os.PathLike) -> tuple[Path, list[str], bool]:
     """Read a text file (plain or .gz) into lines without their line endings.
 
@@ -190,10 +200,7 @@ def read_data_entry(path: str | os.PathLike) -> tuple[pd.DataFrame, str]:
     p, lines, _crlf = _read_lines(path)
     if not lines:
         raise DataError(p, "empty file (expected a header line and one row per image)")
-    header = [h.strip() for h in lines[0].split(",")]
-    n_named = len(header)
-    while n_named and not header[n_named - 1]:
-        n_named -= 1
+    header, n_named = _split_header(lines[0])
     header_trailing = n_named < len(header)
     # Logical columns -> field positions; the bracketed size header spans two comma fields.
     pos: dict[str, int] = {}
@@ -368,10 +375,7 @@ def read_bbox_list(path: str | os.PathLike) -> pd.DataFrame:
     p, lines, _ = _read_lines(path)
     if not lines:
         raise DataError(p, "empty file (expected a header line and one row per box)")
-    header = [h.strip() for h in lines[0].split(",")]
-    n_named = len(header)
-    while n_named and not header[n_named - 1]:
-        n_named -= 1
+    header, n_named = _split_header(lines[0])
     coords = [h.lower() for h in header[2:n_named]]
     if (header[:2] != ["Image Index", "Finding Label"]
             or coords not in (["bbox [x", "y", "w", "h]"], ["x", "y", "w", "h"])):
