@@ -11,6 +11,7 @@ import os
 import random
 import socket
 import subprocess
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,3 +184,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state_all(state["cuda"])
         except RuntimeError:
             pass  # a different number of visible GPUs: keep the fresh seed
+
+
+def wrap_step(module: torch.nn.Module, world: World, device: torch.device, compile: bool = False) -> torch.nn.Module:
+    """The training step module as the trainer (and ``medattn bench train``) runs it: DDP when
+    distributed, then ``torch.compile`` when asked.
+
+    BatchNorm buffers stay rank-local during an epoch (``broadcast_buffers=False``); the trainer
+    shares them at epoch ends. torch 2.13 warns that ``broadcast_buffers`` is deprecated, but its
+    replacement still syncs buffers at init, so the warning is silenced here on purpose.
+    """
+    if world.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+            module = DDP(module, device_ids=[device.index] if device.type == "cuda" else None,
+                         broadcast_buffers=False)
+    if compile:
+        module = torch.compile(module)
+    return module

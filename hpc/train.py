@@ -22,7 +22,6 @@ import socket
 import subprocess
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -361,17 +360,7 @@ def train_stage(ctx: Ctx, stage: str, previous: list[str]) -> int:
     logger.drop_epochs_from(stage, epoch)
 
     step_module = __import__("medattn.methods.base", fromlist=["StageStep"]).StageStep(method, model, stage)
-    if world.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        # Rank-local BatchNorm buffers, shared at epoch ends (_share_buffers); torch 2.13 warns that
-        # broadcast_buffers is deprecated, but its replacement still syncs buffers at init.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
-            step_module = DDP(step_module, device_ids=[device.index] if device.type == "cuda" else None,
-                              broadcast_buffers=False)
-    if cfg.runtime.compile:
-        step_module = torch.compile(step_module)
+    step_module = distributed.wrap_step(step_module, world, device, cfg.runtime.compile)
     loader = TrainLoader(ctx.ds, cfg.data, plan, world.rank, device, cfg.seed + 7 * len(previous),
                          hires=method.needs_hires(stage))
     val_loader = _eval_loader(ctx, stage, cfg.data.val_split)

@@ -25,12 +25,7 @@ from medattn.methods import DataSpec, create_method
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def _env(**extra):
@@ -142,15 +137,20 @@ def _grads(model):
     return [p.grad.clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("lam", [0.5, 0.25])
-def test_published_variant_gradient_is_exactly_lambda_times_ce_gradient(lam):
-    cfg = load_config("gradcam_demo", ["gradcam_loss.variant=published", "gradcam_loss.target=predicted",
-                                       f"gradcam_loss.lam={lam}", "gradcam_loss.layer=layer2"])
-    method = create_method(cfg, SPEC)
+def _method_model_copy_batch(overrides):
+    """gradcam_demo with ``overrides``: the method, a seeded model in train mode, an untouched
+    copy of it for reference gradients, and a batch."""
+    method = create_method(load_config("gradcam_demo", overrides), SPEC)
     torch.manual_seed(0)
     model = method.build_model().train()
-    reference = copy.deepcopy(model)
-    batch = _batch()
+    return method, model, copy.deepcopy(model), _batch()
+
+
+@pytest.mark.parametrize("lam", [0.5, 0.25])
+def test_published_variant_gradient_is_exactly_lambda_times_ce_gradient(lam):
+    method, model, reference, batch = _method_model_copy_batch(
+        ["gradcam_loss.variant=published", "gradcam_loss.target=predicted", f"gradcam_loss.lam={lam}",
+         "gradcam_loss.layer=layer2"])
 
     loss, logs = method.training_loss(model, batch, "train", 0)
     assert all(p.grad is None for p in model.parameters())  # the map pass accumulated nothing
@@ -165,12 +165,7 @@ def test_published_variant_gradient_is_exactly_lambda_times_ce_gradient(lam):
 
 
 def test_differentiable_variant_moves_the_gradient():
-    cfg = load_config("gradcam_demo", ["gradcam_loss.lam=0.5", "gradcam_loss.layer=layer2"])
-    method = create_method(cfg, SPEC)
-    torch.manual_seed(0)
-    model = method.build_model().train()
-    reference = copy.deepcopy(model)
-    batch = _batch()
+    method, model, reference, batch = _method_model_copy_batch(["gradcam_loss.lam=0.5", "gradcam_loss.layer=layer2"])
     loss, logs = method.training_loss(model, batch, "train", 0)
     assert loss.requires_grad and logs["att"] > 0
     loss.backward()

@@ -19,12 +19,7 @@ from medattn.models.lka import LKA
 from prepfix import make_prepared
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 # ------------------------------------------------------------------------------------- model

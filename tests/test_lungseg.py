@@ -20,12 +20,7 @@ from medattn.methods import DataSpec, create_method
 from medattn.methods.lungseg import box_of_mask, mask_scores
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

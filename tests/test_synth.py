@@ -198,22 +198,23 @@ def test_images_gray_and_rgba(ds):
     assert 1 <= n_rgba <= 3
 
 
+def _chunk_types(path) -> list[bytes]:
+    """PNG chunk types in file order (after the 8-byte signature)."""
+    data = path.read_bytes()
+    chunks, i = [], 8
+    while i < len(data):
+        n = int.from_bytes(data[i:i + 4], "big")
+        chunks.append(data[i + 4:i + 8])
+        i += 12 + n
+    return chunks
+
+
 def test_png_chunks_like_nih(ds):
     p = next(q for q in sorted((ds / "images_001" / "images").glob("*.png")) if Image.open(q).mode == "L")
-    data = p.read_bytes()
-    chunks, i = [], 8
-    while i < len(data):
-        n = int.from_bytes(data[i:i + 4], "big")
-        chunks.append(data[i + 4:i + 8])
-        i += 12 + n
+    chunks = _chunk_types(p)
     assert chunks[:3] == [b"IHDR", b"tIME", b"IDAT"] and chunks[-1] == b"IEND"
     rgba = next(q for q in sorted((ds / "images_001" / "images").glob("*.png")) if Image.open(q).mode == "RGBA")
-    data = rgba.read_bytes()
-    chunks, i = [], 8
-    while i < len(data):
-        n = int.from_bytes(data[i:i + 4], "big")
-        chunks.append(data[i + 4:i + 8])
-        i += 12 + n
+    chunks = _chunk_types(rgba)
     assert chunks[:6] == [b"IHDR", b"sRGB", b"gAMA", b"pHYs", b"tIME", b"IDAT"] and chunks[-1] == b"IEND"
     assert round(Image.open(rgba).info["dpi"][0], 2) == 96.01
 

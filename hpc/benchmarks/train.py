@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -105,15 +104,7 @@ def measure_stage(env: dict[str, Any], stage: str, modes: list[str], steps: int,
     params = method.prepare_stage(model, stage)
     method.set_train_mode(model, stage)
     step_module: torch.nn.Module = StageStep(method, model, stage)
-    if world.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        with warnings.catch_warnings():  # as in hpc.train: rank-local BN buffers, on purpose
-            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
-            step_module = DDP(step_module, device_ids=[device.index] if device.type == "cuda" else None,
-                              broadcast_buffers=False)
-    if cfg.runtime.compile:
-        step_module = torch.compile(step_module)
+    step_module = distributed.wrap_step(step_module, world, device, cfg.runtime.compile)
     optimizer = build_optimizer(params, cfg.stages[stage])
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     st = cfg.stages[stage]
