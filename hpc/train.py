@@ -17,7 +17,6 @@ import json
 import math
 import os
 import platform
-import signal
 import socket
 import subprocess
 import sys
@@ -33,38 +32,13 @@ from hpc import distributed
 from hpc.checkpoint import RunDir, atomic_torch_save, atomic_write_text, load as load_ckpt
 from hpc.evaluation import autocast_ctx, classification_metrics, extras_means, run_inference
 from hpc.loader import EvalLoader, TrainLoader, TrainPlan
-from hpc.runlog import RunLogger, setup_logging
+from hpc.runlog import RunLogger, log, setup_logging
 from hpc.schedule import LRSchedule, build_optimizer
+from hpc.stop import STOP, StopFlag  # noqa: F401  (installed by `medattn train` before torch loads)
 from medattn.config import Config, load_config, load_saved_config, save_config
 from medattn.errors import ConfigError, DataError
 
 EXIT_CHECKPOINTED = 3  # stopped by a signal after saving a checkpoint: rerun to resume
-
-
-# ---------------------------------------------------------------------------------------------
-# signals
-# ---------------------------------------------------------------------------------------------
-class StopFlag:
-    """Set by SIGTERM/SIGUSR2 (or by a launcher); checked by every rank at step boundaries."""
-
-    def __init__(self):
-        self.requested = False
-        self.signum: int | None = None
-
-    def __call__(self, signum, frame):  # signal handler
-        self.requested = True
-        self.signum = signum
-
-    def install(self) -> None:
-        names = os.environ.get("MEDATTN_STOP_SIGNALS", "TERM,USR2").split(",")
-        for n in filter(None, (s.strip() for s in names)):
-            try:
-                signal.signal(getattr(signal, f"SIG{n}"), self)
-            except (AttributeError, ValueError):
-                pass  # not the main thread, or an unknown name
-
-
-STOP = StopFlag()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,6 +183,13 @@ def train(config: str, data: str, out: str, overrides: list[str] | None = None, 
     STOP.install()
     world, device = distributed.init(device=cfg.runtime.device, timeout_s=cfg.runtime.dist_timeout_s)
     setup_logging(world.is_primary)
+    if distributed.any_true(STOP.requested, device):
+        # Stopped while starting (the CLI installs the handler before importing torch): no step
+        # was taken and nothing was written, so there is nothing to checkpoint; exit as a
+        # checkpointed stop so that schedulers requeue and sweeps resume the same way.
+        log.info(f"stopped by signal {STOP.signum} before training started; rerun the same command to resume")
+        distributed.shutdown()
+        return EXIT_CHECKPOINTED
     logger = None
     try:
         run = RunDir(out)

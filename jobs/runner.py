@@ -6,7 +6,7 @@ The stop/requeue protocol (docs/slurm.md, "Requeue design"):
 1. submitit starts each task with its own handler on USR2 (checkpoint + ``scontrol requeue`` on
    global rank 0, nothing on the other ranks) and logs-and-ignores SIGTERM. This object keeps
    a reference to that handler, then lets the trainer replace it: with
-   ``MEDATTN_STOP_SIGNALS=USR2`` the trainer's handler only sets ``hpc.train.STOP``.
+   ``MEDATTN_STOP_SIGNALS=USR2`` the trainer's handler only sets ``hpc.stop.STOP``.
 2. SLURM sends USR2 to every task ``signal_delay`` seconds before the time limit, or when the
    job is preempted. Each rank sets its flag; every few steps (the same steps on every rank)
    all ranks agree (an all-reduce of the flag), so they stop after the *same* step even if

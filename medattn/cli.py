@@ -91,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         parser.parse_args(argv[:1])  # prints the argparse error and exits 2
         return 2
+    if name == "train":
+        # First thing, before torch loads: a SIGTERM/SIGUSR2 during start-up becomes an orderly
+        # stop (exit 3) instead of a death by signal (hpc/stop.py).
+        from hpc.stop import STOP
+
+        STOP.install()
     try:
         p, module = _command_parser(name)
         # intermixed: `key=value` overrides may come before or after options (not possible for

@@ -227,9 +227,16 @@ def test_two_node_sweep_asha_shared_global_and_resume_after_driver_kill(cluster,
         assert cfg.agcnn.tau == pytest.approx(row["tau"]) and cfg.focal.gamma == row["gamma"]
         ledger = json.loads((d / "sweep_trial.json").read_text())
         if row["state"] == "stopped" and "trainer_exit" in ledger:
-            # ASHA's stop reached the trainer as SIGTERM: it checkpointed and exited 3
-            assert ledger["trainer_exit"] == 3
-            assert "stopped by signal 15" in log_text
+            last_launch = log_text[log_text.rindex("\n=== ") + 1:] if "\n=== " in log_text else log_text
+            if ledger["trainer_exit"] == -signal.SIGTERM:
+                # the stop came in the first instants of a launch, before Python had even loaded
+                # medattn (hpc/stop.py): that launch trained nothing, so nothing was lost
+                assert "epoch" not in last_launch.split("\n", 1)[1], last_launch
+            else:
+                # ASHA's stop reached the trainer as SIGTERM: it checkpointed (or had not started
+                # training yet) and exited 3
+                assert ledger["trainer_exit"] == 3
+                assert "stopped by signal 15" in last_launch
         elif row["state"] == "stopped":
             # ASHA stopped it in the instant before the driver was killed, so the trainer went
             # down with the driver before its exit was recorded; the resumed sweep kept the stop

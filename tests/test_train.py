@@ -150,6 +150,33 @@ def test_hard_kill_resumes_with_the_same_steps(prep, tmp_path):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler installed for ``signum`` (/proc SigCgt mask)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs /proc (Linux)")
+def test_sigterm_while_starting_exits_3_and_writes_nothing(prep, tmp_path):
+    """A stop during start-up (while torch is still being imported) is an orderly exit 3, as a
+    scheduler or a sweep expects of a stopped trainer, not a death by SIGTERM."""
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "medattn", "train", "--config", "demo", "--data", str(prep),
+                          "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 30
+    while not _catches(p.pid, signal.SIGTERM) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.005)
+    # the CLI installs the handler first thing: torch's library is not loaded yet
+    assert "libtorch" not in Path(f"/proc/{p.pid}/maps").read_text()
+    p.send_signal(signal.SIGTERM)
+    text, _ = p.communicate(timeout=300)
+    assert p.returncode == 3, text
+    assert "stopped by signal 15 before training started" in text
+    assert not out.exists()
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_3(prep, tmp_path):
     out = tmp_path / "run"
     cmd = _train_cmd(1, out, prep, "stages.global.epochs=40", "--stages", "global")
