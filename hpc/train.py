@@ -481,7 +481,7 @@ def _run_epochs(ctx: Ctx, stage: str, ts: TrainState, step_module, loader: Train
                     logger.step_scalars(stage, scalars, ts.global_step)
             else:
                 logger.step(step, None, images)
-            faults.after_step(ts.global_step)
+            faults.after_step(stage, ts.global_step)
             faults.point("step")
             stop = sync_now and _stop_agreed(device)
             if stop or (cfg.runtime.ckpt_every_steps and ts.global_step % cfg.runtime.ckpt_every_steps == 0

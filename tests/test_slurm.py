@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slurm
 # As tests/test_train.py, with 3 global epochs (4 steps each): a job signalled at step 2 of
 # epoch 1 has two and a half epochs left to be interrupted in.
 BASE = ["data.image_size=32", "data.resize=40", "stages.*.epochs=2", "stages.*.batch_size=16",
-        "data.num_workers=0", "runtime.log_every=2", "runtime.tensorboard=false", "stages.global.epochs=3"]
+        "data.num_workers=2", "runtime.log_every=2", "runtime.tensorboard=false", "stages.global.epochs=3"]
 SIGNAL_AT = "[global] epoch 1/3 step 2/4"  # rank 0's progress line after two steps
 TWO_NODES = ["--profile", "local", "--nodes", "2"]
 
