@@ -242,10 +242,14 @@ def train(config: str, data: str, out: str, overrides: list[str] | None = None, 
         for stage in todo:
             if stage not in to_run and run.stage_done(stage):
                 logger.info(f"[{stage}] already done (best {run.state()['stages'][stage].get('best_metric')})")
-        for stage in to_run:
+        for i, stage in enumerate(to_run):
             status = train_stage(ctx, stage, all_stages[:all_stages.index(stage)], plans[stage])
             if status != 0:
                 return status
+            if i + 1 < len(to_run) and _stop_agreed(device):  # the stage is done and saved
+                logger.info(f"stopped by signal {STOP.signum} ({STOP.name}) after stage {stage}; rerun the same "
+                            f"command to continue with {to_run[i + 1]}")
+                return STOP.exit_status()
         logger.info(f"done: {run.root}")
         return 0
     finally:
@@ -404,7 +408,7 @@ def _stop_agreed(device: torch.device) -> bool:
 
 
 def _stopped(ctx: Ctx, stage: str, where: str) -> int:
-    ctx.logger.end_epoch(f"stopped by signal {STOP.signum} {where} ({STOP.name}); checkpoint saved")
+    ctx.logger.end_epoch(f"stopped by signal {STOP.signum} {where}; checkpoint saved")
     ctx.logger.info(f"[{stage}] checkpoint {ctx.run.ckpt(stage, 'last')}; rerun the same command to resume")
     return STOP.exit_status()
 
@@ -543,8 +547,9 @@ def _run_epochs(ctx: Ctx, stage: str, ts: TrainState, step_module, loader: Train
             summary += f" | {sel_key} {metric:.4f} (best {ts.best:.4f} @ {ts.best_epoch + 1})"
         logger.end_epoch(summary)
         # A stop that came during validation: the epoch is saved, so stop here rather than
-        # train part of the next one first.
-        if _stop_agreed(device):
+        # train part of the next one first. (After the stage's last epoch the stage is
+        # finished instead, which takes no time: see train().)
+        if ts.epoch < st.epochs and _stop_agreed(device):
             return _stopped(ctx, stage, f"after epoch {ts.epoch}")
         if st.early_stop_patience and ts.bad_epochs >= st.early_stop_patience:
             logger.info(f"[{stage}] early stop: no improvement for {ts.bad_epochs} epochs")

@@ -145,7 +145,7 @@ def test_group_signal_with_workers_on_checkpoints_then_rerun_matches(prep, refer
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == status, stdout[-2000:] + stderr[-3000:]
-    assert f"stopped by signal {int(sig)} at step 2 ({sig.name}); checkpoint saved" in stdout
+    assert f"stopped by signal {int(sig)} at step 2; checkpoint saved" in stdout
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
     deadline = time.time() + 10  # workers end with their trainer (none survives it)
     while _group(proc.pid) and time.time() < deadline:
