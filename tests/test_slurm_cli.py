@@ -171,14 +171,15 @@ def test_cpus_per_task_defaults_to_the_cpus_of_the_gpus_used():
 
 @pytest.mark.parametrize("time_arg, minutes", [("12:00:00", 720), ("1-00:00:00", 1440)])
 def test_sbatch_takes_slurm_times_and_passes_cpus_per_task_to_srun(tmp_path, monkeypatch, capsys, time_arg, minutes):
-    """Written away from any cluster (SLURM cannot be asked): the documented fallback of 8 CPUs
+    """Written where SLURM cannot be asked (no client commands): the documented fallback of 8 CPUs
     per GPU process, passed to srun explicitly (srun stopped inheriting it in Slurm 22.05)."""
     import subprocess
 
     from medattn.cli import main
     from prepfix import make_prepared
 
-    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "no-cluster.conf"))
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # a machine without SLURM's client commands
     prep = make_prepared(tmp_path / "prep", n=32, size=16)
     (tmp_path / "runs").mkdir()
     script = tmp_path / "job.sbatch"
@@ -190,7 +191,7 @@ def test_sbatch_takes_slurm_times_and_passes_cpus_per_task_to_srun(tmp_path, mon
     assert f"#SBATCH --time={minutes}\n" in text
     assert "#SBATCH --cpus-per-task=32\n" in text  # one torchrun task per node: 4 processes x 8
     assert "srun --ntasks-per-node=1 --cpus-per-task=32 " in text
-    subprocess.run(["bash", "-n", str(script)], check=True)
+    subprocess.run(["/bin/bash", "-n", str(script)], check=True)
     # submitit's script for `medattn submit` passes it to srun too
     rc = main(["submit", "--config", "demo", "--data", str(prep), "--out", str(tmp_path / "runs" / "r"), "--nodes", "2",
                "--gpus-per-node", "4", "--time", time_arg, "--allow-local-dirs", "--dry-run"])
