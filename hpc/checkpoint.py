@@ -1,9 +1,9 @@
-"""Atomic checkpoints and the run directory's stage state.
+"""Atomic checkpoints, the resume state of a stage, and the run directory's stage state.
 
 Layout of a run directory::
 
     RUN/config.yaml            resolved config (saved once; a resumed run must match it)
-    RUN/provenance.json        git sha, versions, hosts, seed, command (per launch, appended)
+    RUN/provenance.json        git sha, versions, hosts, device, seed, command (per launch, appended)
     RUN/state.json             which stages are done and their best metric
     RUN/ckpt/<stage>/last.pt   everything needed to resume exactly (written every epoch + on signal)
     RUN/ckpt/<stage>/best.pt   model weights of the best validation epoch (feeds the next stage)
@@ -12,6 +12,11 @@ Layout of a run directory::
 
 Every write goes to a temporary file in the same directory and is renamed into place, so a
 kill at any moment leaves either the old or the new file, never a truncated one.
+
+A checkpoint holds tensors and plain data only (dicts, lists, tuples, str, bytes, numbers) and
+is read with ``torch.load(weights_only=True)``: opening a run directory from someone else
+(``eval``, ``report``, ``viz``, a resume) cannot run code hidden in a pickle. A file that needs
+anything more is refused with a message that names it.
 """
 from __future__ import annotations
 
@@ -22,7 +27,11 @@ from typing import Any
 
 import torch
 
-CKPT_VERSION = 1
+from hpc import faults
+
+# 2: RNG states as plain data (bytes/lists), loaded with weights_only=True. Format 1 kept
+# NumPy arrays and torch ByteTensors, which only an unrestricted (code-running) unpickler reads.
+CKPT_VERSION = 2
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -32,6 +41,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     torch.save(obj, tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
+    faults.point("ckpt_write")
     os.replace(tmp, path)
 
 
@@ -44,14 +54,95 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint (tensors and plain data only) onto ``map_location``.
+
+    Raises:
+        DataError: naming the file, when it is missing, unreadable, or would need the
+            unrestricted unpickler (it carries Python objects: code could run on loading).
+    """
     from medattn.errors import DataError
+    from medattn.safeload import UnreadableFileError, UnsafeFileError, load_plain
 
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        obj = load_plain(path, map_location)
     except FileNotFoundError:
         raise DataError(path, "checkpoint not found") from None
-    except Exception as e:  # corrupt or foreign file
-        raise DataError(path, f"unreadable checkpoint: {e}") from None
+    except UnsafeFileError as e:
+        raise DataError(path, f"refused: {e}. medattn checkpoints (format {CKPT_VERSION}) never do; one "
+                              "written by medattn before format 2 must be retrained, or converted by someone "
+                              "who trusts the file") from None
+    except UnreadableFileError as e:
+        raise DataError(path, f"unreadable checkpoint ({e})") from None
+    if not isinstance(obj, dict):
+        raise DataError(path, f"not a medattn checkpoint (a {type(obj).__name__}, expected a mapping)")
+    return obj
+
+
+class TrainState:
+    """Where a stage's training is and everything that must come back on resume.
+
+    The model, optimizer, LR schedule, loss scaler and the method's extra state (e.g. feature
+    centres), the counters, the best metric so far, the running sums of an interrupted epoch and
+    every rank's random streams. :meth:`state_dict` is what ``last.pt`` holds; load it with
+    :func:`load` onto any device (the training device, or ``meta`` in tests): RNG states are
+    plain bytes and lists, so the map location cannot change them.
+
+    Args:
+        stage: the stage name.
+        model: the bare model (not the DDP wrapper).
+        optimizer, scheduler, scaler: the stage's (scheduler: :class:`hpc.schedule.LRSchedule`).
+        method: the Method (``extra_state``/``load_extra_state``).
+    """
+
+    def __init__(self, stage: str, model: torch.nn.Module, optimizer, scheduler, scaler, method):
+        self.stage = stage
+        self.model, self.optimizer, self.scheduler, self.scaler, self.method = (model, optimizer, scheduler,
+                                                                                 scaler, method)
+        self.epoch = 0  # epochs finished
+        self.step = 0  # steps finished in the current epoch
+        self.global_step = 0
+        self.best: float | None = None
+        self.best_epoch = -1  # 0-based epoch of ``best``
+        self.bad_epochs = 0
+        self.partial_epoch: dict[str, Any] | None = None  # running sums of the epoch in progress
+        self.rng: list[dict[str, Any]] | None = None  # per rank, from the checkpoint
+
+    def state_dict(self, *, rng: list[dict[str, Any]], world_size: int, config: dict[str, Any],
+                   partial_epoch: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {
+            "version": CKPT_VERSION, "stage": self.stage, "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "method": self.method.extra_state(),
+            "epoch": self.epoch, "step": self.step, "global_step": self.global_step, "best": self.best,
+            "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs, "rng": list(rng),
+            "world_size": world_size, "config": config, "partial_epoch": partial_epoch,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], *, rank: int, world_size: int) -> bool:
+        """Restore everything; returns whether this rank's random streams were restored (only
+        when the checkpoint was written by as many ranks as there are now)."""
+        from hpc import distributed
+
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.method.load_extra_state(state.get("method", {}))
+        self.epoch, self.step, self.global_step = state["epoch"], state["step"], state["global_step"]
+        self.best, self.best_epoch, self.bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]
+        self.partial_epoch = state.get("partial_epoch") if self.step > 0 else None
+        rng = state.get("rng") or []
+        if state.get("world_size") == world_size and rank < len(rng):
+            distributed.set_rng_state(rng[rank])
+            return True
+        return False
+
+
+def weights_payload(stage: str, model: torch.nn.Module, method, *, epoch: int, metric: float | None,
+                    metric_name: str, config: dict[str, Any]) -> dict[str, Any]:
+    """What ``best.pt`` holds: the weights of one epoch and what they scored."""
+    return {"version": CKPT_VERSION, "stage": stage, "model": model.state_dict(), "method": method.extra_state(),
+            "epoch": epoch, "metric": metric, "metric_name": metric_name, "config": config}
 
 
 class RunDir:
@@ -80,3 +171,13 @@ class RunDir:
         st = self.state()
         st["stages"].setdefault(stage, {}).update(info)
         self.save_state(st)
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete the temporary files of writes that a kill interrupted (``.NAME.tmpPID``)."""
+        gone = []
+        for d in (self.root, *(self.root / "ckpt").glob("*")):
+            if d.is_dir():
+                for p in d.glob(".*.tmp*"):
+                    p.unlink(missing_ok=True)
+                    gone.append(p)
+        return gone

@@ -39,6 +39,7 @@ class World:
 
 _WORLD: World | None = None
 _DEVICE: torch.device | None = None
+_DEVICE_INFO: dict[str, Any] = {}
 
 
 def world_from_env(env: dict[str, str] | None = None) -> World:
@@ -68,28 +69,76 @@ def _slurm_master(env: dict[str, str]) -> tuple[str, int]:
     return host, port
 
 
+def _gpu_hardware_present() -> bool:
+    """Whether this machine looks like it has NVIDIA GPUs, whatever CUDA thinks of them."""
+    return os.path.exists("/dev/nvidia0") or os.path.exists("/proc/driver/nvidia/gpus")
+
+
+def cuda_status() -> tuple[bool, str]:
+    """(usable, reason): can this process use CUDA, and why (not)."""
+    if torch.version.cuda is None:
+        return False, f"this PyTorch build ({torch.__version__}) has no CUDA support"
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return False, "CUDA_VISIBLE_DEVICES is empty (no GPU was given to this process)"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ok = torch.cuda.is_available()
+    if not ok:
+        # torch explains a failed initialisation (e.g. a driver too old for this build) in a
+        # warning; that sentence is the reason a user needs to see.
+        why = " ".join(str(w.message).strip() for w in caught if "CUDA" in str(w.message))
+        return False, why or f"torch.cuda.is_available() is False (torch built for CUDA {torch.version.cuda})"
+    n = torch.cuda.device_count()
+    return True, f"{n} CUDA device(s) visible: {torch.cuda.get_device_name(0)}"
+
+
+def choose_device(requested: str, local_rank: int = 0) -> tuple[torch.device, dict[str, Any]]:
+    """The device of this process and a record of why (logged, and kept in provenance.json).
+
+    ``auto`` takes CUDA when it is usable and says why when it is not, loudly when the machine
+    has GPUs that CUDA cannot use (a driver too old for the wheels, a job that hid them);
+    ``cuda`` refuses to start without CUDA instead of training for days on the CPU.
+    """
+    from medattn.errors import ConfigError
+
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"runtime.device={requested!r}: expected auto, cpu or cuda")
+    info: dict[str, Any] = {"requested": requested}
+    if requested == "cpu":
+        info.update(chosen="cpu", reason="runtime.device=cpu")
+        return torch.device("cpu"), info
+    usable, reason = cuda_status()
+    if not usable:
+        if requested == "cuda":
+            raise ConfigError(f"runtime.device=cuda but CUDA cannot be used: {reason}")
+        # GPUs hidden on purpose (CUDA_VISIBLE_DEVICES="", as Ray and SLURM do for CPU-only work)
+        # are a choice; GPUs that CUDA fails to use are a fault to shout about.
+        hidden = os.environ.get("CUDA_VISIBLE_DEVICES", None) == ""
+        info.update(chosen="cpu", reason=f"CUDA not usable: {reason}",
+                    gpu_hardware=_gpu_hardware_present() and not hidden)
+        return torch.device("cpu"), info
+    # Under submitit each task sees one GPU (CUDA_VISIBLE_DEVICES=<local rank>), so index 0.
+    n = torch.cuda.device_count()
+    dev = torch.device("cuda", local_rank if n > local_rank else 0)
+    info.update(chosen=str(dev), reason=reason, name=torch.cuda.get_device_name(dev))
+    return dev, info
+
+
 def init(backend: str | None = None, device: str = "auto", timeout_s: int = 1800) -> tuple[World, torch.device]:
     """Initialise the process group (if more than one process) and pick this process's device.
 
     Args:
         backend: ``nccl``/``gloo``; default nccl on CUDA, gloo on CPU.
-        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        device: ``auto`` (CUDA when usable), ``cpu`` or ``cuda`` (an error without CUDA); the
+            choice and its reason are in :func:`device_info`.
         timeout_s: collective timeout; keep it finite so a dead rank becomes an error, not a hang.
     """
-    global _WORLD, _DEVICE
+    global _WORLD, _DEVICE, _DEVICE_INFO
     w = world_from_env()
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        from medattn.errors import ConfigError
-
-        raise ConfigError("runtime.device=cuda but no CUDA device is visible")
+    dev, info = choose_device(device, w.local_rank)
+    use_cuda = dev.type == "cuda"
     if use_cuda:
-        # Under submitit each task sees one GPU (CUDA_VISIBLE_DEVICES=<local rank>), so index 0.
-        n = torch.cuda.device_count()
-        dev = torch.device("cuda", w.local_rank if n > w.local_rank else 0)
         torch.cuda.set_device(dev)
-    else:
-        dev = torch.device("cpu")
     if w.distributed and not dist.is_initialized():
         if w.launcher == "slurm":
             host, port = _slurm_master(dict(os.environ))
@@ -103,8 +152,24 @@ def init(backend: str | None = None, device: str = "auto", timeout_s: int = 1800
         if backend == "nccl":
             kwargs["device_id"] = dev
         dist.init_process_group(**kwargs)
-    _WORLD, _DEVICE = w, dev
+        info["backend"] = backend
+    _WORLD, _DEVICE, _DEVICE_INFO = w, dev, info
     return w, dev
+
+
+def device_info() -> dict[str, Any]:
+    """How :func:`init` chose the device: requested, chosen, reason (and the GPU's name)."""
+    return dict(_DEVICE_INFO)
+
+
+def log_device(log) -> None:
+    """One line on the device; a warning when GPUs are there but CUDA cannot use them."""
+    info = _DEVICE_INFO
+    if info.get("gpu_hardware"):
+        log.warning(f"WARNING: this machine has NVIDIA GPUs but CUDA cannot use them ({info['reason']}); "
+                    "training on the CPU. Set runtime.device=cuda to make this an error.")
+    else:
+        log.info(f"device {info.get('chosen')} (runtime.device={info.get('requested')}: {info.get('reason')})")
 
 
 def current() -> World:
@@ -169,21 +234,41 @@ def seed_everything(seed: int, rank: int = 0) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    """This process's random states as plain data (ints, lists, bytes).
+
+    Plain data, not tensors: a checkpoint is loaded with ``weights_only=True`` and onto the
+    training device, which would turn a torch ByteTensor state into a CUDA (or meta) tensor
+    that ``torch.set_rng_state`` refuses. Bytes stay bytes wherever they are loaded.
+    """
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [str(kind), [int(k) for k in keys], int(pos), int(has_gauss), float(gauss)],
+        "torch": bytes(torch.get_rng_state().numpy().tobytes()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [bytes(t.cpu().numpy().tobytes()) for t in torch.cuda.get_rng_state_all()]
     return state
 
 
+def _byte_tensor(b: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(b), dtype=torch.uint8).clone()
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        try:
-            torch.cuda.set_rng_state_all(state["cuda"])
-        except RuntimeError:
-            pass  # a different number of visible GPUs: keep the fresh seed
+    """Restore :func:`rng_state`'s output."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(_byte_tensor(state["torch"]))
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([_byte_tensor(b) for b in cuda])
+        else:  # a different number of visible GPUs: keep the fresh seed, say so
+            warnings.warn(f"checkpoint has CUDA RNG states of {len(cuda)} device(s), this process sees "
+                          f"{torch.cuda.device_count()}: CUDA random streams are not restored")
 
 
 def wrap_step(module: torch.nn.Module, world: World, device: torch.device, compile: bool = False) -> torch.nn.Module:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hpc import distributed
+from hpc import distributed, faults
 from medattn.methods.base import DataSpec, Method
 
 # T(IoBB)/T(IoU) thresholds: 0.1-0.7 (Wang et al. supplementary) plus Table 4's 0.25/0.75/0.9.
@@ -49,6 +49,8 @@ def run_inference(method: Method, model: torch.nn.Module, loader, stage: str, de
             batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
         with autocast_ctx(device, precision):
             out = method.predict(model, batch, stage)
+        if k == 0:
+            faults.point("validation")
         valid = batch["valid"].bool()
         idx_l.append(batch["index"][valid].cpu().numpy())
         for b, p in out["probs"].items():

@@ -21,9 +21,23 @@ from typing import Any
 log = logging.getLogger("medattn")
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is when a record is emitted, not to the stream that was
+    current when the handler was made (in-process runs, e.g. tests that capture output, swap
+    and close stdout objects between runs)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(primary: bool) -> None:
     if not log.handlers:
-        h = logging.StreamHandler(sys.stdout)
+        h = _StdoutHandler()
         h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         log.addHandler(h)
         log.propagate = False

@@ -50,11 +50,12 @@ class ClusterSpec:
     nodes: int = 1
     tasks_per_node: int | None = None  # default: gpus_per_node, or 1 without GPUs
     gpus_per_node: int = 0
-    cpus_per_task: int | None = None
+    cpus_per_task: int | None = None  # default: default_cpus_per_task (all the CPUs of the GPUs used)
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
-    time: int | None = None  # minutes; default: the partition's DefaultTime, else min(MaxTime, 24 h)
+    time: int | None = None  # minutes (profiles and --time also take SLURM's formats, e.g. 12:00:00);
+    # default: the partition's DefaultTime, else min(MaxTime, 24 h)
     mem: float | None = None  # GB per node
     constraint: str | None = None
     setup: list[str] = field(default_factory=list)  # shell lines run before srun (module load ...)
@@ -78,8 +79,27 @@ class ClusterSpec:
         return self.nodes * self.tasks
 
 
-_INT_KEYS = {"nodes": 1, "tasks_per_node": 1, "gpus_per_node": 0, "cpus_per_task": 1, "time": 1,
+_INT_KEYS = {"nodes": 1, "tasks_per_node": 1, "gpus_per_node": 0, "cpus_per_task": 1,
              "signal_delay": 1, "max_timeouts": 0}
+TIME_FORMATS = "MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
+
+
+def time_minutes(value: Any, where: str) -> int:
+    """A SLURM time limit (an integer number of minutes, or any of SLURM's time formats) ->
+    whole minutes (seconds round up, as SLURM rounds them)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: time must be minutes or {TIME_FORMATS}, got {value!r}")
+    if isinstance(value, int):
+        minutes = value
+    else:
+        text = str(value).strip()
+        if not re.fullmatch(r"(\d+-\d+(:\d+){0,2}|\d+(:\d+){0,2})", text):
+            raise ConfigError(f"{where}: time {text!r} is not a SLURM time ({TIME_FORMATS}, e.g. 720, 12:00:00 "
+                              "or 1-00:00:00)")
+        minutes = parse_slurm_time(text) or 0
+    if minutes < 1:
+        raise ConfigError(f"{where}: time must be at least one minute, got {value!r}")
+    return minutes
 _STR_KEYS = {"partition", "account", "qos", "constraint", "job_name", "python"}
 
 
@@ -89,6 +109,8 @@ def _check_value(key: str, value: Any, where: str) -> Any:
         if key in ("nodes", "gpus_per_node", "signal_delay", "max_timeouts", "allow_local_dirs"):
             raise ConfigError(f"{where}: {key} must not be empty")
         return {"setup": [], "env": {}, "sbatch": {}}.get(key)
+    if key == "time":
+        return time_minutes(value, where)
     if key in _INT_KEYS:
         if isinstance(value, bool) or not isinstance(value, int) or value < _INT_KEYS[key]:
             raise ConfigError(f"{where}: {key} must be an integer >= {_INT_KEYS[key]}, got {value!r}")
@@ -182,12 +204,15 @@ def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpus-per-node", type=int, help="GPUs per node (default 0: CPU, gloo)")
     g.add_argument("--tasks-per-node", type=int,
                    help="processes per node (default: one per GPU, or 1 without GPUs)")
-    g.add_argument("--cpus-per-task", type=int, help="CPU cores per process (data loading threads)")
+    g.add_argument("--cpus-per-task", type=int,
+                   help="CPU cores per process (data loading threads); default: the CPUs that come with its "
+                        "GPU (node CPUs / node GPUs), or the node's CPUs shared by its tasks without GPUs")
     g.add_argument("--partition", help="partition (default: the cluster's default partition)")
     g.add_argument("--account", help="account to charge")
     g.add_argument("--qos", help="quality of service")
-    g.add_argument("--time", type=int, metavar="MIN",
-                   help="time limit per job in minutes (jobs requeue themselves when it runs out)")
+    g.add_argument("--time", metavar="TIME",
+                   help="time limit per job, in minutes or as SLURM writes it (12:00:00, 1-00:00:00); "
+                        "jobs requeue themselves when it runs out")
     g.add_argument("--mem", type=float, metavar="GB", help="memory per node in GB")
     g.add_argument("--constraint", help="node features, e.g. a100")
     g.add_argument("--setup", action="append", metavar="CMD",
@@ -240,11 +265,7 @@ def check_shared_path(path: str | os.PathLike, what: str, allow_local: bool, mus
     """
     p = Path(path).expanduser().absolute()
     real = Path(os.path.realpath(p))
-    if must_exist and not real.exists():
-        raise ClusterError(f"{what} {path}: does not exist")
-    if not must_exist and not real.parent.is_dir():
-        raise ClusterError(f"{what} {path}: parent directory {p.parent} does not exist "
-                           "(create it on the shared filesystem first)")
+    # Node-local first: such a path is wrong whether or not it exists here.
     if not allow_local:
         for cand in {p, real}:
             for prefix in NODE_LOCAL_PREFIXES:
@@ -253,6 +274,11 @@ def check_shared_path(path: str | os.PathLike, what: str, allow_local: bool, mus
                         f"{what} {path}: {prefix} is local to each node, so the other nodes (and the next "
                         "job of the chain) would not see it; use a directory on the shared filesystem "
                         "(home, project or scratch), or --allow-local-dirs on a single-host cluster")
+    if must_exist and not real.exists():
+        raise ClusterError(f"{what} {path}: does not exist")
+    if not must_exist and not real.parent.is_dir():
+        raise ClusterError(f"{what} {path}: parent directory {p.parent} does not exist "
+                           "(create it on the shared filesystem first)")
     return p
 
 
@@ -391,6 +417,36 @@ def default_time(spec: ClusterSpec, part: Partition | None) -> int:
     return 240
 
 
+# Used only when SLURM cannot be asked what a node has (a script written away from the cluster).
+FALLBACK_CPUS_PER_GPU_TASK = 8
+FALLBACK_CPUS_PER_CPU_TASK = 2
+
+
+def default_cpus_per_task(spec: ClusterSpec, part: Partition | None) -> tuple[int, str]:
+    """CPUs per task when ``--cpus-per-task`` is not given, and how they were derived.
+
+    All the CPUs that come with the GPUs the job uses: a node with C CPUs and G GPUs gives each
+    GPU C // G of them, so one process per GPU gets C // G (8 GPUs on a 64-core node: 8), and a
+    task driving g GPUs (a sweep's Ray node) gets C * g // G. Without GPUs the node's CPUs are
+    shared by its tasks. The node is the smallest one of the partition that fits the request.
+    Without SLURM to ask: 8 per GPU process, 2 per CPU process.
+    """
+    tasks = max(1, spec.tasks)
+    groups = [g for g in (part.node_groups if part else []) if g["count"] and g["gpus"] >= spec.gpus_per_node]
+    if not groups:
+        n = FALLBACK_CPUS_PER_GPU_TASK if spec.gpus_per_node else FALLBACK_CPUS_PER_CPU_TASK
+        return n, "SLURM did not say what a node has: the documented fallback"
+    node = min(groups, key=lambda g: (g["cpus"], g["gpus"]))
+    c, gpus = node["cpus"], node["gpus"]
+    if spec.gpus_per_node and gpus:
+        share = c * spec.gpus_per_node // gpus
+        how = f"{c} CPUs / {gpus} GPUs per node of {part.name}, x {spec.gpus_per_node} GPU(s), / {tasks} task(s)"
+    else:
+        share = c
+        how = f"{c} CPUs per node of {part.name} / {tasks} task(s)"
+    return max(1, share // tasks), how
+
+
 def check_against_cluster(spec: ClusterSpec, parts: dict[str, Partition] | None = None) -> Partition:
     """Check the request against the partition; returns it (``spec.partition`` filled in).
 
@@ -410,6 +466,8 @@ def check_against_cluster(spec: ClusterSpec, parts: dict[str, Partition] | None 
     part = parts.get(spec.partition)
     if part is None:
         raise ClusterError(f"--partition {spec.partition}: no such partition (available: {', '.join(sorted(parts))})")
+    if spec.cpus_per_task is None:
+        spec.cpus_per_task, _ = default_cpus_per_task(spec, part)
     problems = []
     if part.state.upper() in ("INACTIVE", "DRAIN"):
         problems.append(f"partition {part.name} is {part.state} and accepts no jobs")

@@ -77,7 +77,7 @@ def render(plan, stages_arg: str | None, script_name: str) -> str:
         "log_dir": str(plan.log_dir), "out": str(plan.out), "out_q": shlex.quote(str(plan.out)),
         "nproc": str(nproc), "signal_delay": str(s.signal_delay), "sbatch_lines": "\n".join(lines),
         "setup_lines": "\n".join(setup) if setup else "# (no setup lines: --setup / profile setup)",
-        "max_requeues": str(s.max_timeouts), "omp_threads": str(cpt),
+        "max_requeues": str(s.max_timeouts), "omp_threads": str(cpt), "node_cpus": str(nproc * cpt),
         "python": s.python or shlex.quote(sys.executable),
         "train_args": " ".join(shlex.quote(a) for a in targs),
     }

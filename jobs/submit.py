@@ -120,6 +120,10 @@ def make_plan(args: argparse.Namespace, *, need_cluster: bool) -> Plan:
         print("medattn: note: no SLURM client here; partition, GPUs and limits not checked", file=sys.stderr)
     if parts is not None:
         part = cluster.check_against_cluster(spec, parts)
+    elif spec.cpus_per_task is None:
+        spec.cpus_per_task, how = cluster.default_cpus_per_task(spec, None)
+        print(f"medattn: note: --cpus-per-task {spec.cpus_per_task} ({how}); pass --cpus-per-task to choose",
+              file=sys.stderr)
     for s in todo:
         bs = cfg.stages[s].batch_size
         if bs % spec.world_size:
@@ -147,7 +151,10 @@ def sbatch_params(plan: Plan, stage: str, dependency: str | None) -> dict[str, A
     params: dict[str, Any] = {
         "job_name": f"{plan.job_name}-{stage}", "nodes": s.nodes, "ntasks_per_node": s.tasks,
         "time": cluster.default_time(s, plan.partition), "signal_delay_s": s.signal_delay, "setup": setup,
-        "srun_args": list(SRUN_ARGS), "additional_parameters": extra, "wckey": None,
+        # Since Slurm 22.05 srun does not inherit the allocation's --cpus-per-task: without it every
+        # rank and its loader threads would share one core.
+        "srun_args": [*SRUN_ARGS, f"--cpus-per-task={s.cpus_per_task}"], "additional_parameters": extra,
+        "wckey": None,
     }
     for key in ("partition", "account", "qos", "constraint", "cpus_per_task", "mem"):
         v = getattr(s, key)

@@ -45,7 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reduction-factor", type=float, default=3.0, help="ASHA: keep 1/N at each rung (default 3)")
     p.add_argument("--max-concurrent", type=int, default=None,
                    help="trials at once (default: as many as the resources allow)")
-    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial (default 0)")
+    p.add_argument("--gpus-per-trial", type=float, default=None,
+                   help="GPUs per trial (default: one per trainer process when the Ray cluster has GPUs, "
+                        "else 0; give 0 to train on CPUs next to idle GPUs)")
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (default 1)")
     p.add_argument("--nproc-per-trial", type=int, default=None,
                    help="trainer processes per trial (DDP via torchrun; default: GPUs per trial, at least 1)")
@@ -73,9 +75,11 @@ def _log(msg: str) -> None:
 def _parse_resources(args) -> dict[str, float]:
     if args.cpus_per_trial <= 0:
         raise ConfigError(f"--cpus-per-trial must be > 0, got {args.cpus_per_trial}")
-    if args.gpus_per_trial < 0:
+    if args.gpus_per_trial is not None and args.gpus_per_trial < 0:
         raise ConfigError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
-    res = {"cpu": float(args.cpus_per_trial), "gpu": float(args.gpus_per_trial)}
+    # gpu None: decided once Ray is up (driver.resolve_gpus), from the GPUs the cluster has.
+    res = {"cpu": float(args.cpus_per_trial),
+           "gpu": None if args.gpus_per_trial is None else float(args.gpus_per_trial)}
     for item in args.trial_resource:
         name, sep, amount = item.partition("=")
         try:
@@ -92,7 +96,7 @@ def _parse_resources(args) -> dict[str, float]:
 def _nproc(args) -> int:
     n = args.nproc_per_trial
     if n is None:
-        g = args.gpus_per_trial
+        g = args.gpus_per_trial or 0
         if g > 1 and not float(g).is_integer():
             raise ConfigError(f"--gpus-per-trial {g}: more than one GPU per trial must be a whole number")
         n = max(1, int(g))
@@ -208,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
          + (f"; shared: {', '.join(plan.job.prefix)}" if plan.job.prefix else ""))
     ray = driver.connect(plan.address, _log, wait_nodes=args.wait_nodes)
     try:
+        driver.resolve_gpus(plan, ray, _log)
         if plan.job.prefix:
             driver.ensure_base(plan, cfg, _log)
         grid = driver.run_tune(plan, _log)

@@ -88,6 +88,19 @@ def connect(address: str | None, log, wait_nodes: int = 0, timeout_s: float = 30
     return ray
 
 
+def resolve_gpus(plan: SweepPlan, ray, log) -> None:
+    """Without --gpus-per-trial: one GPU per trainer process when the cluster has GPUs, else 0.
+
+    Ray hides the GPUs from a task that asked for none (CUDA_VISIBLE_DEVICES=""), so a default
+    of 0 would train every trial on CPUs next to idle GPUs.
+    """
+    if plan.resources.get("gpu") is not None:
+        return
+    have = float(ray.cluster_resources().get("GPU", 0))
+    plan.resources["gpu"] = float(plan.job.nproc) if have > 0 else 0.0
+    log(f"each trial gets {plan.resources['gpu']:g} GPU(s) (the cluster has {have:g}; --gpus-per-trial to change)")
+
+
 def _remote_options(res: dict[str, float]) -> dict[str, Any]:
     custom = {k: v for k, v in res.items() if k not in ("cpu", "gpu")}
     opts: dict[str, Any] = {"num_cpus": res.get("cpu", 1), "num_gpus": res.get("gpu", 0)}

@@ -91,7 +91,7 @@ def render(args: argparse.Namespace, spec, partition, out: Path, num_samples: in
     log_dir = out / "slurm"
     python = spec.python or sys.executable
     lines = [_flag("job-name", spec.job_name or f"medattn-sweep-{out.name}"), _flag("nodes", spec.nodes),
-             _flag("ntasks-per-node", 1), _flag("cpus-per-task", spec.cpus_per_task or 1)]
+             _flag("ntasks-per-node", 1), _flag("cpus-per-task", spec.cpus_per_task)]
     if spec.gpus_per_node:
         lines.append(_flag("gpus-per-node", spec.gpus_per_node))
     lines.append(_flag("time", c.default_time(spec, partition)))
@@ -114,7 +114,7 @@ def render(args: argparse.Namespace, spec, partition, out: Path, num_samples: in
         "sbatch_lines": "\n".join(lines), "setup_lines": "\n".join(setup) or "# (no setup lines)",
         "node_script_q": shlex.quote(str(node_script)), "gpus_per_node": str(spec.gpus_per_node or 0),
         "sweep_args": " ".join(shlex.quote(a) for a in _sweep_args(args)),
-        "max_requeues": str(spec.max_timeouts),
+        "max_requeues": str(spec.max_timeouts), "cpus_per_task": str(spec.cpus_per_task),
     }
     return _render("sweep.sbatch", values), _render("ray-node.sh", values)
 
@@ -149,14 +149,14 @@ def submit(args: argparse.Namespace) -> int:
     c.check_shared_path(args.data, "--data", spec.allow_local_dirs, must_exist=True)
     if args.address:
         raise ConfigError("--address and --slurm: the job starts its own Ray cluster; leave --address out")
-    if args.gpus_per_trial > spec.gpus_per_node:
+    if args.gpus_per_trial is not None and args.gpus_per_trial > spec.gpus_per_node:
         raise ConfigError(f"--gpus-per-trial {args.gpus_per_trial:g} but the job asks for "
                           f"{spec.gpus_per_node} GPU(s) per node (--gpus-per-node)")
-    if args.cpus_per_trial > (spec.cpus_per_task or 1):
-        raise ConfigError(f"--cpus-per-trial {args.cpus_per_trial:g} but Ray gets {spec.cpus_per_task or 1} CPU(s) "
-                          f"per node (--cpus-per-task): no trial could start")
     with c.clean_slurm_env():
-        partition = c.check_against_cluster(spec)
+        partition = c.check_against_cluster(spec)  # also fills in the default --cpus-per-task
+        if args.cpus_per_trial > spec.cpus_per_task:
+            raise ConfigError(f"--cpus-per-trial {args.cpus_per_trial:g} but Ray gets {spec.cpus_per_task} CPU(s) "
+                              f"per node (--cpus-per-task): no trial could start")
         active = _active_jobs(out)
         if active:
             raise MedattnError(f"{out}: sweep job(s) {', '.join(active)} still queued or running; wait for them or "

@@ -122,3 +122,80 @@ def test_clean_slurm_env_hides_an_enclosing_job(monkeypatch):
         assert "SLURM_JOB_ID" not in os.environ and "RANK" not in os.environ
         assert os.environ["SLURM_CONF"] == "/etc/slurm/slurm.conf"
     assert os.environ["SLURM_JOB_ID"] == "7" and os.environ["RANK"] == "3"
+
+
+@pytest.mark.parametrize("value, minutes", [("12:00:00", 720), ("1-00:00:00", 1440), ("90", 90), ("45:30", 46),
+                                            ("2-06", 3240)])
+def test_time_takes_every_slurm_format_in_flags_and_profiles(tmp_path, value, minutes):
+    assert cluster.resolve_spec(_args("--time", value)).time == minutes
+    prof = tmp_path / "p.yaml"
+    prof.write_text(f"time: '{value}'\n")
+    assert cluster.resolve_spec(_args("--profile", str(prof))).time == minutes
+
+
+@pytest.mark.parametrize("value", ["12h", "1:2:3:4", "0", "-1", "1-", "abc"])
+def test_bad_times_are_refused_naming_the_formats(value):
+    with pytest.raises(ConfigError, match=r"--time: time .* (not a SLURM time \(MM, MM:SS, HH:MM:SS|at least one)"):
+        cluster.resolve_spec(_args("--time", value))
+
+
+def _partition(*groups):
+    return cluster.Partition("gpu", "UP", True, 8, None, None, None,
+                             [{"count": n, "cpus": c, "gres": f"gpu:{g}", "gpus": g, "mem_mb": 1e6} for n, c, g in groups])
+
+
+def test_cpus_per_task_defaults_to_the_cpus_of_the_gpus_used():
+    # 8-GPU nodes with 64 and 96 cores: the smaller node decides, 64 / 8 per GPU process
+    part = _partition((2, 64, 8), (2, 96, 8))
+    assert cluster.default_cpus_per_task(ClusterSpec(gpus_per_node=8), part)[0] == 8
+    assert cluster.default_cpus_per_task(ClusterSpec(gpus_per_node=2), part)[0] == 8
+    # one task driving 4 of the 8 GPUs (a sweep's Ray node): half the node
+    assert cluster.default_cpus_per_task(ClusterSpec(gpus_per_node=4, tasks_per_node=None), part)[0] == 8
+    spec = ClusterSpec(gpus_per_node=4)
+    spec.tasks_per_node = 1
+    assert cluster.default_cpus_per_task(spec, part)[0] == 32
+    # CPU nodes: the node's cores shared by its tasks
+    cpu = _partition((4, 32, 0))
+    assert cluster.default_cpus_per_task(ClusterSpec(tasks_per_node=2), cpu)[0] == 16
+    # nothing known: the documented fallback
+    assert cluster.default_cpus_per_task(ClusterSpec(gpus_per_node=8), None)[0] == cluster.FALLBACK_CPUS_PER_GPU_TASK
+    assert cluster.default_cpus_per_task(ClusterSpec(), None)[0] == cluster.FALLBACK_CPUS_PER_CPU_TASK
+    # check_against_cluster fills it in, and an explicit value wins
+    s = ClusterSpec(gpus_per_node=8, partition="gpu")
+    cluster.check_against_cluster(s, {"gpu": part})
+    assert s.cpus_per_task == 8
+    s = ClusterSpec(gpus_per_node=8, partition="gpu", cpus_per_task=4)
+    cluster.check_against_cluster(s, {"gpu": part})
+    assert s.cpus_per_task == 4
+
+
+@pytest.mark.parametrize("time_arg, minutes", [("12:00:00", 720), ("1-00:00:00", 1440)])
+def test_sbatch_takes_slurm_times_and_passes_cpus_per_task_to_srun(tmp_path, monkeypatch, capsys, time_arg, minutes):
+    """Written where SLURM cannot be asked (no client commands): the documented fallback of 8 CPUs
+    per GPU process, passed to srun explicitly (srun stopped inheriting it in Slurm 22.05)."""
+    import subprocess
+
+    from medattn.cli import main
+    from prepfix import make_prepared
+
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # a machine without SLURM's client commands
+    prep = make_prepared(tmp_path / "prep", n=32, size=16)
+    (tmp_path / "runs").mkdir()
+    script = tmp_path / "job.sbatch"
+    rc = main(["sbatch", "--config", "demo", "--data", str(prep), "--out", str(tmp_path / "runs" / "r"), "--nodes",
+               "2", "--gpus-per-node", "4", "--time", time_arg, "--allow-local-dirs", "--output", str(script)])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    text = script.read_text()
+    assert f"#SBATCH --time={minutes}\n" in text
+    assert "#SBATCH --cpus-per-task=32\n" in text  # one torchrun task per node: 4 processes x 8
+    assert "srun --ntasks-per-node=1 --cpus-per-task=32 " in text
+    subprocess.run(["/bin/bash", "-n", str(script)], check=True)
+    # submitit's script for `medattn submit` passes it to srun too
+    rc = main(["submit", "--config", "demo", "--data", str(prep), "--out", str(tmp_path / "runs" / "r"), "--nodes", "2",
+               "--gpus-per-node", "4", "--time", time_arg, "--allow-local-dirs", "--dry-run"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert f"#SBATCH --time={minutes}\n" in cap.out and "#SBATCH --cpus-per-task=8\n" in cap.out
+    assert "--cpus-per-task=8" in [line for line in cap.out.splitlines() if line.startswith("srun")][0]

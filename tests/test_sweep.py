@@ -34,7 +34,7 @@ from sweeps.reuse import stages_done
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.image_size=32", "data.resize=40", "stages.global.epochs=1", "stages.local.epochs=2",
-        "stages.fusion.epochs=1", "stages.*.batch_size=16", "data.num_workers=0", "runtime.tensorboard=false",
+        "stages.fusion.epochs=1", "stages.*.batch_size=16", "data.num_workers=2", "runtime.tensorboard=false",
         "runtime.log_every=2"]
 MAX_T = 3  # epochs a trial trains: local 2 + fusion 1 (global is shared)
 
@@ -186,6 +186,7 @@ def test_two_node_sweep_asha_shared_global_and_resume_after_driver_kill(cluster,
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     print(f"6-trial sweep: killed after {t_kill:.0f} s, resumed run {time.time() - t0 - t_kill:.0f} s")
     assert "resuming the experiment" in r.stdout
+    assert "each trial gets 0 GPU(s) (the cluster has 0" in r.stdout  # the default on a GPU-less cluster
 
     df = pd.read_csv(out / "results.csv")
     assert len(df) == 6 and df["trial_id"].is_unique
@@ -272,3 +273,35 @@ def test_ddp_inside_a_trial(cluster, prep, tmp_path):
     assert "torch.distributed.run --standalone --nproc-per-node=2" in (trial / "train.log").read_text()
     assert "2 process(es) on cpu" in (base / "train.log").read_text()
     assert pd.read_csv(out / "results.csv")["state"].tolist() == ["completed"]
+
+
+def test_trials_get_the_clusters_gpus_by_default(tmp_path, monkeypatch):
+    """Without --gpus-per-trial a trial gets one GPU per trainer process when the Ray cluster
+    has GPUs (Ray hides GPUs from a task that asked for none: a default of 0 would train every
+    trial on CPUs next to idle GPUs); an explicit 0 stays 0. Ray's GPU count is declared here
+    (a logical resource), which is all this decision reads."""
+    import ray
+
+    from sweeps import driver
+
+    def plan(gpu, nproc):
+        job = type("Job", (), {"nproc": nproc})()
+        return driver.SweepPlan(out=tmp_path, job=job, num_samples=1, search="random", scheduler="none", max_t=1,
+                                grace_period=1, reduction_factor=3, max_concurrent=0, max_failures=0, seed=0,
+                                resources={"cpu": 1.0, "gpu": gpu})
+
+    lines: list[str] = []
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # Ray refuses GPUs that this hides
+    ray.init(num_cpus=1, num_gpus=2, include_dashboard=False, configure_logging=False)
+    try:
+        p = plan(None, 1)
+        driver.resolve_gpus(p, ray, lines.append)
+        assert p.resources["gpu"] == 1.0 and "each trial gets 1 GPU(s) (the cluster has 2" in lines[-1]
+        p = plan(None, 2)  # DDP inside a trial: one GPU per process
+        driver.resolve_gpus(p, ray, lines.append)
+        assert p.resources["gpu"] == 2.0
+        p = plan(0.0, 1)
+        driver.resolve_gpus(p, ray, lines.append)
+        assert p.resources["gpu"] == 0.0
+    finally:
+        ray.shutdown()

@@ -20,7 +20,7 @@ pytest.importorskip("jobs.cluster", reason="the SLURM launcher (jobs.cluster) is
 
 pytestmark = [pytest.mark.ray, pytest.mark.slurm]
 TINY = ["data.image_size=32", "data.resize=40", "stages.global.epochs=1", "stages.local.epochs=1",
-        "stages.fusion.epochs=1", "stages.*.batch_size=16", "data.num_workers=0", "runtime.tensorboard=false"]
+        "stages.fusion.epochs=1", "stages.*.batch_size=16", "data.num_workers=2", "runtime.tensorboard=false"]
 
 
 @pytest.fixture(scope="module")

@@ -52,6 +52,12 @@ class _Base:
         return TorchBatches(source, self.data.num_workers, pin_memory=self.device.type == "cuda",
                             hires=self.hires, prefetch=self.data.prefetch)
 
+    def close(self) -> None:
+        """Stop the loader's worker processes (also done when the loader is garbage-collected)."""
+        backend, self._backend = self._backend, None
+        if backend is not None:
+            backend.close()
+
     def _finish(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         dev = self.device
         out = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
@@ -87,6 +93,7 @@ class TrainLoader(_Base):
         reusable = (src is not None and epoch == src.start_epoch + self._next and
                     start_step == src.first_step(self._next))
         if not reusable:
+            self.close()
             self._source = src = BatchSource(self.reader, self.spec, self.plan, self.rank, self.seed,
                                              start_epoch=epoch, start_step=start_step)
             self._backend = self._make_backend(src)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from hpc.loader.source import BatchSource
+from hpc.loader.workers import spawn_guard
 from medattn.errors import MissingDependencyError
 
 
@@ -119,7 +120,10 @@ class DaliBatches:
             return tuple(outs)
 
         p = pipe()
-        p.build()
+        # build() starts the external-source worker processes: born with the stop signals
+        # blocked, so a signal to the process group cannot kill one before it ignores them.
+        with spawn_guard():
+            p.build()
         return p
 
     def _iterator(self):
@@ -129,7 +133,16 @@ class DaliBatches:
         return DALIGenericIterator([self._pipe], names, auto_reset=False,
                                    last_batch_policy=LastBatchPolicy.PARTIAL, prepare_first_batch=False)
 
+    def close(self) -> None:
+        """Stop the worker processes now (DALI closes its pool when the pipeline goes away)."""
+        self._iter = None
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            del pipe
+
     def epoch(self, epoch_idx: int) -> Iterator[dict[str, torch.Tensor]]:
+        if self._pipe is None:
+            raise RuntimeError("this DALI loader was closed")
         if epoch_idx != self._next_epoch_idx:
             raise RuntimeError(f"DALI epochs must be consumed in order: expected {self._next_epoch_idx}, "
                                f"got {epoch_idx}")

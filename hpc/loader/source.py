@@ -32,6 +32,14 @@ class BatchSource:
         state["_cache"] = None
         return state
 
+    def __setstate__(self, state):
+        # Unpickled in a loader worker (DALI's spawned external-source workers): before any
+        # batch is read, stop the scheduler's signals from killing it (hpc/loader/workers.py).
+        from hpc.loader.workers import setup_worker
+
+        setup_worker()
+        self.__dict__.update(state)
+
     # epoch_idx counts epochs since this source was built (DALI's BatchInfo.epoch_idx).
     def epoch_of(self, epoch_idx: int) -> int:
         return self.start_epoch + epoch_idx

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from hpc.loader.source import BatchSource
 from hpc.loader.views import ViewSpec
+from hpc.loader.workers import setup_worker, spawn_guard
 
 
 def render_views(images: np.ndarray, views: dict[str, np.ndarray], spec: ViewSpec) -> torch.Tensor:
@@ -89,7 +90,20 @@ class TorchBatches:
         kwargs = {}
         if self.num_workers > 0:
             kwargs = {"prefetch_factor": self.prefetch, "persistent_workers": False,
-                      "multiprocessing_context": "spawn" if torch.cuda.is_available() else None}
+                      "multiprocessing_context": "spawn" if torch.cuda.is_available() else None,
+                      "worker_init_fn": setup_worker}
         dl = DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.num_workers,
                         pin_memory=self.pin_memory, **kwargs)
-        yield from dl
+        with spawn_guard():  # the workers start here (see hpc/loader/workers.py)
+            it = iter(dl)
+        try:
+            yield from it
+        finally:
+            # A trainer that stops mid-epoch closes this generator: end the workers now rather
+            # than whenever the iterator is garbage-collected.
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+    def close(self) -> None:
+        """Nothing persists between epochs (workers live for one epoch)."""

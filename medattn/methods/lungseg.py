@@ -184,9 +184,14 @@ class LungSegmenter:
         from medattn.config import load_config
 
         self.path = resolve_checkpoint(checkpoint)
+        from medattn.safeload import UnreadableFileError, UnsafeFileError, load_plain
+
         try:
-            state = torch.load(self.path, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001 - a corrupt or foreign file
+            # weights_only: a lung model handed over by someone else cannot run code on loading.
+            state = load_plain(self.path)
+        except UnsafeFileError as e:
+            raise DataError(self.path, f"refused: {e}") from None
+        except (UnreadableFileError, OSError) as e:
             raise DataError(self.path, f"unreadable checkpoint: {e}") from None
         if not isinstance(state, dict) or "model" not in state or "config" not in state:
             raise DataError(self.path, "not a medattn checkpoint (no 'model'/'config' entries)")

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from medattn.errors import ConfigError, MedattnError
+from medattn.safeload import UnreadableFileError, UnsafeFileError, load_plain
 
 # arch -> (torchvision weights enum, key of the stem conv weight, prefix of the ImageNet classifier
 # keys that medattn's head replaces). The enum is read at run time, so URLs and hashes are torchvision's.
@@ -152,15 +153,13 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ConfigError(f"model.weights={str(path)!r}: file not found")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as first:  # noqa: BLE001 - pickle raises many types
-        # A medattn checkpoint may carry non-tensor state (numpy RNG states) that the safe
-        # loader refuses; the user named this file, so read it fully.
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception:  # noqa: BLE001
-            raise ConfigError(f"model.weights={str(path)!r}: unreadable ({type(first).__name__}: {first}); "
-                              "a truncated download? delete it and fetch it again") from None
+        # weights_only: a weights file from elsewhere must not be able to run code on loading.
+        obj = load_plain(path)
+    except UnsafeFileError as e:
+        raise ConfigError(f"model.weights={str(path)!r}: refused: {e}") from None
+    except UnreadableFileError as e:
+        raise ConfigError(f"model.weights={str(path)!r}: unreadable ({e}); "
+                          "a truncated download? delete it and fetch it again") from None
     if isinstance(obj, dict):
         for key in ("model", "state_dict"):
             if key in obj and isinstance(obj[key], dict):
