@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from medattn.attention import (attention_boxes, connected_components, crop_and_resize, heatmap,
-                               largest_component_box, map_boxes_to_source, normalize_boxes, otsu_threshold,
-                               threshold_mask)
+from hpc.syncs import count_syncs
+from medattn.attention import (attention_boxes, component_schedule, connected_components, crop_and_resize,
+                               heatmap, largest_component_box, map_boxes_to_source, normalize_boxes,
+                               otsu_threshold, threshold_mask)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
@@ -187,6 +188,161 @@ def test_diagonal_neighbours_depend_on_connectivity():
     assert len(connected_components(m, 4).unique()) == 3
 
 
+STRUCTURES = {8: np.ones((3, 3), int), 4: ndimage.generate_binary_structure(2, 1)}
+
+
+def assert_matches_scipy(masks: torch.Tensor, connectivity: int) -> None:
+    labels = connected_components(masks, connectivity)
+    assert labels.dtype == torch.int64 and labels.shape == masks.shape
+    labels = labels.numpy()
+    for i in range(len(masks)):
+        ref, _ = ndimage.label(masks[i].numpy(), structure=STRUCTURES[connectivity])
+        assert same_partition(labels[i], ref), (connectivity, tuple(masks.shape), i)
+
+
+def blob_masks(b: int, h: int, w: int, seed: int) -> torch.Tensor:
+    """Thresholded smoothed noise: a few large regions with ragged edges, as heat maps give."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, 1, h, w, generator=g)
+    for _ in range(3):
+        x = F.avg_pool2d(x, 5, stride=1, padding=2, count_include_pad=False)
+    x = x.squeeze(1)
+    keep = torch.rand(b, generator=g) * 0.6 + 0.2  # keep 20-80 % of each map
+    cut = x.flatten(1).quantile(1 - keep, dim=1).diagonal()  # image i at its own quantile
+    return x > cut.view(b, 1, 1)
+
+
+def noisy_masks(b: int, h: int, w: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    p = torch.linspace(0.3, 0.6, b).view(b, 1, 1)
+    return torch.rand(b, h, w, generator=g) < p
+
+
+def snake(n: int, m: int | None = None) -> np.ndarray:
+    """One 1-pixel path through every other row, turning at alternate ends (a boustrophedon)."""
+    m = m or n
+    a = np.zeros((n, m), bool)
+    a[::2] = True
+    for r in range(1, n, 2):
+        a[r, m - 1 if (r // 2) % 2 == 0 else 0] = True
+    return a
+
+
+def spiral(n: int) -> np.ndarray:
+    """A 1-pixel spiral corridor from the border to the centre, 1-pixel walls (one path for 8-conn)."""
+    a = np.zeros((n, n), bool)
+    r, c, dr, dc = 0, 0, 0, 1
+    a[0, 0] = True
+    while True:
+        moved = False
+        for _ in range(4):
+            r1, c1, r2, c2 = r + dr, c + dc, r + 2 * dr, c + 2 * dc
+            # step if the cell after next is free and inside: keeps a wall between turns
+            if 0 <= r2 < n and 0 <= c2 < n and not a[r2, c2] and not a[r1, c1]:
+                a[r1, c1] = a[r2, c2] = True
+                r, c = r2, c2
+                moved = True
+                break
+            dr, dc = dc, -dr  # turn right
+        if not moved:
+            return a
+
+
+def maze(n: int, seed: int) -> np.ndarray:
+    """A random perfect maze (spanning tree of the cells at even coordinates), 1-pixel corridors."""
+    rng = np.random.default_rng(seed)
+    cells = (n + 1) // 2
+    a = np.zeros((n, n), bool)
+    seen = np.zeros((cells, cells), bool)
+    stack = [(0, 0)]
+    seen[0, 0] = True
+    a[0, 0] = True
+    while stack:
+        i, j = stack[-1]
+        nxt = [(i + di, j + dj) for di, dj in ((0, 1), (1, 0), (0, -1), (-1, 0))
+               if 0 <= i + di < cells and 0 <= j + dj < cells and not seen[i + di, j + dj]]
+        if not nxt:
+            stack.pop()
+            continue
+        k, m = nxt[rng.integers(len(nxt))]
+        seen[k, m] = True
+        a[2 * k, 2 * m] = a[i + k, j + m] = True  # the cell and the wall between
+        stack.append((k, m))
+    return a
+
+
+def diagonal_zigzag(n: int) -> np.ndarray:
+    """Diagonal strokes joined only corner to corner: one region for 8-connectivity, pixels for 4."""
+    a = np.zeros((n, n), bool)
+    for r in range(n):
+        a[r, r % (2 * (n // 2)) if (r // (n // 2)) % 2 == 0 else (n // 2) - 1 - r % (n // 2)] = True
+    return a
+
+
+def adversarial_masks(n: int) -> torch.Tensor:
+    check = (np.add.outer(np.arange(n), np.arange(n)) % 2).astype(bool)
+    sn = snake(n)
+    masks = [sn, sn[::-1].copy(), sn.T.copy(), spiral(n), spiral(n)[::-1, ::-1].copy(), maze(n, 0), maze(n, 1).T.copy(),
+             check, ~check, np.ones((n, n), bool), np.zeros((n, n), bool), diagonal_zigzag(n), ~sn]
+    return torch.from_numpy(np.stack(masks))
+
+
+@pytest.mark.parametrize("connectivity", [8, 4])
+@pytest.mark.parametrize("hw", [(1, 1), (7, 7), (13, 17), (224, 224)])
+@pytest.mark.parametrize("b", [1, 16])
+def test_components_equal_scipy_on_blobs_and_noise(connectivity, hw, b):
+    seed = hw[0] * 1000 + hw[1] + b + connectivity
+    assert_matches_scipy(blob_masks(b, *hw, seed), connectivity)
+    assert_matches_scipy(noisy_masks(b, *hw, seed + 1), connectivity)
+
+
+@pytest.mark.parametrize("connectivity", [8, 4])
+@pytest.mark.parametrize("n", [64, 224])
+def test_components_equal_scipy_on_adversarial_shapes(connectivity, n):
+    masks = adversarial_masks(n)
+    assert_matches_scipy(masks, connectivity)
+    labels = connected_components(masks, connectivity)
+    for i in (0, 3, 5):  # snake, spiral, maze: each one region whatever the connectivity
+        assert len(labels[i][labels[i] > 0].unique()) == 1, i
+    if connectivity == 8:
+        assert len(labels[7][labels[7] > 0].unique()) == 1  # checkerboard: one region through corners
+    else:
+        assert len(labels[7][labels[7] > 0].unique()) == n * n // 2  # every square alone
+    assert (labels[10] == 0).all() and (labels[9] > 0).all() and len(labels[9].unique()) == 1
+
+
+def test_components_small_and_odd_maps():
+    for hw in [(1, 1), (1, 9), (9, 1), (2, 2), (3, 5), (13, 17)]:
+        for connectivity in (8, 4):
+            masks = torch.cat([noisy_masks(8, *hw, sum(hw)), torch.ones(1, *hw, dtype=torch.bool),
+                               torch.zeros(1, *hw, dtype=torch.bool)])
+            assert_matches_scipy(masks, connectivity)
+
+
+def test_adversarial_maze_needs_several_rounds(monkeypatch):
+    # The fixed schedule is a worst-case bound; this checks the mazes are hard enough that a
+    # schedule cut to 3 of its 13 rounds gets them wrong (they need 5-6 here).
+    import medattn.attention as attention
+
+    masks = adversarial_masks(224)[5:7]
+    assert_matches_scipy(masks, 8)
+    full = attention.component_schedule
+    monkeypatch.setattr(attention, "component_schedule", lambda n0: full(n0)[:3])
+    with pytest.raises(AssertionError):
+        assert_matches_scipy(masks, 8)
+
+
+def test_component_schedule_is_the_proven_bound():
+    # floor(log2 N0) rounds; round k runs ceil(log2 floor(N0 / 2^k)) pointer jumps
+    assert component_schedule(1) == [] and component_schedule(2) == [1] and component_schedule(3) == [2]
+    s = component_schedule(112 * 112)  # 224x224, 8-connectivity: 2x2 blocks
+    assert len(s) == 13 == int(math.log2(112 * 112)) and sum(s) == 104 and s[0] == 14 and s[-1] == 2
+    for n0 in range(1, 300):
+        s = component_schedule(n0)
+        assert len(s) == (n0.bit_length() - 1)
+        assert s == [math.ceil(math.log2(n0 // 2 ** k)) for k in range(len(s))]
+
+
 # --------------------------------------------------------------------------------------------
 # boxes
 # --------------------------------------------------------------------------------------------
@@ -254,6 +410,49 @@ def test_attention_boxes_batched_equals_per_sample_reference():
         assert heat.shape == (12, 56, 56) and empty[0]
     # boxes are in [0, 1] and non-degenerate
     assert (boxes >= 0).all() and (boxes <= 1).all() and (boxes[:, 2] > boxes[:, 0]).all()
+
+
+def reference_largest_box(mask: np.ndarray, connectivity: int) -> list[int]:
+    """scipy labels in raster order of first pixels; the first of the largest wins (argmax)."""
+    lab, n = ndimage.label(mask, structure=STRUCTURES[connectivity])
+    if n == 0:
+        return [0, 0, mask.shape[1], mask.shape[0]]
+    rows, cols = np.nonzero(lab == int(np.argmax(np.bincount(lab.ravel())[1:])) + 1)
+    return [cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]
+
+
+@pytest.mark.parametrize("connectivity", [8, 4])
+def test_largest_component_box_equals_scipy(connectivity):
+    for hw in [(1, 1), (7, 7), (13, 17), (224, 224)]:
+        ties = torch.zeros(2, *hw, dtype=torch.bool)  # equal regions: the first in raster order wins
+        ties[:, -1, -1] = ties[:, 0, 0] = True
+        masks = torch.cat([blob_masks(16, *hw, 5), noisy_masks(16, *hw, 6), ties])
+        if hw == (224, 224):
+            masks = torch.cat([masks, adversarial_masks(224)])
+        boxes, empty = largest_component_box(masks, "largest", connectivity)
+        ref = [reference_largest_box(m.numpy(), connectivity) for m in masks]
+        assert boxes.tolist() == ref, hw
+        assert empty.tolist() == [not m.any() for m in masks]
+
+
+def test_attention_and_crops_never_sync():
+    """No op of the attention path makes the host wait for the GPU: no .item(), torch.equal,
+    nonzero, boolean-mask indexing, cross-device copy, nor tensor built from Python data."""
+    g = torch.Generator().manual_seed(4)
+    feats = torch.randn(16, 8, 7, 7, generator=g)
+    feats[0] = 0.0  # an empty mask
+    images = torch.rand(16, 3, 224, 224, generator=g)
+    hires = torch.randint(0, 256, (16, 1, 512, 512), dtype=torch.uint8, generator=g)
+    for threshold in ("tau", "otsu"):
+        for component in ("largest", "all"):
+            with count_syncs() as c:
+                boxes, heat, empty = attention_boxes(feats, tau=0.7, threshold=threshold, component=component,
+                                                     size=224, return_empty=True)
+                crops = crop_and_resize(images, boxes, 224)
+                crops_hi = crop_and_resize(hires, map_boxes_to_source(boxes, boxes), 224)
+            assert c.syncs == 0 and c.host_tensors == 0, (threshold, component, c.sync_ops)
+            assert c.ops > 0 and crops.shape == (16, 3, 224, 224) and crops_hi.shape == (16, 1, 224, 224)
+            assert bool(empty[0]) and boxes[0].tolist() == [0.0, 0.0, 1.0, 1.0]
 
 
 def test_attention_boxes_at_feature_resolution():
