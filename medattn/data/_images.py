@@ -55,10 +55,27 @@ class Loaded:
     conversion: str             # "", "rgba", "16bit", "not_1024" or a "+"-joined combination
 
 
+def to_uint8_linear(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Map ``lo..hi`` linearly onto 0..255: ``round((v - lo) * 255 / (hi - lo))``, halves rounded
+    up, clipped to 0..255.
+
+    Integer input with integer bounds is computed exactly in int64 (``(a * 255 + d // 2) // d``
+    with ``a = v - lo``, ``d = hi - lo``); anything else in float64. Shared by the 16-bit PNG rule
+    below and by the DICOM reader (medattn.data.imagefiles), so both round the same way.
+    """
+    if not hi > lo:
+        raise ValueError(f"empty intensity range {lo}..{hi}")
+    if np.issubdtype(arr.dtype, np.integer) and float(lo).is_integer() and float(hi).is_integer():
+        lo_i, d = int(lo), int(hi) - int(lo)
+        a = arr.astype(np.int64) - lo_i
+        return ((a * 255 + d // 2) // d).clip(0, 255).astype(np.uint8)
+    a = (arr.astype(np.float64) - lo) * 255.0 / (hi - lo)
+    return np.floor(a + 0.5).clip(0, 255).astype(np.uint8)
+
+
 def _to_uint8_16bit(arr: np.ndarray) -> np.ndarray:
     # round(v * 255 / 65535) without float: (v * 255 + 32767) // 65535 in int64.
-    a = arr.astype(np.int64)
-    return ((a * 255 + 32767) // 65535).clip(0, 255).astype(np.uint8)
+    return to_uint8_linear(arr, 0, 65535)
 
 
 def _decode(path: Path) -> tuple[Image.Image, bool]:
