@@ -72,6 +72,6 @@ slurm-up:
 slurm-down:
 	scripts/slurm-local.sh stop
 
-# GPU benchmarks (on a GPU node): docs/benchmarks.md
+# The GPU check (on a GPU node): docs/benchmarks.md
 bench-gpu: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" scripts/gpu-bench.sh
+	PYTHON=$(BIN)/python scripts/gpu-check.sh

@@ -1,14 +1,5 @@
-"""Atomic checkpoints, the resume state of a stage, and the run directory's stage state.
-
-Layout of a run directory::
-
-    RUN/config.yaml            resolved config (saved once; a resumed run must match it)
-    RUN/provenance.json        git sha, versions, hosts, device, seed, command (per launch, appended)
-    RUN/state.json             which stages are done and their best metric
-    RUN/ckpt/<stage>/last.pt   everything needed to resume exactly (written every epoch + on signal)
-    RUN/ckpt/<stage>/best.pt   model weights of the best validation epoch (feeds the next stage)
-    RUN/metrics.jsonl          one JSON object per epoch (and per log interval)
-    RUN/tb/                    TensorBoard
+"""Checkpoints: atomic writes, safe reads, what a checkpoint holds (the resume state of a
+stage, the selected weights of one). Where they live in a run directory is hpc.run's business.
 
 Every write goes to a temporary file in the same directory and is renamed into place, so a
 kill at any moment leaves either the old or the new file, never a truncated one.
@@ -20,8 +11,9 @@ anything more is refused with a message that names it.
 """
 from __future__ import annotations
 
-import json
 import os
+import queue
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +35,58 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         os.fsync(f.fileno())
     faults.point("ckpt_write")
     os.replace(tmp, path)
+
+
+def to_host(obj: Any) -> Any:
+    """A copy of a checkpoint payload with every tensor copied to host memory (CPU tensors
+    cloned too), so a background write is unaffected by the training that goes on."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_host(v) for v in obj)
+    return obj
+
+
+class BackgroundWriter:
+    """Writes checkpoints one after another in a thread of their own, off the training loop.
+
+    :meth:`submit` copies the payload to host memory (the only part the training waits for: a
+    device-to-host copy) and returns; :meth:`wait` blocks until everything submitted is on disk
+    and re-raises the first failed write. Writes stay atomic (:func:`atomic_torch_save`), so a kill
+    during one leaves the previous file.
+    """
+
+    def __init__(self):
+        self._jobs: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="medattn-ckpt-writer", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            path, payload = self._jobs.get()
+            try:
+                if self._error is None:
+                    atomic_torch_save(payload, path)
+            except BaseException as e:  # surfaced by wait()
+                self._error = e
+            finally:
+                self._jobs.task_done()
+
+    def submit(self, payload: Any, path: str | os.PathLike) -> None:
+        self._raise()
+        self._jobs.put((Path(path), to_host(payload)))
+
+    def wait(self) -> None:
+        self._jobs.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise RuntimeError(f"a background checkpoint write failed: {e}") from e
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -83,7 +127,7 @@ class TrainState:
 
     The model, optimizer, LR schedule, loss scaler and the method's extra state (e.g. feature
     centres), the counters, the best metric so far, the running sums of an interrupted epoch and
-    every rank's random streams. :meth:`state_dict` is what ``last.pt`` holds; load it with
+    every rank's random streams. :meth:`state_dict` is what a stage's resume checkpoint holds; load it with
     :func:`load` onto any device (the training device, or ``meta`` in tests): RNG states are
     plain bytes and lists, so the map location cannot change them.
 
@@ -116,6 +160,7 @@ class TrainState:
             "epoch": self.epoch, "step": self.step, "global_step": self.global_step, "best": self.best,
             "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs, "rng": list(rng),
             "world_size": world_size, "config": config, "partial_epoch": partial_epoch,
+            "spec": self.method.spec.to_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any], *, rank: int, world_size: int) -> bool:
@@ -140,44 +185,7 @@ class TrainState:
 
 def weights_payload(stage: str, model: torch.nn.Module, method, *, epoch: int, metric: float | None,
                     metric_name: str, config: dict[str, Any]) -> dict[str, Any]:
-    """What ``best.pt`` holds: the weights of one epoch and what they scored."""
+    """What a stage's best checkpoint holds: the weights of one epoch and what they scored."""
     return {"version": CKPT_VERSION, "stage": stage, "model": model.state_dict(), "method": method.extra_state(),
-            "epoch": epoch, "metric": metric, "metric_name": metric_name, "config": config}
-
-
-class RunDir:
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-
-    def ckpt(self, stage: str, kind: str = "last") -> Path:
-        return self.root / "ckpt" / stage / f"{kind}.pt"
-
-    @property
-    def state_path(self) -> Path:
-        return self.root / "state.json"
-
-    def state(self) -> dict[str, Any]:
-        if not self.state_path.is_file():
-            return {"stages": {}}
-        return json.loads(self.state_path.read_text())
-
-    def save_state(self, state: dict[str, Any]) -> None:
-        atomic_write_text(self.state_path, json.dumps(state, indent=2))
-
-    def stage_done(self, stage: str) -> bool:
-        return bool(self.state()["stages"].get(stage, {}).get("done"))
-
-    def mark_stage(self, stage: str, **info: Any) -> None:
-        st = self.state()
-        st["stages"].setdefault(stage, {}).update(info)
-        self.save_state(st)
-
-    def remove_stale_temporaries(self) -> list[Path]:
-        """Delete the temporary files of writes that a kill interrupted (``.NAME.tmpPID``)."""
-        gone = []
-        for d in (self.root, *(self.root / "ckpt").glob("*")):
-            if d.is_dir():
-                for p in d.glob(".*.tmp*"):
-                    p.unlink(missing_ok=True)
-                    gone.append(p)
-        return gone
+            "epoch": epoch, "metric": metric, "metric_name": metric_name, "config": config,
+            "spec": method.spec.to_dict()}

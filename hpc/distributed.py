@@ -271,9 +271,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
                           f"{torch.cuda.device_count()}: CUDA random streams are not restored")
 
 
-def wrap_step(module: torch.nn.Module, world: World, device: torch.device, compile: bool = False) -> torch.nn.Module:
+def wrap_step(module: torch.nn.Module, world: World, device: torch.device, compile: bool = False,
+              compile_mode: str = "default") -> torch.nn.Module:
     """The training step module as the trainer (and ``medattn bench train``) runs it: DDP when
-    distributed, then ``torch.compile`` when asked.
+    distributed, then ``torch.compile`` when asked (``compile_mode``: ``reduce-overhead`` replays
+    the step as CUDA graphs, for small per-GPU batches where kernel launches dominate).
 
     BatchNorm buffers stay rank-local during an epoch (``broadcast_buffers=False``); the trainer
     shares them at epoch ends. torch 2.13 warns that ``broadcast_buffers`` is deprecated, but its
@@ -287,5 +289,5 @@ def wrap_step(module: torch.nn.Module, world: World, device: torch.device, compi
             module = DDP(module, device_ids=[device.index] if device.type == "cuda" else None,
                          broadcast_buffers=False)
     if compile:
-        module = torch.compile(module)
+        module = torch.compile(module, mode=None if compile_mode == "default" else compile_mode)
     return module

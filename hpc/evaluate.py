@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 
 from hpc import distributed
-from hpc.checkpoint import RunDir, atomic_write_text, load as load_ckpt
-from hpc.evaluation import (binary_metrics, classification_metrics, extras_means, localization_metrics,
-                            run_inference)
-from medattn.config import load_saved_config
+from hpc.checkpoint import atomic_write_text
+from hpc.run import Run, load_run
+from hpc.inference import run_inference
 from medattn.errors import DataError, MedattnError
+from medattn.metrics import binary_metrics, classification_metrics, extras_means, localization_metrics
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,61 +49,36 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """In-process entry point (tests): ``medattn eval ARGV``, returning its exit status."""
-    from medattn.cli import main as cli_main
+    """In-process entry point (tests, scripts): ``medattn eval ARGV``, returning its exit status."""
+    from medattn.command import run_command
 
-    return cli_main(["eval", *(sys.argv[1:] if argv is None else argv)])
-
-
-def _data_path(run: RunDir, data: str | None) -> str:
-    if data:
-        return data
-    prov = run.root / "provenance.json"
-    if prov.is_file():
-        hist = json.loads(prov.read_text())
-        hist = hist if isinstance(hist, list) else [hist]
-        if hist and hist[-1].get("data"):
-            return hist[-1]["data"]
-    raise DataError(prov, "cannot tell which prepared data the run used; pass --data")
+    return run_command("eval", sys.modules[__name__], list(sys.argv[1:] if argv is None else argv))
 
 
 def evaluate(run_dir: str, split: str = "test", data: str | None = None, stage: str | None = None,
              checkpoint: str = "best", bootstrap: int = 1000, out_dir: str | None = None,
              overrides: list[str] | None = None) -> int:
     from medattn.data.prepared import PreparedDataset
-    from medattn.methods import DataSpec, create_method
     from hpc.loader import EvalLoader
 
-    run = RunDir(run_dir)
-    cfg_path = run.root / "config.yaml"
-    if not cfg_path.is_file():
-        raise DataError(cfg_path, "not a run directory (no config.yaml); train first")
+    run = Run(run_dir).require()
     bad = [o for o in overrides or [] if not o.split("=", 1)[0].startswith(("runtime.", "data.loader",
                                                                             "data.num_workers"))]
     if bad:
         raise MedattnError(f"eval accepts only runtime/loader overrides, got {bad[0]!r}")
-    cfg = load_saved_config(cfg_path, overrides)
-    state = run.state()["stages"]
-    done = [s for s in cfg.stage_names() if state.get(s, {}).get("done")]
-    if stage is None:
-        if not done:
-            raise DataError(run.state_path, "no stage of this run has finished; nothing to evaluate")
-        stage = done[-1]
-    elif stage not in cfg.stage_names():
-        raise MedattnError(f"--stage {stage!r} is not a stage of this run ({', '.join(cfg.stage_names())})")
-    ckpt = run.ckpt(stage, checkpoint)
-    if not ckpt.is_file():
-        raise DataError(ckpt, f"checkpoint missing (stage {stage!r} has not produced one yet)")
+    cfg = run.config(overrides)
+    if stage is None and not run.done_stages(cfg.stage_names()):
+        raise DataError(run.state_path, "no stage of this run has finished; nothing to evaluate")
+    stage, ckpt, _ = run.pick_checkpoint(stage, checkpoint, cfg.stage_names())
 
     world, device = distributed.init(device=cfg.runtime.device, timeout_s=cfg.runtime.dist_timeout_s)
     try:
-        ds = PreparedDataset.open(_data_path(run, data))
-        spec = DataSpec.from_dataset(ds, cfg)
-        method = create_method(cfg, spec)
-        model = method.build_model().to(device)
-        st = load_ckpt(ckpt, device)
-        model.load_state_dict(st["model"])
-        method.load_extra_state(st.get("method", {}))
+        data = data or run.data_path()
+        if data is None:
+            raise DataError(run.provenance_path, "cannot tell which prepared data the run used; pass --data")
+        ds = PreparedDataset.open(data)
+        lr = load_run(run, stage, checkpoint, device, data=data, overrides=overrides)
+        method, model, spec = lr.method, lr.model, lr.spec
         scfg = cfg.stages[stage]
         per_rank = max(1, (scfg.eval_batch_size or scfg.batch_size) // world.world_size)
         loader = EvalLoader(ds, cfg.data, ds.indices(split), per_rank, world.rank, world.world_size, device,
@@ -111,11 +86,14 @@ def evaluate(run_dir: str, split: str = "test", data: str | None = None, stage: 
         precision = "bf16" if device.type == "cuda" and cfg.runtime.precision == "auto" else cfg.runtime.precision
         precision = "fp32" if precision == "auto" else precision
         t0 = time.time()
-        preds = run_inference(method, model, loader, stage, device, precision,
-                              channels_last=cfg.runtime.channels_last)
+        try:
+            preds = run_inference(method, model, loader, stage, device, precision,
+                                  channels_last=cfg.runtime.channels_last)
+        finally:
+            loader.close()
         elapsed = time.time() - t0
         if world.is_primary:
-            out = Path(out_dir) if out_dir else run.root / ("eval" if split == "test" else f"eval_{split}")
+            out = Path(out_dir) if out_dir else run.eval_dir(split)
             result = summarize(preds, ds, spec, cfg, split, stage, str(ckpt), bootstrap)
             result["time_s"] = elapsed
             result["images_per_s"] = len(preds.index) / max(elapsed, 1e-9)

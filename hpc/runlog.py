@@ -2,20 +2,17 @@
 
 * On a terminal: a tqdm progress bar per epoch. In a batch log (SLURM, CI, pipes): one plain
   line every ``runtime.log_every`` steps, so logs stay small and greppable.
-* ``metrics.jsonl``: one JSON object per finished epoch (stage, epoch, losses, validation
-  AUROC per branch and class, throughput, wall time). On resume, records of epochs that will be
-  retrained are dropped first, so each (stage, epoch) appears exactly once.
-* TensorBoard scalars under ``RUN/tb``.
+* the run's epoch records (hpc.run): one JSON object per finished epoch (stage, epoch, losses,
+  validation AUROC per branch and class, throughput, wall time). On resume, records of epochs
+  that will be retrained are dropped first, so each (stage, epoch) appears exactly once.
+* TensorBoard scalars in the run's TensorBoard folder.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("medattn")
@@ -53,52 +50,38 @@ def _clean(v: Any) -> Any:
 
 
 class RunLogger:
-    def __init__(self, root: Path, primary: bool, progress: str = "auto", tensorboard: bool = True,
+    """Progress, log lines, the epoch records and TensorBoard of a run (all on rank 0 only)."""
+
+    def __init__(self, run, primary: bool, progress: str = "auto", tensorboard: bool = True,
                  log_every: int = 20):
-        self.root = Path(root)
+        self.run = run  # hpc.run.Run
         self.primary = primary
         if progress == "auto":
             progress = "bar" if sys.stderr.isatty() else "log"
         self.progress = progress
         self.log_every = max(1, log_every)
-        self.metrics_path = self.root / "metrics.jsonl"
         self._tb = None
         if primary and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=str(self.root / "tb"))
+                self._tb = SummaryWriter(log_dir=str(run.tb_dir))
             except Exception as e:  # TensorBoard is optional at run time
                 log.warning(f"TensorBoard disabled: {e}")
         self._bar = None
         self._t0 = time.time()
 
-    # ------------------------------------------------------------------ metrics.jsonl
+    # ------------------------------------------------------------------ epoch records
     def drop_epochs_from(self, stage: str, epoch: int) -> None:
-        """Remove records of ``stage`` with epoch >= ``epoch`` (they are about to be retrained)."""
-        if not self.primary or not self.metrics_path.is_file():
-            return
-        keep = []
-        for line in self.metrics_path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a kill mid-write
-            if rec.get("stage") == stage and rec.get("epoch", 0) > epoch:
-                continue
-            keep.append(line)
-        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(k + "\n" for k in keep))
-        os.replace(tmp, self.metrics_path)
+        """Remove records of ``stage`` with epoch > ``epoch`` (they are about to be retrained)."""
+        if self.primary:
+            self.run.drop_records_from(stage, epoch)
 
     def epoch_record(self, record: dict[str, Any], global_step: int) -> None:
         if not self.primary:
             return
         rec = {k: _clean(v) for k, v in record.items()}
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self.run.append_record(rec)
         if self._tb is not None:
             stage = rec.get("stage", "")
             for k, v in rec.items():
@@ -122,14 +105,6 @@ class RunLogger:
 
             self._bar = tqdm(total=steps, initial=start_step, desc=self._desc, leave=False,
                              dynamic_ncols=True, file=sys.stderr)
-
-    def wants_scalars(self, step: int) -> bool:
-        """Whether ``step`` will print scalars (so the caller syncs the device only then)."""
-        if not self.primary:
-            return False
-        if self.progress == "bar":
-            return step % max(1, self.log_every // 4) == 0
-        return self.progress == "log" and (step % self.log_every == 0 or step == self._steps)
 
     def step(self, step: int, scalars: dict[str, float] | None, images_so_far: int) -> None:
         self._seen = images_so_far

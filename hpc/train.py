@@ -15,7 +15,6 @@ Overrides are `key=value` (see `medattn configs NAME`), e.g. `stages.*.epochs=2 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -30,32 +29,65 @@ from typing import Any
 import torch
 
 from hpc import distributed, faults
-from hpc.checkpoint import (RunDir, TrainState, atomic_torch_save, atomic_write_text, load as load_ckpt,
-                            weights_payload)
-from hpc.evaluation import autocast_ctx, classification_metrics, extras_means, run_inference
+from hpc.checkpoint import TrainState, load as load_ckpt, weights_payload
+from hpc.inference import autocast_ctx, run_inference
 from hpc.loader import EvalLoader, TrainLoader, TrainPlan, resolve_kind
+from hpc.run import Run
 from hpc.runlog import RunLogger, log, setup_logging
 from hpc.schedule import LRSchedule, build_optimizer
 from hpc.stop import EXIT_CHECKPOINTED, EXIT_INTERRUPTED, STOP  # noqa: F401  (STOP: installed by the CLI first)
-from medattn.config import Config, load_config, load_saved_config, save_config
+from medattn.config import Config, load_config
 from medattn.methods.base import StageStep
 from medattn.errors import ConfigError
+from medattn.metrics import classification_metrics, extras_means
 
 
 
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
+def run_arguments_parser() -> argparse.ArgumentParser:
+    """What a run is on the command line: config, data, run directory, stages, overrides. A parent
+    parser: ``medattn train`` and the SLURM launchers (``submit``, ``sbatch``) take exactly these
+    arguments, spelled once (as dinov2's launchers take their trainer's)."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("the run")
+    g.add_argument("--config", required=True, help="shipped config name (medattn configs) or a YAML path")
+    g.add_argument("--data", required=True,
+                   help="prepared directory (medattn prepare --out); on a cluster, on the shared filesystem")
+    g.add_argument("--out", required=True, help="run directory; rerunning on it resumes")
+    g.add_argument("--stages", default=None,
+                   help="comma-separated stages to run (default: every stage not done yet; the stages before "
+                        "them must be done)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return p
+
+
+def parents() -> list[argparse.ArgumentParser]:
+    return [run_arguments_parser()]
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="shipped config name (medattn configs) or a YAML path")
-    p.add_argument("--data", required=True, help="prepared directory (medattn prepare --out)")
-    p.add_argument("--out", required=True, help="run directory; rerunning on it resumes")
-    p.add_argument("--stages", default=None,
-                   help="comma-separated subset of stages to run now (earlier stages must be done); "
-                        "used by SLURM stage chains")
     p.add_argument("--no-resume", action="store_true",
                    help="fail instead of resuming when --out already holds a run")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+
+def command_line(config: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
+                 stages: list[str] | None = None, overrides: list[str] | None = None) -> list[str]:
+    """The ``medattn train`` arguments of a run, as launchers write them into jobs and trials."""
+    argv = ["--config", str(config), "--data", str(data), "--out", str(out)]
+    if stages:
+        argv += ["--stages", ",".join(stages)]
+    return argv + list(overrides or [])
+
+
+def check_batches(cfg: Config, stages: list[str], world_size: int, where: str = "") -> None:
+    """Every stage's global batch splits evenly over the processes (raise ConfigError naming it)."""
+    for s in stages:
+        bs = cfg.stages[s].batch_size
+        if bs % world_size:
+            raise ConfigError(f"stages.{s}.batch_size {bs} is not divisible by the {world_size} processes"
+                              f"{where}; the global batch is split evenly over them")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,10 +96,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """In-process entry point (tests): ``medattn train ARGV``, returning its exit status."""
-    from medattn.cli import main as cli_main
+    """In-process entry point (tests, scripts): ``medattn train ARGV``, returning its exit status."""
+    from medattn.command import run_command
 
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+    STOP.install()
+    return run_command("train", sys.modules[__name__], list(sys.argv[1:] if argv is None else argv))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,39 +133,35 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
-def _check_run_dir(run: RunDir, cfg: Config, resume: bool, world: distributed.World) -> None:
+def _check_run_dir(run: Run, cfg: Config, resume: bool, world: distributed.World) -> None:
     """Refuse an --out that holds another run (read-only: nothing is written before every check
     of the inputs has passed). A resumed run must use the same config (runtime keys may differ:
     they do not change the science)."""
-    saved = run.root / "config.yaml"
     problem = None
-    if world.is_primary and saved.is_file():
+    if world.is_primary and run.exists():
         if not resume:
             problem = f"{run.root} already holds a run (--no-resume given)"
         else:
-            old = load_saved_config(saved).to_dict()
-            new = cfg.to_dict()
-            diff = [k for k in sorted(set(old) | set(new)) if k != "runtime" and old.get(k) != new.get(k)]
-            if diff:
-                problem = (f"{run.root} holds a run with a different config (sections differ: "
-                           f"{', '.join(diff)}); resume with the same config and overrides, or use a new --out")
+            try:
+                run.check_config(cfg)
+            except ConfigError as e:
+                problem = str(e)
     problem = distributed.broadcast_object(problem)
     if problem:
         raise ConfigError(problem)
 
 
-def _init_run_dir(run: RunDir, cfg: Config, world: distributed.World) -> None:
-    """Create RUN/config.yaml (first launch) and clear what an earlier launch's kill left half-written."""
+def _init_run_dir(run: Run, cfg: Config, world: distributed.World) -> None:
+    """Save the config (first launch) and clear what an earlier launch's kill left half-written."""
     if world.is_primary:
-        run.root.mkdir(parents=True, exist_ok=True)
-        if not (run.root / "config.yaml").is_file():
-            save_config(cfg, run.root / "config.yaml")
+        if not run.exists():
+            run.save_config(cfg)
         for p in run.remove_stale_temporaries():
             log.info(f"removed {p} (a write interrupted by an earlier kill)")
     distributed.barrier()
 
 
-def _write_provenance(run: RunDir, cfg: Config, data: str, world: distributed.World) -> None:
+def _write_provenance(run: Run, cfg: Config, data: str, world: distributed.World) -> None:
     hosts = distributed.all_gather_object(socket.gethostname())
     if not world.is_primary:
         return
@@ -149,15 +178,7 @@ def _write_provenance(run: RunDir, cfg: Config, data: str, world: distributed.Wo
         "data": str(Path(data).resolve()),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
     }
-    path = run.root / "provenance.json"
-    hist = []
-    if path.is_file():
-        try:
-            hist = json.loads(path.read_text())
-            hist = hist if isinstance(hist, list) else [hist]
-        except json.JSONDecodeError:
-            hist = []
-    atomic_write_text(path, json.dumps(hist + [rec], indent=2))
+    run.append_provenance(rec)
 
 
 def _precision(cfg: Config, device: torch.device) -> str:
@@ -173,7 +194,7 @@ def _precision(cfg: Config, device: torch.device) -> str:
 @dataclass
 class Ctx:
     cfg: Config
-    run: RunDir
+    run: Run
     ds: Any
     spec: Any
     method: Any
@@ -201,8 +222,9 @@ def train(config: str, data: str, out: str, overrides: list[str] | None = None, 
         distributed.shutdown()
         return STOP.exit_status()
     logger = None
+    run = None
     try:
-        run = RunDir(out)
+        run = Run(out)
         # ---- every check of the inputs, before anything is written to --out: a failed start
         # (wrong --data, unknown backbone, missing weights file, a batch larger than the split)
         # leaves --out as it was, so the corrected command runs.
@@ -226,11 +248,14 @@ def train(config: str, data: str, out: str, overrides: list[str] | None = None, 
         _init_run_dir(run, cfg, world)
         _write_provenance(run, cfg, data, world)
         distributed.log_device(log)
-        logger = RunLogger(run.root, world.is_primary, cfg.runtime.progress, cfg.runtime.tensorboard,
+        logger = RunLogger(run, world.is_primary, cfg.runtime.progress, cfg.runtime.tensorboard,
                            cfg.runtime.log_every)
         model = model.to(device)
-        if device.type == "cuda" and cfg.runtime.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        if device.type == "cuda":
+            # Fixed input shapes: cuDNN times its algorithms once per shape and keeps the fastest.
+            torch.backends.cudnn.benchmark = cfg.runtime.cudnn_benchmark and not cfg.runtime.deterministic
+            if cfg.runtime.channels_last:
+                model = model.to(memory_format=torch.channels_last)
         if cfg.runtime.sync_bn and world.distributed:
             if device.type == "cuda":
                 model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -253,12 +278,14 @@ def train(config: str, data: str, out: str, overrides: list[str] | None = None, 
         logger.info(f"done: {run.root}")
         return 0
     finally:
+        if run is not None:
+            run.wait_for_writes()  # nothing written in the background is lost at exit
         if logger is not None:
             logger.close()
         distributed.shutdown()
 
 
-def _stages_to_run(run: RunDir, all_stages: list[str], todo: list[str]) -> list[str]:
+def _stages_to_run(run: Run, all_stages: list[str], todo: list[str]) -> list[str]:
     """The stages of ``todo`` that are not done, in order; an unfinished earlier stage is an error."""
     to_run = []
     for i, stage in enumerate(all_stages):
@@ -273,20 +300,14 @@ def _stages_to_run(run: RunDir, all_stages: list[str], todo: list[str]) -> list[
 
 def _train_plan(cfg: Config, ds, method, world: distributed.World, stage: str, index: int) -> TrainPlan:
     """Which samples each rank trains on in each epoch of ``stage`` (checks batch vs. split)."""
-    st = cfg.stages[stage]
+    check_batches(cfg, [stage], world.world_size)
     train_idx = method.stage_indices(ds, stage, cfg.data.train_split, ds.indices(cfg.data.train_split))
     if cfg.data.max_samples:
         train_idx = train_idx[: cfg.data.max_samples]
     try:
-        return TrainPlan(train_idx, _loader_batch(st, world), world.world_size, cfg.seed + 1000 * index)
+        return TrainPlan(train_idx, cfg.stages[stage].batch_size, world.world_size, cfg.seed + 1000 * index)
     except ValueError as e:
         raise ConfigError(f"stage {stage!r}: {e}") from None
-
-
-def _loader_batch(stage_cfg, world: distributed.World) -> int:
-    if stage_cfg.batch_size % world.world_size:
-        raise ConfigError(f"batch_size {stage_cfg.batch_size} is not divisible by the {world.world_size} processes")
-    return stage_cfg.batch_size
 
 
 def _eval_loader(ctx: Ctx, stage: str, split: str) -> EvalLoader:
@@ -352,7 +373,7 @@ def train_stage(ctx: Ctx, stage: str, previous: list[str], plan: TrainPlan) -> i
 
     # ---- where this stage starts: its own last checkpoint, else the previous stage's best.
     # Loaded straight onto the training device (no host round trip for the weights).
-    last_path = run.ckpt(stage, "last")
+    last_path = run.checkpoint(stage, "last")
     if last_path.is_file():
         restored_rng = ts.load_state_dict(load_ckpt(last_path, device), rank=world.rank,
                                           world_size=world.world_size)
@@ -360,7 +381,7 @@ def train_stage(ctx: Ctx, stage: str, previous: list[str], plan: TrainPlan) -> i
                     f"from {last_path}" + ("" if restored_rng else
                                            " (random streams reseeded: the number of processes changed)"))
     else:
-        init = st.init_from or (str(run.ckpt(previous[-1], "best")) if previous else "")
+        init = st.init_from or (str(run.checkpoint(previous[-1], "best")) if previous else "")
         if init:
             src = load_ckpt(init, device)
             model.load_state_dict(src["model"])
@@ -369,7 +390,7 @@ def train_stage(ctx: Ctx, stage: str, previous: list[str], plan: TrainPlan) -> i
     logger.drop_epochs_from(stage, ts.epoch)
 
     step_module = StageStep(method, model, stage)
-    step_module = distributed.wrap_step(step_module, world, device, cfg.runtime.compile)
+    step_module = distributed.wrap_step(step_module, world, device, cfg.runtime.compile, cfg.runtime.compile_mode)
     loader = TrainLoader(ctx.ds, cfg.data, plan, world.rank, device, cfg.seed + 7 * len(previous),
                          hires=method.needs_hires(stage))
     val_loader = _eval_loader(ctx, stage, cfg.data.val_split)
@@ -382,21 +403,22 @@ def train_stage(ctx: Ctx, stage: str, previous: list[str], plan: TrainPlan) -> i
         return status
     sel_key = _select_key(ctx, stage)
     if world.is_primary:
-        if not run.ckpt(stage, "best").is_file():  # no validation metric: keep the final weights
-            atomic_torch_save(weights_payload(stage, model, method, epoch=ts.epoch, metric=None,
-                                              metric_name=sel_key, config=cfg.to_dict()), run.ckpt(stage, "best"))
+        run.wait_for_writes()  # the stage is done only once its checkpoints are on disk
+        if not run.has_checkpoint(stage, "best"):  # no validation metric: keep the final weights
+            run.save_checkpoint(stage, "best", weights_payload(stage, model, method, epoch=ts.epoch, metric=None,
+                                                               metric_name=sel_key, config=cfg.to_dict()))
         run.mark_stage(stage, done=True, best_metric=ts.best, best_epoch=ts.best_epoch + 1, metric=sel_key,
                        epochs=ts.epoch, global_step=ts.global_step)
     distributed.barrier()
     # The next stage starts from this stage's best weights.
-    best_state = load_ckpt(run.ckpt(stage, "best"), device)
+    best_state = run.load_checkpoint(stage, "best", device)
     model.load_state_dict(best_state["model"])
     method.load_extra_state(best_state.get("method", {}))
     return 0
 
 
 def _select_key(ctx: Ctx, stage: str) -> str:
-    """The metric that selects ``best.pt``, with the branch the stage trains filled in."""
+    """The metric that selects the stage's best checkpoint, with the branch it trains filled in."""
     sel = ctx.cfg.stages[stage].select_metric
     branch = ctx.method.select_branch(stage)
     return sel.replace("val/", f"val/{branch}/", 1) if sel.startswith("val/") and sel.count("/") == 1 else sel
@@ -409,120 +431,77 @@ def _stop_agreed(device: torch.device) -> bool:
 
 def _stopped(ctx: Ctx, stage: str, where: str) -> int:
     ctx.logger.end_epoch(f"stopped by signal {STOP.signum} {where}; checkpoint saved")
-    ctx.logger.info(f"[{stage}] checkpoint {ctx.run.ckpt(stage, 'last')}; rerun the same command to resume")
+    ctx.logger.info(f"[{stage}] checkpoint {ctx.run.checkpoint(stage)}; rerun the same command to resume")
     return STOP.exit_status()
+
+
+@dataclass
+class _EpochSums:
+    """What an epoch has accumulated so far (kept across a mid-epoch resume, so the epoch's record
+    covers all its steps). ``sums`` stay on the device during the epoch."""
+
+    sums: dict[str, Any]
+    n_steps: int = 0
+    images: int = 0
+    time_before: float = 0.0  # training seconds before this launch (a resumed epoch)
+    t0: float = 0.0  # when this launch started the epoch
+
+    def state(self, world: distributed.World, device: torch.device) -> dict[str, Any]:
+        """Plain data for the checkpoint: the sums averaged over ranks."""
+        keys = sorted(self.sums)
+        vals = distributed.all_reduce_sum([float(self.sums[k]) for k in keys], device)
+        return {"sums": {k: v / world.world_size for k, v in zip(keys, vals)}, "n_steps": self.n_steps,
+                "images": self.images, "time": self.time_before + time.time() - self.t0}
+
+    @classmethod
+    def resumed(cls, state: dict[str, Any] | None, device: torch.device) -> "_EpochSums":
+        if not state:
+            return cls({}, t0=time.time())
+        return cls({k: torch.tensor(v, device=device) for k, v in state["sums"].items()}, state["n_steps"],
+                   state["images"], state["time"], time.time())
 
 
 def _run_epochs(ctx: Ctx, stage: str, ts: TrainState, step_module, loader: TrainLoader, val_loader: EvalLoader,
                 params, plan: TrainPlan) -> int:
+    """The stage's epochs from where ``ts`` is: train, validate, record, checkpoint. Returns 0, or
+    the exit status of a stop (after its checkpoint)."""
     cfg, run, world, device, method, model, logger = (ctx.cfg, ctx.run, ctx.world, ctx.device, ctx.method,
                                                       ctx.model, ctx.logger)
     st = cfg.stages[stage]
-    optimizer, sched, scaler = ts.optimizer, ts.scheduler, ts.scaler
-    sel_branch = method.select_branch(stage)
     sel_key = _select_key(ctx, stage)
-    last_path = run.ckpt(stage, "last")
+    acc = _EpochSums.resumed(ts.partial_epoch, device)
 
-    # Running sums of the epoch in progress, so a mid-epoch resume logs the whole epoch's means.
-    partial: dict[str, Any] = {"sums": {}, "n_steps": 0, "images": 0, "time": 0.0}
-    resumed_partial = ts.partial_epoch
+    background = cfg.runtime.async_checkpoints
 
-    def save_last() -> None:
+    def save_last(wait: bool = False) -> None:
+        """The resume checkpoint, by rank 0; ``wait``: on disk before returning (a stop, a mid-epoch
+        checkpoint), else, at an epoch's end, written in the background when asked."""
         rng = distributed.all_gather_object(distributed.rng_state())
-        part = None
-        if ts.step > 0:  # mid-epoch: keep what this epoch has accumulated (means over ranks)
-            keys = sorted(partial["sums"])
-            vals = distributed.all_reduce_sum([float(partial["sums"][k]) for k in keys], device)
-            part = {"sums": {k: v / world.world_size for k, v in zip(keys, vals)}, "n_steps": partial["n_steps"],
-                    "images": partial["images"], "time": partial["time"] + time.time() - partial["t0"]}
+        part = acc.state(world, device) if ts.step > 0 else None  # mid-epoch: its sums so far
         if world.is_primary:
-            atomic_torch_save(ts.state_dict(rng=rng, world_size=world.world_size, config=cfg.to_dict(),
-                                            partial_epoch=part), last_path)
+            run.save_checkpoint(stage, "last", ts.state_dict(rng=rng, world_size=world.world_size,
+                                                             config=cfg.to_dict(), partial_epoch=part),
+                                background=background and not wait)
         distributed.barrier()
 
-    channels_last = device.type == "cuda" and cfg.runtime.channels_last
-    # Steps between host syncs (stop-signal agreement, non-finite check, log scalars).
-    check_every = max(1, min(10, cfg.runtime.log_every))
     while ts.epoch < st.epochs:
         epoch = ts.epoch
-        method.start_epoch_hook(model, stage, epoch)
-        method.set_train_mode(model, stage)
-        if hasattr(step_module, "module"):
-            step_module.module.epoch = epoch
-        else:
-            step_module.epoch = epoch
-        logger.start_epoch(stage, epoch, st.epochs, plan.steps_per_epoch, ts.step)
-        t0 = time.time()
-        sums: dict[str, Any] = {}
-        n_steps, images, time_before = 0, 0, 0.0
-        if resumed_partial:
-            sums = {k: torch.tensor(v, device=device) for k, v in resumed_partial["sums"].items()}
-            n_steps, images, time_before = (resumed_partial["n_steps"], resumed_partial["images"],
-                                            resumed_partial["time"])
-            resumed_partial = None
-        partial.update(sums=sums, n_steps=n_steps, images=images, time=time_before, t0=t0)
-        for batch in loader.epoch(epoch, ts.step):
-            lr = sched.apply(optimizer, epoch, ts.step)
-            loss, logs = optimizer_step(step_module, batch, optimizer, scaler, params, st.grad_clip, device,
-                                        ctx.precision, channels_last)
-            ts.step += 1
-            ts.global_step += 1
-            n_steps += 1
-            images += batch["image"].shape[0] * world.world_size
-            # Accumulate on the device: a float() here would wait for the GPU every step.
-            for k, v in logs.items():
-                sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
-            partial.update(sums=sums, n_steps=n_steps, images=images)
-            step = ts.step
-            sync_now = step % check_every == 0 or step == plan.steps_per_epoch
-            if sync_now or logger.wants_scalars(step):
-                scalars = {k: float(v) / n_steps for k, v in sums.items()}
-                if not all(math.isfinite(v) for v in scalars.values()):
-                    raise RuntimeError(f"[{stage}] non-finite loss by epoch {epoch + 1} step {step}: {scalars}")
-                scalars["lr"] = lr
-                logger.step(step, scalars, images)
-                if step % cfg.runtime.log_every == 0:
-                    logger.step_scalars(stage, scalars, ts.global_step)
-            else:
-                logger.step(step, None, images)
-            faults.after_step(stage, ts.global_step)
-            faults.point("step")
-            stop = sync_now and _stop_agreed(device)
-            if stop or (cfg.runtime.ckpt_every_steps and ts.global_step % cfg.runtime.ckpt_every_steps == 0
-                        and step < plan.steps_per_epoch):
-                save_last()
-            if stop:
-                return _stopped(ctx, stage, f"at step {step}")
-        train_time = time.time() - t0 + time_before
-        sums = {k: float(v) for k, v in sums.items()}
+        stopped = _train_epoch(ctx, stage, ts, step_module, loader, params, plan, acc, save_last)
+        if stopped:
+            return stopped
+        train_time = time.time() - acc.t0 + acc.time_before
+        sums = {k: float(v) for k, v in acc.sums.items()}
         # Per-rank sums -> means over all ranks (each rank saw its slice of every global batch).
         if world.distributed and sums:
             keys = sorted(sums)
             vals = distributed.all_reduce_sum([sums[k] for k in keys], device)
             sums = {k: v / world.world_size for k, v in zip(keys, vals)}
-        # ---- validation
         t1 = time.time()
         val_metrics: dict[str, Any] = {}
-        if (epoch + 1) % cfg.runtime.eval_every == 0 or epoch + 1 == st.epochs:
-            _share_buffers(model, world)
-            preds = run_inference(method, model, val_loader, stage, device, ctx.precision, channels_last)
-            if world.is_primary:
-                cls = classification_metrics(preds, ctx.ds.labels_matrix(), ctx.spec, ctx.ds.targets())
-                for branch, entry in cls.items():
-                    val_metrics[f"val/{branch}/mean_auroc"] = entry["mean"]
-                    if "accuracy" in entry:
-                        val_metrics[f"val/{branch}/accuracy"] = entry["accuracy"]
-                    if "loss" in entry:
-                        val_metrics[f"val/{branch}/loss"] = entry["loss"]
-                    for name in ctx.spec.eval_labels:
-                        val_metrics[f"val/{branch}/auroc/{name}"] = entry[name]
-                # Per-image quantities a method reports besides probabilities (lung Dice,
-                # Grad-CAM region ratio), averaged over the images that have them.
-                for name, value in extras_means(preds).items():
-                    val_metrics[f"val/{sel_branch}/{name}"] = value
-            val_metrics = distributed.broadcast_object(val_metrics)
+        if (epoch + 1) % cfg.runtime.val_every == 0 or epoch + 1 == st.epochs:
+            val_metrics = _validate(ctx, stage, val_loader)
         metric = _metric_value(val_metrics, sel_key) if val_metrics else None
-        sched.end_epoch(metric)
+        ts.scheduler.end_epoch(metric)
         improved = False
         if metric is not None and not math.isnan(metric):
             improved = ts.best is None or (metric > ts.best if st.select_mode == "max" else metric < ts.best)
@@ -532,16 +511,18 @@ def _run_epochs(ctx: Ctx, stage: str, ts: TrainState, step_module, loader: Train
                 ts.bad_epochs += 1
         ts.epoch += 1
         ts.step = 0
-        record = {"stage": stage, "epoch": ts.epoch, "global_step": ts.global_step, "lr": sched.lr(epoch),
-                  **{f"train/{k}": v / max(1, n_steps) for k, v in sums.items()},
-                  "train/images_per_s": images / max(1e-9, train_time), "train/time_s": train_time,
+        record = {"stage": stage, "epoch": ts.epoch, "global_step": ts.global_step, "lr": ts.scheduler.lr(epoch),
+                  **{f"train/{k}": v / max(1, acc.n_steps) for k, v in sums.items()},
+                  "train/images_per_s": acc.images / max(1e-9, train_time), "train/time_s": train_time,
                   "val/time_s": time.time() - t1, **val_metrics, "select/metric": sel_key,
                   "select/best": ts.best, "select/best_epoch": ts.best_epoch + 1, "world_size": world.world_size}
         logger.epoch_record(record, ts.global_step)
         if improved and world.is_primary:
-            atomic_torch_save(weights_payload(stage, model, method, epoch=ts.epoch, metric=ts.best,
-                                              metric_name=sel_key, config=cfg.to_dict()), run.ckpt(stage, "best"))
+            run.save_checkpoint(stage, "best", weights_payload(stage, model, method, epoch=ts.epoch, metric=ts.best,
+                                                               metric_name=sel_key, config=cfg.to_dict()),
+                                background=background)
         save_last()
+        acc = _EpochSums.resumed(None, device)
         summary = f"loss {record.get('train/loss', float('nan')):.4f} | {record['train/images_per_s']:.1f} img/s"
         if metric is not None:
             summary += f" | {sel_key} {metric:.4f} (best {ts.best:.4f} @ {ts.best_epoch + 1})"
@@ -550,8 +531,125 @@ def _run_epochs(ctx: Ctx, stage: str, ts: TrainState, step_module, loader: Train
         # train part of the next one first. (After the stage's last epoch the stage is
         # finished instead, which takes no time: see train().)
         if ts.epoch < st.epochs and _stop_agreed(device):
+            if world.is_primary:
+                run.wait_for_writes()  # the epoch's checkpoints were written in the background
+            distributed.barrier()
             return _stopped(ctx, stage, f"after epoch {ts.epoch}")
         if st.early_stop_patience and ts.bad_epochs >= st.early_stop_patience:
             logger.info(f"[{stage}] early stop: no improvement for {ts.bad_epochs} epochs")
             break
     return 0
+
+
+@dataclass
+class Stepper:
+    """One stage's training step as the trainer runs it, and as ``medattn bench train`` measures it:
+    the learning rate of the step, forward through the (DDP-wrapped) StageStep, backward, update,
+    and the step's logged values added to running sums on the device. Nothing here waits for the
+    device: the sums are read only every ``runtime.log_every`` steps (:func:`read_sums`)."""
+
+    step_module: Any
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    params: list
+    grad_clip: float
+    device: torch.device
+    precision: str
+    channels_last: bool
+
+    def __call__(self, batch: dict[str, torch.Tensor], epoch: int, step: int, sums: dict[str, Any]) -> float:
+        lr = self.scheduler.apply(self.optimizer, epoch, step)
+        _, logs = optimizer_step(self.step_module, batch, self.optimizer, self.scaler, self.params,
+                                 self.grad_clip, self.device, self.precision, self.channels_last)
+        for k, v in logs.items():
+            sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
+        return lr
+
+
+def read_sums(sums: dict[str, Any], n_steps: int, where: str) -> dict[str, float]:
+    """The running means, read from the device (the one host sync of a logging interval); a
+    non-finite value stops the run with the step it appeared by."""
+    scalars = {k: float(v) / max(1, n_steps) for k, v in sums.items()}
+    if not all(math.isfinite(v) for v in scalars.values()):
+        raise RuntimeError(f"{where}: non-finite loss: {scalars}")
+    return scalars
+
+
+def make_stepper(ctx: Ctx, stage: str, ts: TrainState, step_module, params) -> Stepper:
+    st = ctx.cfg.stages[stage]
+    return Stepper(step_module, ts.optimizer, ts.scheduler, ts.scaler, params, st.grad_clip, ctx.device,
+                   ctx.precision, ctx.device.type == "cuda" and ctx.cfg.runtime.channels_last)
+
+
+def _train_epoch(ctx: Ctx, stage: str, ts: TrainState, step_module, loader: TrainLoader, params, plan: TrainPlan,
+                 acc: _EpochSums, save_last) -> int:
+    """Train the rest of epoch ``ts.epoch`` from step ``ts.step``; 0, or a stop's exit status.
+
+    The host reads from the device once every ``runtime.log_every`` steps (and at the epoch's
+    last step): the logged means, the non-finite check and the agreement on a stop signal all
+    happen then, so every other step only queues work."""
+    cfg, world, device, method, model, logger = (ctx.cfg, ctx.world, ctx.device, ctx.method, ctx.model,
+                                                 ctx.logger)
+    st = cfg.stages[stage]
+    stepper = make_stepper(ctx, stage, ts, step_module, params)
+    every = max(1, cfg.runtime.log_every)
+    epoch = ts.epoch
+    method.start_epoch_hook(model, stage, epoch)
+    method.set_train_mode(model, stage)
+    (step_module.module if hasattr(step_module, "module") else step_module).epoch = epoch
+    logger.start_epoch(stage, epoch, st.epochs, plan.steps_per_epoch, ts.step)
+    acc.t0 = time.time()
+    for batch in loader.epoch(epoch, ts.step):
+        lr = stepper(batch, epoch, ts.step, acc.sums)
+        ts.step += 1
+        ts.global_step += 1
+        acc.n_steps += 1
+        acc.images += batch["image"].shape[0] * world.world_size
+        step = ts.step
+        read_now = step % every == 0 or step == plan.steps_per_epoch
+        if read_now:
+            scalars = read_sums(acc.sums, acc.n_steps, f"[{stage}] epoch {epoch + 1} step {step}")
+            scalars["lr"] = lr
+            logger.step(step, scalars, acc.images)
+            if step % every == 0:
+                logger.step_scalars(stage, scalars, ts.global_step)
+        else:
+            logger.step(step, None, acc.images)
+        faults.after_step(stage, ts.global_step)
+        faults.point("step")
+        # Every rank asks at the same steps, so all stop at the same step boundary.
+        stop = read_now and _stop_agreed(device)
+        if stop or (cfg.runtime.ckpt_every_steps and ts.global_step % cfg.runtime.ckpt_every_steps == 0
+                    and step < plan.steps_per_epoch):
+            # Mid-epoch checkpoints (runtime.ckpt_every_steps) are the protection against a hard
+            # kill, and a stop's checkpoint must exist before the exit: both on disk before going on.
+            save_last(wait=True)
+        if stop:
+            return _stopped(ctx, stage, f"at step {step}")
+    return 0
+
+
+def _validate(ctx: Ctx, stage: str, val_loader: EvalLoader) -> dict[str, Any]:
+    """Validation metrics of the model as it is (the same on every rank)."""
+    cfg, world, device, method, model = ctx.cfg, ctx.world, ctx.device, ctx.method, ctx.model
+    channels_last = device.type == "cuda" and cfg.runtime.channels_last
+    sel_branch = method.select_branch(stage)
+    val_metrics: dict[str, Any] = {}
+    _share_buffers(model, world)
+    preds = run_inference(method, model, val_loader, stage, device, ctx.precision, channels_last)
+    if world.is_primary:
+        cls = classification_metrics(preds, ctx.ds.labels_matrix(), ctx.spec, ctx.ds.targets())
+        for branch, entry in cls.items():
+            val_metrics[f"val/{branch}/mean_auroc"] = entry["mean"]
+            if "accuracy" in entry:
+                val_metrics[f"val/{branch}/accuracy"] = entry["accuracy"]
+            if "loss" in entry:
+                val_metrics[f"val/{branch}/loss"] = entry["loss"]
+            for name in ctx.spec.eval_labels:
+                val_metrics[f"val/{branch}/auroc/{name}"] = entry[name]
+        # Per-image quantities a method reports besides probabilities (lung Dice,
+        # Grad-CAM region ratio), averaged over the images that have them.
+        for name, value in extras_means(preds).items():
+            val_metrics[f"val/{sel_branch}/{name}"] = value
+    return distributed.broadcast_object(val_metrics)

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -188,14 +189,6 @@ def load_profile(path: str | os.PathLike) -> dict[str, Any]:
     return out
 
 
-def add_run_arguments(p: argparse.ArgumentParser, stages_help: str) -> None:
-    """--config/--data/--out/--stages, as `medattn submit` and `medattn sbatch` take them."""
-    p.add_argument("--config", required=True, help="shipped config name (medattn configs) or a YAML path")
-    p.add_argument("--data", required=True, help="prepared directory on the shared filesystem")
-    p.add_argument("--out", required=True, help="run directory on the shared filesystem")
-    p.add_argument("--stages", help=stages_help)
-
-
 def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
     """The flags shared by ``medattn submit`` and ``medattn sbatch`` (all default to the profile)."""
     g = p.add_argument_group("cluster (flags override --profile)")
@@ -243,6 +236,52 @@ def resolve_spec(args: argparse.Namespace) -> ClusterSpec:
         raise ConfigError(f"--tasks-per-node {spec.tasks_per_node} with --gpus-per-node {spec.gpus_per_node}: "
                           "medattn runs one process per GPU; leave --tasks-per-node out")
     return spec
+
+
+# ---------------------------------------------------------------------------------------------
+# batch scripts (the one renderer of `medattn sbatch` and `medattn sweep --slurm`)
+# ---------------------------------------------------------------------------------------------
+def sbatch_flag(name: str, value: Any) -> str:
+    return f"#SBATCH --{name}" if value is True else f"#SBATCH --{name}={shlex.quote(str(value))}"
+
+
+def sbatch_header(spec: ClusterSpec, partition: Partition | None, *, job_name: str, cpus_per_task: int,
+                  output: str | os.PathLike, comment: str | None = None) -> str:
+    """The ``#SBATCH`` lines of a job that runs one task per node (torchrun, or a Ray node, hosts
+    the node's processes), requeues itself and gets USR2 ``signal_delay`` s before its time limit
+    in the batch shell, which passes it on (see the templates)."""
+    lines = [sbatch_flag("job-name", job_name), sbatch_flag("nodes", spec.nodes),
+             sbatch_flag("ntasks-per-node", 1), sbatch_flag("cpus-per-task", cpus_per_task)]
+    if spec.gpus_per_node:
+        lines.append(sbatch_flag("gpus-per-node", spec.gpus_per_node))
+    lines.append(sbatch_flag("time", default_time(spec, partition)))
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(spec, key):
+            lines.append(sbatch_flag(key, getattr(spec, key)))
+    if spec.mem:
+        lines.append(sbatch_flag("mem", f"{int(spec.mem)}G" if spec.mem == int(spec.mem) else f"{int(spec.mem * 1024)}M"))
+    lines += [sbatch_flag("output", output), sbatch_flag("open-mode", "append"), sbatch_flag("requeue", True),
+              sbatch_flag("signal", f"B:USR2@{spec.signal_delay}")]
+    if comment:
+        lines.append(sbatch_flag("comment", comment))
+    lines += [sbatch_flag(k, v) for k, v in spec.sbatch.items()]
+    return "\n".join(lines)
+
+
+def setup_lines(spec: ClusterSpec) -> str:
+    """The job's environment (profile ``env``) and setup commands, as shell lines."""
+    lines = [f"export {k}={shlex.quote(str(v))}" for k, v in spec.env.items()] + list(spec.setup)
+    return "\n".join(lines) if lines else "# (no setup lines: --setup / profile setup)"
+
+
+def render_template(path: Path, values: dict[str, str]) -> str:
+    """Fill ``{{name}}`` fields of a script template; every field must be given."""
+    text = path.read_text()
+    for k, v in values.items():
+        text = text.replace("{{" + k + "}}", v)
+    if "{{" in text:
+        raise AssertionError(f"unfilled field in {path.name}: {text[text.index('{{'):][:40]}")
+    return text
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,13 +11,13 @@ The stop/requeue protocol (docs/slurm.md, "Requeue design"):
    job is preempted. Each rank sets its flag; every few steps (the same steps on every rank)
    all ranks agree (an all-reduce of the flag), so they stop after the *same* step even if
    the signal reached them at different moments, or only some of them.
-3. The trainer saves ``RUN/ckpt/<stage>/last.pt`` (rank 0 writes, every rank waits at a
+3. The trainer saves the stage's resume checkpoint (rank 0 writes, every rank waits at a
    barrier until it is renamed into place) and returns ``EXIT_CHECKPOINTED``.
 4. Only then does rank 0 call submitit's handler: it calls :meth:`StageRunner.checkpoint`
    (which resubmits this same object: all state is in the run dir), decides time-out vs
    preemption (time-outs are counted against ``max_timeouts``), runs ``scontrol requeue``
    and exits. The other ranks wait to be terminated by the requeue.
-5. The requeued job starts from the top; the trainer resumes from ``last.pt`` on every rank,
+5. The requeued job starts from the top; the trainer resumes from that checkpoint on every rank,
    at the step after the one where it stopped.
 
 SIGUSR1 is never used: NCCL reserves it.
@@ -66,7 +66,7 @@ class StageRunner(submitit.helpers.Checkpointable):
         if self.hide_gpus:  # before torch looks at CUDA
             os.environ["CUDA_VISIBLE_DEVICES"] = ""
         from hpc import train as train_mod
-        from hpc.checkpoint import RunDir
+        from hpc.run import Run
 
         if "OMP_NUM_THREADS" not in os.environ:
             import torch
@@ -77,7 +77,7 @@ class StageRunner(submitit.helpers.Checkpointable):
               f"stage(s) {','.join(self.stages)} of {self.out}", flush=True)
         rc = train_mod.train(self.config, self.data, self.out, self.overrides, stages=self.stages)
         if rc == 0:
-            return {"run": self.out, "stages": {s: RunDir(self.out).state()["stages"].get(s) for s in self.stages},
+            return {"run": self.out, "stages": {s: Run(self.out).state()["stages"].get(s) for s in self.stages},
                     "attempts": self.attempt + 1}
         if rc == train_mod.EXIT_CHECKPOINTED:
             self._requeue(requeue_handler, rank)

@@ -20,21 +20,18 @@ import sys
 from pathlib import Path
 
 from jobs import cluster
-from jobs.submit import make_plan
+from jobs.submit import make_plan, train_args
+from jobs import submit as _submit
+
+parents = _submit.parents  # the trainer's run arguments (hpc.train), as submit takes them
 from medattn import __version__
 
 TEMPLATE = Path(__file__).with_name("templates") / "torchrun.sbatch"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    cluster.add_run_arguments(p, stages_help="comma-separated stages the job runs (default: all; done ones are skipped)")
     cluster.add_cluster_arguments(p)
     p.add_argument("--output", metavar="FILE", help="write the script here (default: print it)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-
-
-def _flag(name: str, value) -> str:
-    return f"#SBATCH --{name}" if value is True else f"#SBATCH --{name}={shlex.quote(str(value))}"
 
 
 def render(plan, stages_arg: str | None, script_name: str) -> str:
@@ -42,50 +39,22 @@ def render(plan, stages_arg: str | None, script_name: str) -> str:
     s = plan.spec
     nproc = s.tasks
     cpt = s.cpus_per_task or 1
-    lines = [
-        _flag("job-name", s.job_name or f"medattn-{plan.out.name}"),
-        _flag("nodes", s.nodes),
-        _flag("ntasks-per-node", 1),
-        _flag("cpus-per-task", nproc * cpt),  # the node's one task hosts torchrun and all its workers
-    ]
-    if s.gpus_per_node:
-        lines.append(_flag("gpus-per-node", s.gpus_per_node))
-    lines.append(_flag("time", cluster.default_time(s, plan.partition)))
-    for key in ("partition", "account", "qos", "constraint"):
-        if getattr(s, key):
-            lines.append(_flag(key, getattr(s, key)))
-    if s.mem:
-        lines.append(_flag("mem", f"{int(s.mem)}G" if s.mem == int(s.mem) else f"{int(s.mem * 1024)}M"))
-    lines += [
-        _flag("output", f"{plan.log_dir}/sbatch-%j.out"),
-        _flag("open-mode", "append"),
-        _flag("requeue", True),
-        _flag("signal", f"B:USR2@{s.signal_delay}"),
-    ]
-    lines += [_flag(k, v) for k, v in s.sbatch.items()]
-    setup = [f"export {k}={shlex.quote(v)}" for k, v in s.env.items()] + list(s.setup)
-    targs = ["--config", plan.config, "--data", str(plan.data), "--out", str(plan.out)]
-    if stages_arg:
-        targs += ["--stages", stages_arg]
-    targs += plan.overrides
+    # the node's one task hosts torchrun and all its workers
+    header = cluster.sbatch_header(s, plan.partition, job_name=s.job_name or f"medattn-{plan.out.name}",
+                                   cpus_per_task=nproc * cpt, output=f"{plan.log_dir}/sbatch-%j.out")
+    targs = train_args(plan, stages_arg.split(",") if stages_arg else None)
     stages = plan.stages or []
     what = (f"{plan.config} on {s.nodes} node(s) x {nproc} process(es)"
             + (f" x {s.gpus_per_node} GPU(s)" if s.gpus_per_node else " (CPU, gloo)")
             + (f"; stages {', '.join(stages)}" if stages else "; all stages done"))
-    values = {
+    return cluster.render_template(TEMPLATE, {
         "version": f"medattn {__version__}", "what": what, "script_name": script_name,
         "log_dir": str(plan.log_dir), "out": str(plan.out), "out_q": shlex.quote(str(plan.out)),
-        "nproc": str(nproc), "signal_delay": str(s.signal_delay), "sbatch_lines": "\n".join(lines),
-        "setup_lines": "\n".join(setup) if setup else "# (no setup lines: --setup / profile setup)",
-        "max_requeues": str(s.max_timeouts), "omp_threads": str(cpt), "node_cpus": str(nproc * cpt),
-        "python": s.python or shlex.quote(sys.executable),
+        "nproc": str(nproc), "signal_delay": str(s.signal_delay), "sbatch_lines": header,
+        "setup_lines": cluster.setup_lines(s), "max_requeues": str(s.max_timeouts), "omp_threads": str(cpt),
+        "node_cpus": str(nproc * cpt), "python": s.python or shlex.quote(sys.executable),
         "train_args": " ".join(shlex.quote(a) for a in targs),
-    }
-    text = TEMPLATE.read_text()
-    for k, v in values.items():
-        text = text.replace("{{" + k + "}}", v)
-    assert "{{" not in text, "unfilled template field"
-    return text
+    })
 
 
 def run(args: argparse.Namespace) -> int:

@@ -33,14 +33,19 @@ from medattn.errors import ConfigError, DataError, MissingDependencyError
 SRUN_ARGS = ["--kill-on-bad-exit=1"]  # one rank dies -> the step ends now, not at the NCCL timeout
 
 
+def parents() -> list[argparse.ArgumentParser]:
+    """The trainer's run arguments (hpc.train), so a job is the same run as ``medattn train``."""
+    from hpc.train import run_arguments_parser
+
+    return [run_arguments_parser()]
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    cluster.add_run_arguments(p, stages_help="comma-separated stages to submit (default: all that are not done)")
     cluster.add_cluster_arguments(p)
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script(s) and submit nothing")
     p.add_argument("--wait", action="store_true",
                    help="block until the chain ends; exit 1 and show the log tail if a job failed")
     p.add_argument("--poll", type=float, default=10.0, help=argparse.SUPPRESS)  # --wait interval (tests)
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,7 +64,9 @@ class Plan:
 
     @property
     def log_dir(self) -> Path:
-        return self.out / "slurm"
+        from hpc.run import Run
+
+        return Run(self.out).slurm_dir
 
     @property
     def job_name(self) -> str:
@@ -73,8 +80,9 @@ def make_plan(args: argparse.Namespace, *, need_cluster: bool) -> Plan:
         args: parsed ``submit``/``sbatch`` arguments.
         need_cluster: query SLURM (partition, GPUs, limits); if False, only when its clients exist.
     """
-    from hpc.checkpoint import RunDir
-    from medattn.config import load_config, load_saved_config
+    from hpc.run import Run
+    from hpc.train import check_batches
+    from medattn.config import load_config
 
     spec = cluster.resolve_spec(args)
     cfg = load_config(args.config, args.overrides)
@@ -82,20 +90,14 @@ def make_plan(args: argparse.Namespace, *, need_cluster: bool) -> Plan:
     data = cluster.check_shared_path(args.data, "--data", spec.allow_local_dirs, must_exist=True)
     if not (data / "manifest.parquet").is_file():
         raise DataError(data, "not a prepared directory (no manifest.parquet; run medattn prepare)")
-    saved = out / "config.yaml"
-    if saved.is_file():
-        old, new = load_saved_config(saved).to_dict(), cfg.to_dict()
-        diff = [k for k in sorted(set(old) | set(new)) if k != "runtime" and old.get(k) != new.get(k)]
-        if diff:
-            raise ConfigError(f"{out} holds a run with a different config (sections differ: {', '.join(diff)}); "
-                              "resubmit with the same config and overrides, or use a new --out")
+    run = Run(out)
+    run.check_config(cfg, what="resubmit")
     all_stages = cfg.stage_names()
     wanted = all_stages if not getattr(args, "stages", None) else [s.strip() for s in args.stages.split(",") if s.strip()]
     for s in wanted:
         if s not in all_stages:
             raise ConfigError(f"--stages: {s!r} is not a stage of this config ({', '.join(all_stages)})")
-    run = RunDir(out)
-    done = [s for s in all_stages if run.stage_done(s)]
+    done = run.done_stages(all_stages)
     todo = [s for s in all_stages if s in wanted and s not in done]
     if todo:
         missing = [s for s in all_stages[:all_stages.index(todo[0])] if s not in done and s not in todo]
@@ -124,20 +126,17 @@ def make_plan(args: argparse.Namespace, *, need_cluster: bool) -> Plan:
         spec.cpus_per_task, how = cluster.default_cpus_per_task(spec, None)
         print(f"medattn: note: --cpus-per-task {spec.cpus_per_task} ({how}); pass --cpus-per-task to choose",
               file=sys.stderr)
-    for s in todo:
-        bs = cfg.stages[s].batch_size
-        if bs % spec.world_size:
-            raise ConfigError(f"stages.{s}.batch_size {bs} is not divisible by the {spec.world_size} processes "
-                              f"({spec.nodes} node(s) x {spec.tasks} task(s)); the global batch is split evenly")
+    check_batches(cfg, todo, spec.world_size, f" ({spec.nodes} node(s) x {spec.tasks} task(s))")
     # a config given as a file must be found from the compute nodes' working directory too
     config = str(Path(args.config).absolute()) if Path(args.config).is_file() else args.config
     return Plan(spec, config, list(args.overrides), out, data, todo, done, part)
 
 
-def train_args(plan: Plan, stages: list[str]) -> list[str]:
+def train_args(plan: Plan, stages: list[str] | None) -> list[str]:
     """The ``medattn train`` arguments equivalent to a job (for logs and the sbatch recipe)."""
-    return ["--config", plan.config, "--data", str(plan.data), "--out", str(plan.out),
-            "--stages", ",".join(stages), *plan.overrides]
+    from hpc.train import command_line
+
+    return command_line(plan.config, plan.data, plan.out, stages, plan.overrides)
 
 
 def sbatch_params(plan: Plan, stage: str, dependency: str | None) -> dict[str, Any]:

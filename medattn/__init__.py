@@ -1,12 +1,14 @@
 """medattn: attention-guided chest X-ray classification at cluster scale.
 
-Layers (imports point downwards only):
+Layers (imports point downwards only; tests/test_layers.py checks every import, lazy ones too):
     medattn.cli         one ``medattn`` command; lazy-imports what a subcommand needs
-    jobs/, sweeps/      SLURM launches (submitit, sbatch) | Ray Tune search
-    hpc/                runtime: distributed init, DALI loader, trainer, checkpoints
-    medattn/            science: data formats, models, attention ops, losses, metrics, figures
+    sweeps/             Ray Tune search (uses jobs for a sweep's own SLURM allocation)
+    jobs/               SLURM launches (submitit, sbatch)
+    hpc/                runtime: distributed init, DALI loader, trainer, run directories, eval, report
+    medattn/            science: data formats, views, models, methods, attention, boxes, metrics, figures
 
 The science layer knows nothing of ranks, SLURM or Ray, and every part of it runs on a CPU.
+docs/architecture.md says where each concept lives.
 """
 
 __version__ = "0.1.0"

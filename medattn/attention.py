@@ -8,10 +8,10 @@ image and resized to the input size for the local branch.
 Everything here is batched on the tensors' device, with no Python loop over the batch, and needs
 no gradients (call it under ``torch.no_grad()`` or on detached features).
 
-Box convention: ``[x0, y0, x1, y1]`` in continuous coordinates of a map of size (h, w), on pixel
-*edges*: pixel (r, c) covers [c, c+1] x [r, r+1], so a single hot pixel gives ``[c, r, c+1, r+1]``
-and the whole map is ``[0, 0, w, h]``. Normalised boxes divide x by w and y by h, which makes a
-box valid at any resolution: the same normalised box crops the 224 input or the 512 prepared image.
+Boxes follow :mod:`medattn.boxes`: ``[x0, y0, x1, y1]`` on pixel *edges* (a single hot pixel
+(r, c) gives ``[c, r, c+1, r+1]``, the whole (h, w) map ``[0, 0, w, h]``), normalised by the map
+size, so the same box crops the 224 input or the 512 prepared image. Mapping a box between a
+view and its source image is :func:`medattn.boxes.view_to_source`.
 
 Example:
     >>> feats = global_branch.forward_features(x)                       # (B, 2048, 7, 7)
@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
+
+from medattn.boxes import denormalize, normalize
 
 HEATMAP_MODES = ("max", "l1", "l2", "sum")
 SCALES = ("minmax", "max")
@@ -313,27 +315,6 @@ def largest_component_box(mask: torch.Tensor, component: str = "largest",
     return torch.stack([x0, y0, x1, y1], dim=1).float(), empty
 
 
-def _scale_xy(boxes: torch.Tensor, sx: float, sy: float, divide: bool = False) -> torch.Tensor:
-    """(N, 4) ``[x0, y0, x1, y1]`` as float32 with x times sx and y times sy (or divided by them).
-
-    Arithmetic with Python scalars: a ``torch.tensor([w, h, w, h], device=...)`` would be a blocking
-    copy from host memory on every call on CUDA."""
-    out = boxes.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-    xy = out.view(-1, 2, 2)  # (N, corner, x/y)
-    if divide:
-        xy[..., 0].div_(sx)
-        xy[..., 1].div_(sy)
-    else:
-        xy[..., 0].mul_(sx)
-        xy[..., 1].mul_(sy)
-    return out
-
-
-def normalize_boxes(boxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Boxes on pixel edges of an (h, w) map -> [0, 1] (x / w, y / h)."""
-    return _scale_xy(boxes, float(w), float(h), divide=True)
-
-
 def attention_boxes(features: torch.Tensor, tau: float = 0.7, mode: str = "max", scale: str = "minmax",
                     threshold: str = "tau", component: str = "largest",
                     size: int | tuple[int, int] | None = None, *, connectivity: int = 8,
@@ -367,45 +348,13 @@ def attention_boxes(features: torch.Tensor, tau: float = 0.7, mode: str = "max",
                 heat = F.interpolate(heat.unsqueeze(1), size=hw, mode="bilinear", align_corners=False).squeeze(1)
         mask = threshold_mask(heat, tau, threshold)
         boxes, empty = largest_component_box(mask, component, connectivity)
-        boxes = normalize_boxes(boxes, heat.shape[-2], heat.shape[-1])
+        boxes = normalize(boxes, heat.shape[-2], heat.shape[-1])
     return (boxes, heat, empty) if return_empty else (boxes, heat)
 
 
 # --------------------------------------------------------------------------------------------
 # Cropping
 # --------------------------------------------------------------------------------------------
-def map_boxes_to_source(boxes: torch.Tensor, view_boxes: torch.Tensor,
-                        flipped: torch.Tensor | None = None) -> torch.Tensor:
-    """Map normalised boxes in a network-input *view* to normalised boxes in its source image.
-
-    The view (the augmented 224 input) shows the region ``view_boxes`` = [X0, Y0, X1, Y1]
-    (normalised in the source, e.g. the 512 prepared image) resized to the input size, mirrored
-    left-right where ``flipped``. A point u in [0, 1] of the view sits at X0 + u (X1 - X0) in the
-    source, or at X1 - u (X1 - X0) when the view is mirrored (so x0 and x1 swap roles).
-
-    Args:
-        boxes: (B, 4) normalised boxes in view coordinates.
-        view_boxes: (B, 4) normalised source region of each view.
-        flipped: (B,) bool, views mirrored horizontally; None = none.
-
-    Returns:
-        (B, 4) normalised boxes in source coordinates (x0 < x1 always).
-    """
-    vb = view_boxes.to(boxes.device, torch.float32)
-    bx = boxes.float()
-    vw = vb[:, 2] - vb[:, 0]
-    vh = vb[:, 3] - vb[:, 1]
-    x0 = vb[:, 0] + bx[:, 0] * vw
-    x1 = vb[:, 0] + bx[:, 2] * vw
-    if flipped is not None:
-        fl = flipped.to(boxes.device).bool()
-        x0, x1 = (torch.where(fl, vb[:, 2] - bx[:, 2] * vw, x0),
-                  torch.where(fl, vb[:, 2] - bx[:, 0] * vw, x1))
-    y0 = vb[:, 1] + bx[:, 1] * vh
-    y1 = vb[:, 1] + bx[:, 3] * vh
-    return torch.stack([x0, y0, x1, y1], dim=1)
-
-
 def crop_and_resize(images: torch.Tensor, boxes_norm: torch.Tensor,
                     out_size: int | tuple[int, int]) -> torch.Tensor:
     """Crop normalised boxes from images of any resolution and resize them (RoIAlign).
@@ -431,7 +380,7 @@ def crop_and_resize(images: torch.Tensor, boxes_norm: torch.Tensor,
     x = images if images.is_floating_point() else images.float()
     b, _, hgt, wid = x.shape
     hw = (out_size, out_size) if isinstance(out_size, int) else tuple(out_size)
-    px = _scale_xy(boxes_norm.to(x.device), float(wid), float(hgt))
+    px = denormalize(boxes_norm.to(x.device), hgt, wid)
     rois = torch.cat([torch.arange(b, device=x.device, dtype=torch.float32).view(-1, 1), px], dim=1)
     # roi_align has no bf16/fp16 CPU kernels everywhere; the crop is cheap, do it in float32.
     out = roi_align(x.float(), rois, output_size=hw, spatial_scale=1.0, sampling_ratio=0, aligned=True)

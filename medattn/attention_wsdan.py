@@ -29,6 +29,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from medattn.boxes import normalize
+
 EPS = 1e-6  # inside the signed square root (CAL's EPSILON) and the sampling weights
 
 
@@ -136,11 +138,11 @@ def crop_boxes(maps: torch.Tensor, theta: float | tuple[float, float] | torch.Te
     r1 = torch.where(rows, ar_h, -1).amax(dim=1) + 1
     c0 = torch.where(cols, ar_w, big).amin(dim=1)
     c1 = torch.where(cols, ar_w, -1).amax(dim=1) + 1
-    y0 = (r0.float() - padding * H).clamp(0, H) / H
-    y1 = (r1.float() + padding * H).clamp(0, H) / H
-    x0 = (c0.float() - padding * W).clamp(0, W) / W
-    x1 = (c1.float() + padding * W).clamp(0, W) / W
-    return torch.stack([x0, y0, x1, y1], dim=1), empty
+    y0 = (r0.float() - padding * H).clamp(0, H)
+    y1 = (r1.float() + padding * H).clamp(0, H)
+    x0 = (c0.float() - padding * W).clamp(0, W)
+    x1 = (c1.float() + padding * W).clamp(0, W)
+    return normalize(torch.stack([x0, y0, x1, y1], dim=1), H, W), empty
 
 
 def drop_masks(maps: torch.Tensor, theta: float | tuple[float, float] | torch.Tensor, size: tuple[int, int] | int,

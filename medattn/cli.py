@@ -12,6 +12,7 @@ import sys
 import textwrap
 
 from medattn import __version__
+from medattn.command import run_command
 from medattn.errors import MedattnError
 
 # name -> (module, one-line help). Order = order in --help, grouped by workflow.
@@ -19,13 +20,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     # data
     "inspect": ("medattn.data.inspect_cmd", "check a ChestX-ray14 download (counts, missing and unreadable images)"),
     "synth": ("medattn.data.synth", "write a synthetic dataset in the exact NIH layout (with lung masks)"),
-    "prepare": ("medattn.data.prepare", "decode, resize and shard images once for fast loading"),
+    "prepare": ("hpc.prepare", "decode, resize and shard images once for fast loading"),
     # training
     "configs": ("medattn.config_cmd", "list the shipped configs, or print one resolved"),
     "train": ("hpc.train", "train a model (also under torchrun -m medattn train)"),
     "eval": ("hpc.evaluate", "evaluate a run: per-class AUROC, localisation, preds.csv"),
-    "report": ("medattn.report.cli", "write the HTML/Markdown report of a run"),
-    "viz": ("medattn.report.viz", "heat-map overlays for chosen images"),
+    "report": ("hpc.report.cli", "write the HTML/Markdown report of a run"),
+    "viz": ("hpc.report.viz", "heat-map overlays for chosen images"),
     "weights": ("medattn.models.weights", "fetch ImageNet weights for offline use, or list the cache"),
     # cluster
     "submit": ("jobs.submit", "submit a run to SLURM with submitit (stage chain, requeue)"),
@@ -60,21 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _command_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
-    module_name, help_ = COMMANDS[name]
+def _command_module(name: str):
+    module_name, _ = COMMANDS[name]
     try:
-        module = importlib.import_module(module_name)
+        return importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         # A missing optional dependency is reported by the module itself; this is a missing
         # module of ours, i.e. a command that is not built yet in this checkout.
         if e.name and (e.name == module_name or module_name.startswith(e.name + ".")):
             raise MedattnError(f"`medattn {name}` is not available in this installation ({module_name} missing)") from None
         raise
-    desc = (module.__doc__ or help_).strip()
-    p = argparse.ArgumentParser(prog=f"medattn {name}", description=desc,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    module.add_arguments(p)
-    return p, module
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,21 +94,11 @@ def main(argv: list[str] | None = None) -> int:
 
         STOP.install()
     try:
-        p, module = _command_parser(name)
-        # intermixed: `key=value` overrides may come before or after options (not possible for
-        # commands with sub-commands, e.g. `bench`, which parse normally)
-        try:
-            args = p.parse_intermixed_args(argv[1:])
-        except TypeError:
-            args = p.parse_args(argv[1:])
-        rc = module.run(args)
-        return int(rc or 0)
+        module = _command_module(name)
     except MedattnError as e:
         print(f"medattn {name}: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print(f"medattn {name}: interrupted", file=sys.stderr)
-        return 130
+    return run_command(name, module, argv[1:], COMMANDS[name][1])
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ Rules (checked here so every entry point behaves the same):
 * unknown keys are errors that name the full dotted key and suggest the closest valid one;
 * values are type-checked and converted (``"1e-3"`` -> float, ``3`` -> ``3.0``);
 * ``stages.*.epochs=2`` applies to every stage;
-* the resolved config is saved as ``config.yaml`` in the run directory and can be loaded back.
+* each method owns its sections (``Method.sections``); a config carries only those of its method;
+* the resolved config is saved in the run directory and can be loaded back.
 
 Example:
     >>> cfg = load_config("demo", ["stages.*.epochs=1", "agcnn.tau=0.6"])
@@ -24,7 +25,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -113,116 +114,41 @@ class DataConfig:
 
 @dataclass
 class RuntimeConfig:
+    # Keys that were renamed: old name -> new name (saved configs and overrides keep working).
+    RENAMED: ClassVar[dict[str, str]] = {"eval_every": "val_every"}
+
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
-    channels_last: bool = True  # CUDA only
-    compile: bool = False
+    channels_last: bool = True  # CUDA only, in training and evaluation alike
+    # Fixed input shapes: let cuDNN time its algorithms once and keep the fastest (CUDA only;
+    # runtime.deterministic turns it off).
+    cudnn_benchmark: bool = True
+    compile: bool = False  # torch.compile the training step
+    # default | reduce-overhead (CUDA graphs: for small per-GPU batches, where launching ~300-1,000
+    # kernels per step costs more than running them) | max-autotune
+    compile_mode: str = "default"
     sync_bn: bool = False
-    log_every: int = 20  # steps between plain log lines (non-terminal output)
+    # Steps between reads of the running means from the device: the log line, the non-finite
+    # check and the agreement on a stop signal (the training step itself never waits).
+    log_every: int = 20
     progress: str = "auto"  # auto | bar | log | none
     ckpt_every_steps: int = 0  # extra mid-epoch checkpoints; 0 = epoch ends (and signals) only
-    eval_every: int = 1  # epochs
+    val_every: int = 1  # epochs between validations (the last epoch of a stage always validates)
+    # Write epoch-end checkpoints from a background thread (a copy of the state on the host) while
+    # training goes on; a stop still waits for its checkpoint.
+    async_checkpoints: bool = True
     tensorboard: bool = True
     deterministic: bool = False
     dist_timeout_s: int = 1800
 
 
 @dataclass
-class AGCNNConfig:
-    """AG-CNN (Guan et al. 2018), methods.md section 0."""
-
-    tau: float = 0.7  # mask threshold on the [0,1]-scaled heat map (Eq. 4)
-    heatmap: str = "max"  # max (Eq. 3: max_k |f_k|) | l1 | l2 | sum (Ien001's code)
-    scale: str = "minmax"  # minmax | max (the paper leaves it open)
-    threshold: str = "tau"  # tau | otsu (Ien001's code)
-    component: str = "largest"  # largest (paper) | all (seed 001's notebook)
-    heatmap_size: int = 0  # 0 = the input size (the paper resizes heat maps to the input)
-    crop_source: str = "input"  # input (the 224 view) | prepared (the higher-resolution image)
-    local_backbone: str = ""  # "" = model.backbone
-
-
-@dataclass
-class DualAttendMedConfig:
-    """DualAttendMed / WS-DAN + CAL (seed 000), methods.md section 000; docs/methods/dualattendmed.md.
-
-    ``null`` values take the variant's default (published | corrected)."""
-
-    variant: str = "corrected"  # published | corrected
-    task: str = "auto"  # auto (the dataset's) | multilabel (sigmoid/BCE) | singlelabel (softmax/CE)
-    num_maps: int = 32
-    reduction: int = 16
-    layer4_stride: int = 1
-    feature_scale: float = 100.0
-    crop_theta: tuple[float, float] | None = None  # null: published (0.5, 0.5), corrected (0.4, 0.6)
-    crop_padding: float = 0.1
-    drop_theta: tuple[float, float] | None = None  # null: published (0.5, 0.5), corrected (0.2, 0.5)
-    beta: float = 0.05  # feature-centre update rate
-    lambda_cls: float = 1.0
-    lambda_att: float | None = None  # "alignment" MSE; null: published 0.5, corrected 0
-    lambda_div: float = 0.1
-    lambda_center: float | None = None  # null: published 0.01 (aux centre loss), corrected 1 (CAL centre loss)
-    div_margin: float = 0.1
-    eval_crop_theta: float = 0.5  # DualAttendMed 0.5 / pad 0.1; CAL 0.1 / 0.05
-    eval_crop_padding: float = 0.1
-    eval_flip: bool = True
-    loc_theta: float | None = None  # localisation box: mean map >= loc_theta * max; null = eval_crop_theta
-    loc_padding: float = 0.0  # padding of the reported localisation box (the eval crop uses eval_crop_padding)
-
-
-@dataclass
-class GradCAMLossConfig:
-    """Segmentation-driven Grad-CAM attention loss (seed 002), methods.md section 002."""
-
-    variant: str = "differentiable"  # published (r is a constant) | differentiable (soft r)
-    lam: float = 0.5  # L = lam * CE + (1 - lam) * (1 - r)
-    adaptive: bool = False  # lam_e = max(floor, 1 - rate * e)
-    adaptive_floor: float = 0.2
-    adaptive_rate: float = 0.023
-    thresh: float = 0.3
-    layer: str = ""  # "" = the backbone's default Grad-CAM layer
-    target: str = "label"  # label | predicted (the published code scores the predicted class)
-    soft_temperature: float = 0.05
-    # class name -> region of the lung box: lower | upper | outside | lung | none
-    regions: dict[str, str] = field(default_factory=lambda: {
-        "Effusion": "lower", "Pneumothorax": "upper", "Subcutaneous_Emphysema": "outside"})
-    eval_ratio: bool = True  # also compute r (hard) on validation/eval images: val/<branch>/r
-    # The network state the map is computed in: eval (as pytorch-grad-cam, which switches the
-    # model to eval mode; one extra forward) or train (the training forward itself; cheaper,
-    # but BatchNorm batch statistics couple the samples and differ from test time).
-    cam_mode: str = "eval"
-
-
-@dataclass
-class FocalConfig:
-    alpha: float = 1.0
-    gamma: float = 2.0
-    class_alpha: list[float] = field(default_factory=list)  # optional per-class alpha
-
-
-@dataclass
-class LKAConfig:
-    """VGG16-BN + large-kernel attention (seed 004), methods.md section 004."""
-
-    blocks: list[int] = field(default_factory=lambda: [3, 4, 5])
-    dropout: float = 0.5  # head dropout (GAP -> dropout -> Linear)
-    # Stages that train and validate on abnormal images only (seed 004's stage 1 drops "No
-    # Finding" rows); the patient split is the prepared one for every stage.
-    abnormal_only_stages: list[str] = field(default_factory=list)
-
-
-@dataclass
-class LungSegConfig:
-    """Lung segmentation (image/mask pairs) for seed 002's lung boxes."""
-
-    arch: str = "unet"  # unet | fcn_resnet50 | deeplabv3_resnet50 | deeplabv3_mobilenet_v3_large | lraspp_mobilenet_v3_large
-    base_width: int = 64  # unet: channels of the first level (64 = Ronneberger et al.)
-    depth: int = 4  # unet: number of down-sampling steps
-    loss: str = "bce_dice"  # bce | dice | bce_dice
-    threshold: float = 0.5  # probability threshold of the predicted mask
-
-
-@dataclass
 class Config:
+    """A whole run: the common sections, and the sections of the method in use (``sections``),
+    which that method owns (``Method.sections``: e.g. AG-CNN's ``agcnn`` and ``focal``). A config
+    holds, saves and accepts only its own method's sections: ``cfg.agcnn`` exists when
+    ``cfg.method == "agcnn"``."""
+
     name: str = ""
     method: str = "agcnn"  # agcnn | dualattendmed | gradcam_loss | vgg_lka | classifier | lungseg
     seed: int = 0
@@ -231,21 +157,50 @@ class Config:
     # Ordered: the method trains its stages in this order.
     stages: dict[str, StageConfig] = field(default_factory=dict)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    agcnn: AGCNNConfig = field(default_factory=AGCNNConfig)
-    dualattendmed: DualAttendMedConfig = field(default_factory=DualAttendMedConfig)
-    gradcam_loss: GradCAMLossConfig = field(default_factory=GradCAMLossConfig)
-    focal: FocalConfig = field(default_factory=FocalConfig)
-    lka: LKAConfig = field(default_factory=LKAConfig)
-    lungseg: LungSegConfig = field(default_factory=LungSegConfig)
+    # The method's own sections, by name (built from its Method.sections by load_config).
+    sections: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called when normal lookup fails: the method's sections read like fields.
+        sections = self.__dict__.get("sections")
+        if sections is not None and name in sections:
+            return sections[name]
+        if name.startswith("__") or sections is None:
+            raise AttributeError(name)
+        raise AttributeError(f"the config of method {self.__dict__.get('method')!r} has no section {name!r} "
+                             f"(its sections: {', '.join(sections) or 'none'})")
 
     def stage_names(self) -> list[str]:
         return list(self.stages)
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(self)
+        out = {f.name: _to_plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "sections"}
+        out.update({k: _to_plain(v) for k, v in self.sections.items()})
+        return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+_COMMON = ("name", "method", "seed", "model", "data", "stages", "runtime")
+
+
+def method_sections(method: str) -> dict[str, type]:
+    """The config sections method ``method`` owns, by name (its ``Method.sections``)."""
+    from medattn.methods import method_class  # lazily: the methods import this module
+
+    return dict(method_class(method).sections)
+
+
+def _section_owners(section: str) -> list[str]:
+    """Methods that own a section of this name (for error messages)."""
+    from medattn.methods import METHODS, method_class
+
+    return [m for m in METHODS if section in method_class(m).sections]
+
+
+def _new_sections(method: str) -> dict[str, Any]:
+    return {name: cls() for name, cls in method_sections(method).items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,20 +274,35 @@ def load_config(name_or_path: str | os.PathLike | None = None, overrides: list[s
         name_or_path: ``"demo"``, ``"agcnn_resnet50"``, or a path to a YAML file; None = defaults.
         overrides: ``["stages.global.epochs=2", "agcnn.tau=0.6"]``; values are parsed as YAML.
         data: an already-parsed mapping applied before the overrides (used when resuming a run
-            from its saved config.yaml).
+            from its saved config).
     """
     cfg = Config()
-    source = "defaults"
+    mappings: list[tuple[dict, str]] = []
     if name_or_path is not None:
         path = resolve_config_path(name_or_path)
-        source = str(path)
-        cfg = _apply_mapping(cfg, _read_yaml_chain(path), source)
-        if not cfg.name:
-            cfg.name = path.stem
+        mappings.append((_read_yaml_chain(path), str(path)))
+        cfg.name = path.stem
     if data is not None:
-        cfg = _apply_mapping(cfg, data, "config mapping")
-    for ov in overrides or []:
-        key, value = parse_override(ov)
+        mappings.append((data, "config mapping"))
+    parsed = [parse_override(ov) for ov in overrides or []]
+    # The method decides which sections exist, so find it first: the last word on it wins.
+    for mapping, where in mappings:
+        if not isinstance(mapping, dict):
+            raise ConfigError(f"{where}: a config must be a mapping at the top level")
+        if "method" in mapping:
+            cfg.method = _coerce(mapping["method"], str, f"{where}: method")
+    for key, value in parsed:
+        if key == "method":
+            cfg.method = _coerce(value, str, "method")
+    cfg.sections = _new_sections(cfg.method)
+    if data is not None:
+        # Configs saved before methods owned their sections carry every method's section, at its
+        # defaults: the other methods' ones are dropped, so old runs load and resume.
+        mappings[-1] = ({k: v for k, v in data.items()
+                         if k in _COMMON or k in cfg.sections or not _section_owners(k)}, "config mapping")
+    for mapping, where in mappings:
+        cfg = _apply_mapping(cfg, mapping, where)
+    for key, value in parsed:
         set_key(cfg, key, value)
     validate(cfg)
     return cfg
@@ -364,7 +334,11 @@ def get_key(cfg: Config, dotted: str) -> Any:
     walked = []
     for part in dotted.split("."):
         walked.append(part)
-        if isinstance(obj, dict):
+        if isinstance(obj, Config) and part not in _COMMON:
+            if part not in obj.sections:
+                raise ConfigError(_unknown_config_key(obj, ".".join(walked), part))
+            obj = obj.sections[part]
+        elif isinstance(obj, dict):
             if part not in obj:
                 raise ConfigError(f"unknown config key {'.'.join(walked)!r}")
             obj = obj[part]
@@ -378,17 +352,25 @@ def get_key(cfg: Config, dotted: str) -> Any:
     return obj
 
 
-def has_key(cfg: Config, dotted: str) -> bool:
-    try:
-        get_key(cfg, dotted)
-        return True
-    except ConfigError:
-        return False
+def _unknown_config_key(cfg: Config, full: str, head: str) -> str:
+    """The message for a top-level key that is neither a common section nor one of the method's."""
+    owners = _section_owners(head)
+    if owners:
+        return (f"config section {head!r} is not used by method {cfg.method!r} (it belongs to "
+                f"{', '.join(owners)}; {cfg.method} has {', '.join(cfg.sections) or 'no sections of its own'})")
+    return _unknown_key_message(full, head, [*_COMMON, *cfg.sections])
 
 
 def _set_path(obj: Any, parts: list[str], value: Any, prefix: str) -> None:
     head, rest = parts[0], parts[1:]
     full = f"{prefix}.{head}" if prefix else head
+    if isinstance(obj, Config) and head not in _COMMON:
+        if head not in obj.sections:
+            raise ConfigError(_unknown_config_key(obj, full, head))
+        if not rest:
+            raise ConfigError(f"config key {full!r} is a section: set its keys ({full}.<key>=value)")
+        _set_path(obj.sections[head], rest, value, full)
+        return
     if isinstance(obj, dict):
         keys = list(obj) if head == "*" else [head]
         if head != "*" and head not in obj:
@@ -402,6 +384,8 @@ def _set_path(obj: Any, parts: list[str], value: Any, prefix: str) -> None:
         return
     if not dataclasses.is_dataclass(obj):
         raise ConfigError(f"config key {full!r}: {prefix!r} is a value, not a section")
+    head = getattr(type(obj), "RENAMED", {}).get(head, head)
+    full = f"{prefix}.{head}" if prefix else head
     fields = {f.name: f for f in dataclasses.fields(obj)}
     if head not in fields:
         raise ConfigError(_unknown_key_message(full, head, list(fields)))
@@ -438,7 +422,13 @@ def _apply_mapping(obj: Any, mapping: dict, where: str, prefix: str = "") -> Any
     if not isinstance(mapping, dict):
         raise ConfigError(f"{where}: {prefix or 'top level'} must be a mapping, got {type(mapping).__name__}")
     for k, v in mapping.items():
+        k = getattr(type(obj), "RENAMED", {}).get(k, k)
         full = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(obj, Config) and k not in _COMMON:
+            if k not in obj.sections:
+                raise ConfigError(f"{where}: " + _unknown_config_key(obj, full, str(k)))
+            _apply_mapping(obj.sections[k], v if v is not None else {}, where, full)
+            continue
         fields = {f.name: f for f in dataclasses.fields(obj)}
         if k not in fields:
             raise ConfigError(f"{where}: " + _unknown_key_message(full, str(k), list(fields)))
@@ -541,6 +531,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, Config):
+        return obj.to_dict()
     if dataclasses.is_dataclass(obj):
         return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, dict):
@@ -561,19 +553,7 @@ _CHOICES = {
     "data.normalize": ("imagenet", "half", "none"),
     "data.loader": ("auto", "dali", "torch"),
     "model.pool": ("max", "avg"),
-    "agcnn.heatmap": ("max", "l1", "l2", "sum"),
-    "agcnn.scale": ("minmax", "max"),
-    "agcnn.threshold": ("tau", "otsu"),
-    "agcnn.component": ("largest", "all"),
-    "agcnn.crop_source": ("input", "prepared"),
-    "dualattendmed.variant": ("published", "corrected"),
-    "dualattendmed.task": ("auto", "multilabel", "singlelabel"),
-    "gradcam_loss.variant": ("published", "differentiable"),
-    "gradcam_loss.target": ("label", "predicted"),
-    "gradcam_loss.cam_mode": ("eval", "train"),
-    "lungseg.arch": ("unet", "fcn_resnet50", "deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large",
-                     "lraspp_mobilenet_v3_large"),
-    "lungseg.loss": ("bce", "dice", "bce_dice"),
+    "runtime.compile_mode": ("default", "reduce-overhead", "max-autotune"),
 }
 _STAGE_CHOICES = {
     "optimizer.name": ("sgd", "adam", "adamw"),
@@ -582,11 +562,19 @@ _STAGE_CHOICES = {
 }
 
 
-def validate(cfg: Config) -> None:
-    for key, choices in _CHOICES.items():
+def check_choices(cfg: Config, choices: dict[str, tuple]) -> None:
+    """Each dotted key of ``choices`` holds one of its allowed values."""
+    for key, allowed in choices.items():
         v = get_key(cfg, key)
-        if v not in choices:
-            raise ConfigError(f"config key {key!r}: {v!r} is not one of {', '.join(choices)}")
+        if v not in allowed:
+            raise ConfigError(f"config key {key!r}: {v!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def validate(cfg: Config) -> None:
+    """The common sections here; the method's sections by the method (``Method.check_config``)."""
+    from medattn.methods import method_class
+
+    check_choices(cfg, _CHOICES)
     if not cfg.stages:
         raise ConfigError("the config defines no stages (add a 'stages:' mapping)")
     for name, st in cfg.stages.items():
@@ -598,11 +586,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key 'stages.{name}.epochs' must be >= 1, got {st.epochs}")
         if st.batch_size < 1:
             raise ConfigError(f"config key 'stages.{name}.batch_size' must be >= 1, got {st.batch_size}")
-    if not 0.0 < cfg.agcnn.tau < 1.0:
-        raise ConfigError(f"config key 'agcnn.tau' must be in (0, 1), got {cfg.agcnn.tau}")
     if cfg.data.image_size < 16 or cfg.data.resize < cfg.data.image_size:
         raise ConfigError(f"config keys data.image_size/data.resize: need 16 <= image_size <= resize, "
                           f"got {cfg.data.image_size}/{cfg.data.resize}")
+    method_class(cfg.method).check_config(cfg)
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
@@ -614,7 +601,7 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
 
 
 def load_saved_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
-    """Load a run's resolved config.yaml (no inherit chain), then apply overrides."""
+    """Load a run's saved, resolved config (no inherit chain), then apply overrides."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}

@@ -26,6 +26,7 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
 from medattn import metrics as M
+from medattn.boxes import denormalize, to_xyxy
 
 __all__ = [
     "OKABE_ITO", "ATTENTION_BOX_COLOR", "GT_BOX_COLOR", "HEATMAP_CMAP", "save_figure",
@@ -190,7 +191,7 @@ def plot_training_curves(records: Sequence[Mapping[str, Any]], *,
     """Loss and validation metric per epoch, one colour per stage.
 
     Args:
-        records: dicts like the lines of a run's ``metrics.jsonl``, e.g.
+        records: dicts like a run's epoch records (hpc.run.Run.records), e.g.
             ``{"stage": "global", "epoch": 3, "train/loss": 0.21, "val/mean_auroc": 0.80}``.
             Records without ``epoch`` or without a key are skipped for that key. Missing
             ``stage`` = "train".
@@ -316,10 +317,8 @@ def plot_metric_vs_param(df: Any, param: str, metric: str, *, hue: str | None = 
 # Attention overlays
 # --------------------------------------------------------------------------------------------
 def _box_pixels(box: Any, fmt: str, normalized: bool, w: int, h: int) -> np.ndarray:
-    b = M.to_xyxy(box, fmt).reshape(4)
-    if normalized:
-        b = b * np.array([w, h, w, h], dtype=np.float64)
-    return b
+    b = to_xyxy(box, fmt).reshape(4)
+    return denormalize(b, h, w) if normalized else b
 
 
 def _draw_box(ax, b: np.ndarray, color: str, ls: str, label: str | None = None) -> None:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medattn.boxes import source_to_view, xywh_to_xyxy
 from medattn.errors import ConfigError
 
 EPS = 1e-7  # pytorch-grad-cam's scale_cam_image adds 1e-7 to the maximum
@@ -168,19 +169,10 @@ def lung_box_in_view(lung_box: torch.Tensor, window: torch.Tensor | None = None,
         (B, 4) float boxes clamped to [0, 1].
     """
     b = lung_box.float()
-    x0, y0 = b[:, 0], b[:, 1]
-    x1, y1 = x0 + b[:, 2], y0 + b[:, 3]
-    if window is not None:
-        w = window.to(b)
-        sx, sy = (w[:, 2] - w[:, 0]).clamp_min(1e-6), (w[:, 3] - w[:, 1]).clamp_min(1e-6)
-        x0, x1 = (x0 - w[:, 0]) / sx, (x1 - w[:, 0]) / sx
-        y0, y1 = (y0 - w[:, 1]) / sy, (y1 - w[:, 1]) / sy
-    if flip is not None:
-        f = flip.to(torch.bool).to(b.device)
-        x0, x1 = torch.where(f, 1 - x1, x0), torch.where(f, 1 - x0, x1)
-    out = torch.stack([x0, y0, x1, y1], 1).clamp(0, 1)
+    out = source_to_view(xywh_to_xyxy(b), window, flip).clamp(0, 1)
     unknown = torch.isnan(b).any(1)
-    whole = torch.tensor([0.0, 0.0, 1.0, 1.0], device=b.device).expand_as(out)
+    whole = torch.zeros_like(out)
+    whole[:, 2:].fill_(1.0)  # [0, 0, 1, 1], made on the device (torch.tensor([...]) would be a host copy)
     return torch.where(unknown.view(-1, 1), whole, out)
 
 

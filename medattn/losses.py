@@ -1,8 +1,21 @@
-"""Losses shared by the methods (each method adds its own terms on top)."""
+"""Losses shared by the methods (each method adds its own terms on top), and the one factory of a
+stage's classification loss (:class:`ClassificationLoss`, from ``stages.<stage>.loss`` and the
+``focal`` section)."""
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+
+@dataclass
+class FocalConfig:
+    """The ``focal`` config section (methods whose stages may use ``loss: focal`` own it)."""
+
+    alpha: float = 1.0
+    gamma: float = 2.0
+    class_alpha: list[float] = field(default_factory=list)  # optional per-class alpha
 
 
 def bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -31,3 +44,42 @@ def focal(logits: torch.Tensor, labels: torch.Tensor, alpha: float = 1.0, gamma:
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), target)
+
+
+LOSS_NAMES = ("bce", "focal", "ce")
+
+
+class ClassificationLoss:
+    """One stage's classification loss: ``bce`` (multi-hot labels), ``focal`` (multi-hot labels,
+    with the ``focal`` section's alpha, gamma and optional per-class alpha) or ``ce`` (class
+    indices). Call it as ``loss(logits, labels=..., target=...)``.
+
+    The per-class alpha is made once per device, not on every step: a tensor built from a Python
+    list is a blocking host-to-device copy on CUDA.
+    """
+
+    def __init__(self, kind: str, focal_cfg: FocalConfig | None = None):
+        if kind not in LOSS_NAMES:
+            raise ValueError(f"loss {kind!r} is not one of {', '.join(LOSS_NAMES)}")
+        if kind == "focal" and focal_cfg is None:
+            raise ValueError("focal loss needs the focal config section")
+        self.kind = kind
+        self.focal_cfg = focal_cfg
+        self._class_alpha: torch.Tensor | None = None
+
+    def _alpha_on(self, device: torch.device) -> torch.Tensor | None:
+        ca = self.focal_cfg.class_alpha if self.focal_cfg is not None else None
+        if not ca:
+            return None
+        if self._class_alpha is None or self._class_alpha.device != device:
+            self._class_alpha = torch.tensor(ca, dtype=torch.float32).to(device)
+        return self._class_alpha
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor | None = None,
+                 target: torch.Tensor | None = None) -> torch.Tensor:
+        if self.kind == "ce":
+            return cross_entropy(logits, target)
+        if self.kind == "focal":
+            f = self.focal_cfg
+            return focal(logits, labels, f.alpha, f.gamma, self._alpha_on(logits.device))
+        return bce(logits, labels)

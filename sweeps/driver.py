@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hpc.run import Run
 from medattn.errors import ConfigError, MedattnError, MissingDependencyError
 
 EXPERIMENT = "tune"
@@ -115,7 +116,7 @@ def _train_base_task(base: str, data: str, prefix: list[str], nproc: int, cpus: 
 
     from sweeps import launch
 
-    cmd = launch.train_command(Path(base) / "config.yaml", data, base, nproc=nproc, stages=prefix)
+    cmd = launch.train_command(Run(base).config_path, data, base, nproc=nproc, stages=prefix)
     t0 = time.time()
     proc = launch.start(cmd, Path(base) / "train.log", launch.trainer_env(cpus, nproc))
     try:
@@ -128,23 +129,21 @@ def _train_base_task(base: str, data: str, prefix: list[str], nproc: int, cpus: 
 
 def ensure_base(plan: SweepPlan, cfg, log) -> None:
     """Train the shared prefix once (as a Ray task with a trial's resources), unless done."""
-    from medattn.config import save_config
     from sweeps import launch
-    from sweeps.reuse import stages_done
 
     job = plan.job
     base = Path(job.base)
-    if stages_done(base, job.prefix):
+    if Run(base).stages_done(job.prefix):
         log(f"base: stages {', '.join(job.prefix)} already trained in {base}")
         return
     base.mkdir(parents=True, exist_ok=True)
-    if not (base / "config.yaml").is_file():
-        save_config(cfg, base / "config.yaml")
+    if not Run(base).exists():
+        Run(base).save_config(cfg)
     ray = import_ray()
     log(f"base: training the shared stage(s) {', '.join(job.prefix)} once in {base} (log: {base / 'train.log'})")
     task = ray.remote(_train_base_task).options(**_remote_options(plan.resources), max_retries=0)
     out = ray.get(task.remote(str(base), job.data, job.prefix, job.nproc, plan.resources.get("cpu", 1)))
-    if out["rc"] != 0 or not stages_done(base, job.prefix):
+    if out["rc"] != 0 or not Run(base).stages_done(job.prefix):
         raise MedattnError(f"training the shared stage(s) {', '.join(job.prefix)} failed (exit {out['rc']}); "
                            f"see {base / 'train.log'}:\n{launch.log_tail(base / 'train.log')}")
     log(f"base: done in {out['seconds']:.1f} s")

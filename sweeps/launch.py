@@ -66,13 +66,12 @@ def trainer_env(cpus: float | None = None, nproc: int = 1, base: dict[str, str] 
 def train_command(config: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
                   nproc: int = 1, stages: list[str] | None = None) -> list[str]:
     """``python -m medattn train ...``, or under ``torch.distributed.run --standalone`` for nproc > 1."""
+    from hpc.train import command_line
+
     cmd = [sys.executable]
     if nproc > 1:
         cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    cmd += ["-m", "medattn", "train", "--config", str(config), "--data", str(data), "--out", str(out)]
-    if stages:
-        cmd += ["--stages", ",".join(stages)]
-    return cmd
+    return cmd + ["-m", "medattn", "train", *command_line(config, data, out, stages)]
 
 
 def start(cmd: list[str], log_path: str | os.PathLike, env: dict[str, str]) -> subprocess.Popen:

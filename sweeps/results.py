@@ -1,6 +1,6 @@
 """Sweep results: ``DIR/results.csv``, ``DIR/best.yaml`` and ``DIR/plots/auroc_vs_<param>.png``.
 
-Built from the trials' run directories (``sweep_trial.json`` + ``metrics.jsonl``), which are
+Built from the trials' run directories (``sweep_trial.json`` + the epoch records), which are
 the ground truth on the shared filesystem, and from Tune's results for trials that failed
 before writing anything. One row per trial:
 
@@ -22,20 +22,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from sweeps.reuse import stages_done
+from hpc.run import Run
 from sweeps.trial import LEDGER, asha_stopped, metric_of
-
-
-def _records(run_dir: Path) -> list[dict[str, Any]]:
-    p = run_dir / "metrics.jsonl"
-    out = []
-    if p.is_file():
-        for line in p.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return out
 
 
 def trial_row(run_dir: Path, param_names: list[str], stages: list[str],
@@ -46,7 +34,7 @@ def trial_row(run_dir: Path, param_names: list[str], stages: list[str],
     params = ledger.get("params", {})
     for n in param_names:
         row[n] = params.get(n)
-    recs = [r for r in _records(run_dir) if r.get("stage") in stages]
+    recs = [r for r in Run(run_dir).records() if r.get("stage") in stages]
     best: dict[str, float] = {}
     last_stage = None
     for r in recs:
@@ -61,7 +49,7 @@ def trial_row(run_dir: Path, param_names: list[str], stages: list[str],
     row["epochs"] = len(recs)
     # The run directory and ASHA's list are the truth; the ledger's status may lag behind a
     # driver that was killed between the trainer's exit and the ledger update.
-    if stages_done(run_dir, stages):
+    if Run(run_dir).stages_done(stages):
         row["state"] = "completed"
     elif row["trial_id"] in (stopped or set()):
         row["state"] = "stopped"
@@ -138,7 +126,7 @@ def write_all(out: Path, space, stages: list[str], data: str, result_grid=None, 
         header = (f"# medattn sweep {out}: best trial {best['trial_id']} ({params}), validation mean AUROC "
                   f"{best['best_auroc']:.4f} ({best['last_stage']}, {best['state']})\n"
                   f"# train it: medattn train --config {out / 'best.yaml'} --data {data} --out RUN\n")
-        atomic_write_text(out / "best.yaml", header + (run_dir / "config.yaml").read_text())
+        atomic_write_text(out / "best.yaml", header + Run(run_dir).config_text())
         summary["best"] = best
     else:
         log("no trial has completed yet: no best.yaml")

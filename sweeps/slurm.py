@@ -8,9 +8,9 @@ again resumes it (the driver finds DIR/tune and restores it); the job also reque
 its time limit or on preemption (USR2 trap) and resumes the same way.
 
 Everything is checked before submitting: the search space and config (exactly as a local
-sweep: bad input fails here, before any job or trial starts), the cluster request (through
-``jobs.cluster``, shared with ``medattn submit``), shared paths, and that no job of this sweep
-is still queued or running.
+sweep: bad input fails here, before any job or trial starts), the cluster request and the
+batch-script header (through ``jobs.cluster``, shared with ``medattn submit`` and ``sbatch``),
+shared paths, and that no job of this sweep is still queued or running.
 """
 from __future__ import annotations
 
@@ -22,27 +22,18 @@ import time
 from pathlib import Path
 
 from medattn import __version__
+from jobs import cluster as c  # sweeps sit above jobs: a sweep's allocation is a SLURM job like any other
 from medattn.errors import ConfigError, MedattnError
 
 TEMPLATES = Path(__file__).with_name("templates")
 COMMENT = "medattn-sweep:"  # squeue comment that marks this sweep's jobs
 
 
-def _cluster():
-    try:
-        from jobs import cluster
-    except ImportError:
-        return None
-    return cluster
-
-
 def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
-    """``--slurm`` plus the SLURM flags of ``medattn submit`` (jobs.cluster), when installed."""
+    """``--slurm`` plus the SLURM flags of ``medattn submit`` (jobs.cluster)."""
     g = p.add_argument_group("SLURM (submit the sweep as one allocation that runs a Ray cluster)")
     g.add_argument("--slurm", action="store_true", help="submit to SLURM instead of running here")
-    c = _cluster()
-    if c is not None and hasattr(c, "add_cluster_arguments"):
-        c.add_cluster_arguments(p)
+    c.add_cluster_arguments(p)
 
 
 def _sweep_args(args: argparse.Namespace) -> list[str]:
@@ -70,40 +61,15 @@ def _sweep_args(args: argparse.Namespace) -> list[str]:
     return out + list(args.overrides)
 
 
-def _render(template: str, values: dict[str, str]) -> str:
-    text = (TEMPLATES / template).read_text()
-    for k, v in values.items():
-        text = text.replace("{{" + k + "}}", v)
-    if "{{" in text:
-        raise AssertionError(f"unfilled placeholder in {template}: {text[text.index('{{'):][:40]}")
-    return text
-
-
-def _flag(name: str, value) -> str:
-    return f"#SBATCH --{name}" if value is True else f"#SBATCH --{name}={shlex.quote(str(value))}"
-
-
 def render(args: argparse.Namespace, spec, partition, out: Path, num_samples: int) -> tuple[str, str]:
     """(sweep.sbatch, ray-node.sh) texts for a checked request."""
     from sweeps.launch import PACKAGE_ROOT
 
-    c = _cluster()
     log_dir = out / "slurm"
     python = spec.python or sys.executable
-    lines = [_flag("job-name", spec.job_name or f"medattn-sweep-{out.name}"), _flag("nodes", spec.nodes),
-             _flag("ntasks-per-node", 1), _flag("cpus-per-task", spec.cpus_per_task)]
-    if spec.gpus_per_node:
-        lines.append(_flag("gpus-per-node", spec.gpus_per_node))
-    lines.append(_flag("time", c.default_time(spec, partition)))
-    for key in ("partition", "account", "qos", "constraint"):
-        if getattr(spec, key, None):
-            lines.append(_flag(key, getattr(spec, key)))
-    if spec.mem:
-        lines.append(_flag("mem", f"{int(spec.mem)}G" if spec.mem == int(spec.mem) else f"{int(spec.mem * 1024)}M"))
-    lines += [_flag("output", f"{log_dir}/sweep-%j.out"), _flag("open-mode", "append"), _flag("requeue", True),
-              _flag("signal", f"B:USR2@{spec.signal_delay}"), _flag("comment", f"{COMMENT}{out}")]
-    lines += [_flag(k, v) for k, v in getattr(spec, "sbatch", {}).items()]
-    setup = [f"export {k}={shlex.quote(str(v))}" for k, v in getattr(spec, "env", {}).items()] + list(spec.setup)
+    header = c.sbatch_header(spec, partition, job_name=spec.job_name or f"medattn-sweep-{out.name}",
+                             cpus_per_task=spec.cpus_per_task, output=f"{log_dir}/sweep-%j.out",
+                             comment=f"{COMMENT}{out}")
     what = (f"{num_samples} trial(s) of {args.config} on {spec.nodes} node(s)"
             + (f" x {spec.gpus_per_node} GPU(s)" if spec.gpus_per_node else " (CPU)"))
     node_script = log_dir / "ray-node.sh"
@@ -111,17 +77,17 @@ def render(args: argparse.Namespace, spec, partition, out: Path, num_samples: in
         "version": f"medattn {__version__}", "what": what, "script_name": str(log_dir / "sweep.sbatch"),
         "log_dir": str(log_dir), "out": str(out), "out_q": shlex.quote(str(out)), "python": shlex.quote(python),
         "root_q": shlex.quote(str(PACKAGE_ROOT)), "signal_delay": str(spec.signal_delay),
-        "sbatch_lines": "\n".join(lines), "setup_lines": "\n".join(setup) or "# (no setup lines)",
+        "sbatch_lines": header, "setup_lines": c.setup_lines(spec),
         "node_script_q": shlex.quote(str(node_script)), "gpus_per_node": str(spec.gpus_per_node or 0),
         "sweep_args": " ".join(shlex.quote(a) for a in _sweep_args(args)),
         "max_requeues": str(spec.max_timeouts), "cpus_per_task": str(spec.cpus_per_task),
     }
-    return _render("sweep.sbatch", values), _render("ray-node.sh", values)
+    return (c.render_template(TEMPLATES / "sweep.sbatch", values),
+            c.render_template(TEMPLATES / "ray-node.sh", values))
 
 
 def _active_jobs(out: Path) -> list[str]:
     """Jobs of this sweep that SLURM still has queued or running."""
-    c = _cluster()
     r = c.slurm_cmd(["squeue", "-h", "-o", "%i|%T|%k"], check=False)
     jobs = []
     for line in r.stdout.splitlines():
@@ -133,10 +99,6 @@ def _active_jobs(out: Path) -> list[str]:
 
 def submit(args: argparse.Namespace) -> int:
     """Check everything, write DIR/slurm/sweep.sbatch and submit it; prints the job id."""
-    c = _cluster()
-    if c is None:
-        raise MedattnError("--slurm needs the SLURM launcher (jobs.cluster, `medattn submit`), which is not in "
-                           "this installation")
     from sweeps.cli import check_spec, plan_sweep
 
     plan, _cfg, sweep_spec = plan_sweep(args)  # space, config and data errors: before any job exists

@@ -10,12 +10,13 @@ Grammar (one ``--space`` per parameter)::
     choice(v1, v2, ...)   one of the values (random/optuna), or every value (--search grid)
     grid(v1, v2, ...)     every value (a grid axis; random search crosses it with the samples)
 
-NAME is an alias or a full dotted config key (``stages.local.optimizer.lr``, ``stages.*.epochs``):
+NAME is an alias or a full dotted config key (``stages.local.optimizer.lr``, ``stages.*.epochs``).
+The aliases belong to the methods (``Method.sweep_aliases`` / ``alias_settings``):
 
     tau    agcnn.tau (AG-CNN's attention threshold); for dualattendmed the crop threshold
            theta: dualattendmed.crop_theta=[tau, tau] and dualattendmed.eval_crop_theta=tau
     lam    gradcam_loss.lam; the value ``adaptive`` means gradcam_loss.adaptive=true
-    gamma  focal.gamma (needs a stage with ``loss: focal``)
+    gamma  focal.gamma (methods with a focal section; needs a stage with ``loss: focal``)
 
 Everything a trial could get wrong is checked here, before any trial starts: unknown names,
 empty ranges, values of the wrong type, and parameters the config does not use. Errors are
@@ -33,14 +34,17 @@ from medattn.config import Config, get_key, set_key, validate
 from medattn.errors import ConfigError, MedattnError
 
 FUNCS = ("uniform", "loguniform", "quniform", "randint", "choice", "grid")
-ALIASES = {
-    "tau": "AG-CNN attention threshold (agcnn.tau; dualattendmed: crop theta)",
-    "lam": "Grad-CAM attention-loss weight (gradcam_loss.lam; 'adaptive' = gradcam_loss.adaptive=true)",
-    "gamma": "focal-loss gamma (focal.gamma; needs a stage with loss: focal)",
-}
-# Config sections that only one method reads.
-METHOD_SECTIONS = {"agcnn": ("agcnn",), "dualattendmed": ("dualattendmed",),
-                   "gradcam_loss": ("gradcam_loss",), "lka": ("vgg_lka",), "lungseg": ("lungseg",)}
+
+
+def known_aliases() -> dict[str, tuple[str, list[str]]]:
+    """Every method's sweep aliases: alias -> (what it is, the methods that have it)."""
+    from medattn.methods import METHODS, method_class
+
+    out: dict[str, tuple[str, list[str]]] = {}
+    for m in METHODS:
+        for alias, (noun, _) in method_class(m).all_sweep_aliases().items():
+            out.setdefault(alias, (noun, []))[1].append(m)
+    return out
 _SPEC = re.compile(r"^\s*([A-Za-z_][\w.*]*)\s*=\s*([a-z]+)\s*\((.*)\)\s*$", re.S)
 
 
@@ -68,16 +72,12 @@ class Param:
 
     def overrides(self, value: Any) -> list[tuple[str, Any]]:
         """The config settings for one sampled ``value`` (``[(dotted key, value), ...]``)."""
-        if self.name == "tau" and self._method == "dualattendmed":
-            return [("dualattendmed.crop_theta", [value, value]), ("dualattendmed.eval_crop_theta", value)]
-        if self.name == "tau":
-            return [("agcnn.tau", value)]
-        if self.name == "lam":
-            if isinstance(value, str) and value.lower() == "adaptive":
-                return [("gradcam_loss.adaptive", True)]
-            return [("gradcam_loss.lam", value), ("gradcam_loss.adaptive", False)]
-        if self.name == "gamma":
-            return [("focal.gamma", value)]
+        if "." not in self.name and self._method:
+            from medattn.methods import method_class
+
+            cls = method_class(self._method)
+            if self.name in cls.all_sweep_aliases():
+                return cls.alias_settings(self.name, value)
         return [(self.name, value)]
 
     def candidates(self) -> list[Any]:
@@ -130,13 +130,6 @@ class SearchSpace:
 
     def keys(self) -> list[str]:
         return [k for p in self.params for k in p.keys]
-
-    def grid_size(self) -> int:
-        n = 1
-        for p in self.params:
-            if p.func == "grid":
-                n *= len(p.args)
-        return n
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,23 +286,22 @@ def focal_stages(cfg: Config, space: SearchSpace | None = None) -> list[str]:
 
 
 def _resolve_keys(p: Param, cfg: Config) -> list[str]:
+    from medattn.methods import method_class
+
     where = f"--space {p.name}"
-    if p.name == "tau":
-        if cfg.method == "agcnn":
-            return ["agcnn.tau"]
-        if cfg.method == "dualattendmed":
-            return ["dualattendmed.crop_theta", "dualattendmed.eval_crop_theta"]
-        raise ConfigError(f"{where}: method {cfg.method!r} has no attention threshold tau "
-                          f"(tau applies to agcnn and dualattendmed)")
-    if p.name == "lam":
-        if cfg.method != "gradcam_loss":
-            raise ConfigError(f"{where}: lam is the Grad-CAM attention-loss weight, but this config's "
-                              f"method is {cfg.method!r}, not 'gradcam_loss'")
-        return ["gradcam_loss.lam", "gradcam_loss.adaptive"]
-    if p.name == "gamma":
-        return ["focal.gamma"]
     if "." not in p.name and p.name not in ("seed",):
-        raise ConfigError(f"{where}: unknown parameter {p.name!r}; use an alias ({', '.join(ALIASES)}) "
+        method = method_class(cfg.method)
+        if p.name in method.all_sweep_aliases():
+            keys: dict[str, None] = {}
+            for v in p.candidates():
+                keys.update(dict.fromkeys(k for k, _ in method.alias_settings(p.name, v)))
+            return list(keys)
+        aliases = known_aliases()
+        if p.name in aliases:
+            noun, owners = aliases[p.name]
+            raise ConfigError(f"{where}: method {cfg.method!r} has no {noun} ({p.name} applies to "
+                              f"{', '.join(owners)}; this config's method is {cfg.method!r})")
+        raise ConfigError(f"{where}: unknown parameter {p.name!r}; use an alias ({', '.join(aliases)}) "
                           f"or a dotted config key (e.g. stages.local.optimizer.lr)")
     if not key_exists(cfg, p.name):
         # get_key's message suggests the closest valid key
@@ -324,18 +316,15 @@ def _resolve_keys(p: Param, cfg: Config) -> list[str]:
 
 
 def _check_used(p: Param, cfg: Config, space: SearchSpace) -> None:
-    """Reject parameters that cannot change what this config trains."""
-    where = f"--space {p.name}"
+    """Reject parameters that cannot change what this config trains (the method says which
+    stages a key affects)."""
+    from medattn.methods import method_class
+
+    method = method_class(cfg.method)
     for key in p.keys:
-        section = key.split(".")[0]
-        if section in METHOD_SECTIONS and cfg.method not in METHOD_SECTIONS[section]:
-            raise ConfigError(f"{where}: config section {section!r} is not used by method {cfg.method!r}")
-        if section == "focal" and not focal_stages(cfg, space):
-            raise ConfigError(f"{where}: no stage of this config uses focal loss, so {key} has no effect "
-                              f"(set stages.<name>.loss=focal, e.g. stages.local.loss=focal)")
-        if key == "agcnn.tau" and not [s for s in cfg.stages if s != "global"]:
-            raise ConfigError(f"{where}: agcnn.tau only acts in the local and fusion stages; this config "
-                              f"has only {', '.join(cfg.stages)}")
+        stages, why = method.key_effect(cfg, key, focal_stages(cfg, space))
+        if not stages:
+            raise ConfigError(f"--space {p.name}: {why}")
 
 
 def _apply(cfg: Config, settings: list[tuple[str, Any]]) -> Config:

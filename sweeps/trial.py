@@ -5,7 +5,7 @@ The trial function (a Tune function trainable, running in a Ray actor on some no
 1. builds the trial's config (base config + the sampled parameters), seeds its run directory
    from the shared base run when there is one (sweeps.reuse), and writes ``sweep_trial.json``
    (parameters, node, status);
-2. starts the trainer (sweeps.launch) and follows ``metrics.jsonl`` as it grows: each finished
+2. starts the trainer (sweeps.launch) and follows the run's epoch records as they grow: each finished
    epoch of a stage the trial trains is one ``ray.tune.report`` with ``mean_auroc`` = the
    validation mean AUROC of the branch that stage trains, so ``training_iteration`` counts
    epochs across the trained stages;
@@ -15,7 +15,7 @@ The trial function (a Tune function trainable, running in a Ray actor on some no
 
 A trial restarted after the driver was killed runs the same trainer command on the same run
 directory, so the trainer resumes from its last checkpoint; the epochs already in
-metrics.jsonl are reported again first (fast), so iteration counts stay consistent.
+the run's records are reported again first (fast), so iteration counts stay consistent.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hpc.run import Run
 from sweeps import launch
 
 LEDGER = "sweep_trial.json"
@@ -49,7 +50,7 @@ class TrialJob:
         base: the base run directory, or None.
         nproc: trainer processes per trial (torchrun when > 1).
         cpus: CPUs per trial (for OMP_NUM_THREADS).
-        poll_s: how often metrics.jsonl is checked.
+        poll_s: how often the epoch records are checked.
         stop_timeout_s: how long a stopped trainer may take to checkpoint before SIGKILL.
         extra_env: variables added to the trainer's environment.
     """
@@ -110,7 +111,7 @@ def metric_of(rec: dict[str, Any]) -> float:
 
 
 class MetricsTail:
-    """New epoch records of the given stages in a growing (or rewritten) metrics.jsonl."""
+    """New epoch records of the given stages in a growing (or rewritten) record file."""
 
     def __init__(self, path: Path, stages: list[str]):
         self.path = path
@@ -183,9 +184,7 @@ class _StopTrainer:
 
 
 def _status_after_exit(run_dir: Path, stages: list[str], rc: int) -> str:
-    from sweeps.reuse import stages_done
-
-    if stages_done(run_dir, stages):
+    if Run(run_dir).stages_done(stages):
         return "completed"
     return "stopped" if rc == 0 else "error"
 
@@ -195,7 +194,7 @@ def run_trial(job: TrialJob, config: dict[str, Any]) -> None:
     import ray
     from ray import tune
 
-    from sweeps.reuse import seed_trial, stages_done
+    from sweeps.reuse import seed_trial
 
     trial_id = tune.get_context().get_trial_id()
     node_id = ray.get_runtime_context().get_node_id()
@@ -205,12 +204,9 @@ def run_trial(job: TrialJob, config: dict[str, Any]) -> None:
     cfg = job.trial_config(sample)
     if job.base:
         seed_trial(job.base, run_dir, job.prefix, cfg)
-    elif not (run_dir / "config.yaml").is_file():
-        from medattn.config import save_config
-
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    tail = MetricsTail(run_dir / "metrics.jsonl", job.stages)
+    elif not Run(run_dir).exists():
+        Run(run_dir).save_config(cfg)
+    tail = MetricsTail(Run(run_dir).metrics_path, job.stages)
     n, best = 0, {}
 
     def report(rec: dict[str, Any]) -> None:
@@ -223,7 +219,7 @@ def run_trial(job: TrialJob, config: dict[str, Any]) -> None:
         tune.report({METRIC: v, "best_auroc": best.get(st, math.nan), "stage": st,
                      "stage_epoch": rec["epoch"], "epochs": n, "node_id": node_id, "node_ip": node_ip})
 
-    done = stages_done(run_dir, job.stages)
+    done = Run(run_dir).stages_done(job.stages)
     if done or trial_id in asha_stopped(job.out):
         # Finished (or stopped by ASHA) before a driver restart that Tune's experiment state had
         # not caught up with: report what is there, train nothing; the ledger keeps its node.
@@ -236,7 +232,7 @@ def run_trial(job: TrialJob, config: dict[str, Any]) -> None:
                  overrides=[f"{k}={v}" for k, v in job.space.overrides(sample)], node_id=node_id, node_ip=node_ip,
                  hostname=socket.gethostname(), nodes=prev + [node_id], status="running", started=time.time(),
                  shared_stages=job.prefix, stages=job.stages)
-    cmd = launch.train_command(run_dir / "config.yaml", job.data, run_dir, nproc=job.nproc)
+    cmd = launch.train_command(Run(run_dir).config_path, job.data, run_dir, nproc=job.nproc)
     env = launch.trainer_env(job.cpus, job.nproc)
     env.update(job.extra_env)
     with _LOCK:

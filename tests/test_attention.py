@@ -11,8 +11,8 @@ from scipy import ndimage
 
 from hpc.syncs import count_syncs
 from medattn.attention import (attention_boxes, component_schedule, connected_components, crop_and_resize,
-                               heatmap, largest_component_box, map_boxes_to_source, normalize_boxes,
-                               otsu_threshold, threshold_mask)
+                               heatmap, largest_component_box, otsu_threshold, threshold_mask)
+from medattn.boxes import normalize, view_to_source
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
@@ -351,7 +351,7 @@ def test_single_pixel_box_is_on_pixel_edges():
     m[0, 3, 5] = True
     boxes, empty = largest_component_box(m)
     assert boxes.tolist() == [[5.0, 3.0, 6.0, 4.0]] and empty.tolist() == [False]
-    torch.testing.assert_close(normalize_boxes(boxes, 7, 9), torch.tensor([[5 / 9, 3 / 7, 6 / 9, 4 / 7]]))
+    torch.testing.assert_close(normalize(boxes, 7, 9), torch.tensor([[5 / 9, 3 / 7, 6 / 9, 4 / 7]]))
 
 
 def test_two_blobs_largest_and_all():
@@ -406,7 +406,7 @@ def test_attention_boxes_batched_equals_per_sample_reference():
     for tau in (0.3, 0.7, 0.9):
         boxes, heat, empty = attention_boxes(feats, tau=tau, size=56, return_empty=True)
         ref = torch.tensor([reference_box(feats[i].numpy(), tau, 56) for i in range(len(feats))])
-        assert torch.equal(boxes, normalize_boxes(ref, 56, 56)), tau
+        assert torch.equal(boxes, normalize(ref, 56, 56)), tau
         assert heat.shape == (12, 56, 56) and empty[0]
     # boxes are in [0, 1] and non-degenerate
     assert (boxes >= 0).all() and (boxes <= 1).all() and (boxes[:, 2] > boxes[:, 0]).all()
@@ -449,7 +449,7 @@ def test_attention_and_crops_never_sync():
                 boxes, heat, empty = attention_boxes(feats, tau=0.7, threshold=threshold, component=component,
                                                      size=224, return_empty=True)
                 crops = crop_and_resize(images, boxes, 224)
-                crops_hi = crop_and_resize(hires, map_boxes_to_source(boxes, boxes), 224)
+                crops_hi = crop_and_resize(hires, view_to_source(boxes, boxes), 224)
             assert c.syncs == 0 and c.host_tensors == 0, (threshold, component, c.sync_ops)
             assert c.ops > 0 and crops.shape == (16, 3, 224, 224) and crops_hi.shape == (16, 1, 224, 224)
             assert bool(empty[0]) and boxes[0].tolist() == [0.0, 0.0, 1.0, 1.0]
@@ -476,7 +476,7 @@ def ramp(h: int, w: int, c: int = 1) -> torch.Tensor:
 
 def test_crop_at_native_size_returns_the_exact_pixels():
     img = ramp(32, 48, c=2)[None]
-    box = normalize_boxes(torch.tensor([[8.0, 4.0, 24.0, 20.0]]), 32, 48)  # 16 x 16 pixels
+    box = normalize(torch.tensor([[8.0, 4.0, 24.0, 20.0]]), 32, 48)  # 16 x 16 pixels
     crop = crop_and_resize(img, box, 16)
     torch.testing.assert_close(crop, img[:, :, 4:20, 8:24])
     whole = crop_and_resize(img, torch.tensor([[0.0, 0.0, 1.0, 1.0]]), (32, 48))
@@ -485,7 +485,7 @@ def test_crop_at_native_size_returns_the_exact_pixels():
 
 def test_crop_upscale_samples_pixel_centres_bilinearly():
     img = ramp(32, 32)[None]
-    box = normalize_boxes(torch.tensor([[8.0, 8.0, 16.0, 16.0]]), 32, 32)
+    box = normalize(torch.tensor([[8.0, 8.0, 16.0, 16.0]]), 32, 32)
     crop = crop_and_resize(img, box, 16)  # 2x: output pixel j sits at 8 + (j + 0.5) / 2 - 0.5
     pos = 8 + (torch.arange(16) + 0.5) / 2 - 0.5
     expect = pos.view(1, 16) + 1000 * pos.view(16, 1)
@@ -527,5 +527,5 @@ def test_crop_uint8_input_and_batch_boxes():
 def test_map_boxes_to_source_with_flip():
     view = torch.tensor([[0.2, 0.1, 0.6, 0.9], [0.2, 0.1, 0.6, 0.9]])  # 0.4 wide, 0.8 high
     box = torch.tensor([[0.0, 0.5, 0.25, 1.0], [0.0, 0.5, 0.25, 1.0]])
-    src = map_boxes_to_source(box, view, torch.tensor([False, True]))
+    src = view_to_source(box, view, torch.tensor([False, True]))
     torch.testing.assert_close(src, torch.tensor([[0.2, 0.5, 0.3, 0.9], [0.5, 0.5, 0.6, 0.9]]))

@@ -376,7 +376,8 @@ SMALL = ["data.image_size=32", "data.resize=36", "data.num_workers=0", "stages.m
 
 def _init_auroc(run: Path, prep: Path, split: str = "test") -> float:
     """Mean AUROC of the same model as built at the start of training (nothing learnt)."""
-    from hpc.evaluation import classification_metrics, run_inference
+    from hpc.inference import run_inference
+    from medattn.metrics import classification_metrics
     from hpc.loader import EvalLoader
     from medattn.config import load_saved_config
     from medattn.data.prepared import PreparedDataset

@@ -411,7 +411,7 @@ def test_differentiable_loss_raises_r_over_cross_entropy_and_eval_reports_the_bi
     assert len(per) == 16 and per["r"].isna().sum() == 8  # No Finding images have no region
     assert m["per_image"]["r"]["n"] == 8 and m["per_image"]["r"]["mean"] == pytest.approx(per["r"].mean())
     # the report shows the same binary table
-    from medattn.report.build import build_report
+    from hpc.report.build import build_report
 
     build_report(runs["diff"], samples=2)
     md = (runs["diff"] / "report" / "report.md").read_text()

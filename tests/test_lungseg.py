@@ -108,13 +108,18 @@ def test_lungseg_trains_scores_dice_and_fills_lung_boxes_in_prepare(pairs, tmp_p
     assert m["per_image"]["iou"]["mean"] <= m["per_image"]["dice"]["mean"]
     assert (run / "eval" / "per_image.csv").is_file() and not (run / "eval" / "preds.csv").exists()
 
-    # prepare --lung-model: one box per image from the trained model, close to the mask boxes
-    out = prepare(src / "images", tmp_path / "boxed", layout="imagefolder", size=32, workers=1, progress=False,
-                  lung_model=run)
-    info = out.info
+    # prepare --lung-model RUN: one box per image from the trained model, close to the mask boxes
+    from hpc.run import Run
+    from medattn.cli import main as cli
+
+    boxed = tmp_path / "boxed"
+    assert cli(["prepare", "--nih-root", str(src / "images"), "--out", str(boxed), "--layout", "imagefolder",
+                "--size", "32", "--workers", "1", "--no-progress", "--lung-model", str(run)]) == 0
+    info = json.loads((boxed / "dataset.json").read_text())
     assert info["has_lung_boxes"] and info["lung_boxes_from"]["kind"] == "model"
-    assert info["lung_boxes_from"]["checkpoint"].endswith("ckpt/train/best.pt") and "lung_masks" not in info
-    got = _boxes(PreparedDataset.open(out.out).manifest)
+    assert info["lung_boxes_from"]["checkpoint"] == str(Run(run).checkpoint("train", "best"))
+    assert "lung_masks" not in info
+    got = _boxes(PreparedDataset.open(boxed).manifest)
     want = _boxes(PreparedDataset.open(prep).manifest)
     x0 = np.maximum(got[:, 0], want[:, 0])
     y0 = np.maximum(got[:, 1], want[:, 1])
@@ -125,10 +130,17 @@ def test_lungseg_trains_scores_dice_and_fills_lung_boxes_in_prepare(pairs, tmp_p
     print(f"lung box IoU (model vs mask): mean {iou.mean():.3f}, min {iou.min():.3f}")
     assert iou.mean() > 0.8
 
-    # a classifier run is not a lung model; a run without finished stages neither
-    with pytest.raises(DataError, match="no finished stage"):
+    # a directory that is no run, and a run without finished stages, are no lung model
+    argv = ["prepare", "--nih-root", str(src / "images"), "--out", str(tmp_path / "x"), "--layout", "imagefolder",
+            "--size", "32", "--workers", "1", "--no-progress", "--lung-model"]
+    assert cli(argv + [str(tmp_path)]) == 2
+    unfinished = tmp_path / "unfinished"
+    Run(unfinished).save_config(Run(run).config())
+    assert cli(argv + [str(unfinished)]) == 2
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(DataError, match="a run directory, not a checkpoint file"):
         prepare(src / "images", tmp_path / "x", layout="imagefolder", size=32, workers=1, progress=False,
-                lung_model=tmp_path)
+                lung_model=run)
 
 
 def test_lungseg_refuses_data_without_masks_and_rotations(tmp_path):

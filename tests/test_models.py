@@ -1,12 +1,14 @@
 """The ClassifierModel contract over the whole registry, and AG-CNN end to end (CPU, small inputs)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from medattn.config import AGCNNConfig, ModelConfig
+from medattn.config import ModelConfig
+from medattn.methods.agcnn import AGCNNConfig
 from medattn.errors import ConfigError
-from medattn.models import AGCNN, ClassifierModel, build_agcnn, create_model, is_model, list_models
+from medattn.models import ClassifierModel, build_agcnn, create_model, is_model, list_models
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
@@ -103,20 +105,32 @@ def test_bad_names_and_options_are_config_errors():
 
 
 # --------------------------------------------------------------------------------------------
-# AG-CNN
+# AG-CNN: the network, and its attention path through the method (the code training runs)
 # --------------------------------------------------------------------------------------------
-def agcnn(local: str = "", **kw) -> AGCNN:
+def agcnn_method(local: str = "", **kw):
+    """AGCNNMethod + its model, resnet18 branches at random init (the demo config otherwise)."""
+    from medattn.config import load_config
+    from medattn.methods import DataSpec, build
+
     torch.manual_seed(0)
-    return build_agcnn(ModelConfig(backbone="resnet18", weights="none"), AGCNNConfig(local_backbone=local, **kw),
-                       num_classes=K, in_chans=1)
+    over = ["model.backbone=resnet18", "model.weights=none", f"data.image_size={SIZE}", f"data.resize={SIZE}",
+            f"agcnn.local_backbone={local}", "agcnn.crop_source=input"] + [f"agcnn.{k}={v}" for k, v in kw.items()]
+    cfg = load_config("demo", over)
+    spec = DataSpec(tuple(f"c{i}" for i in range(K)), tuple(f"c{i}" for i in range(K)), "multilabel", 1, 128)
+    return build(cfg, spec)
+
+
+def _batch(x, **extra):
+    n = x.shape[0]
+    return {"image": x, "view_box": torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(n, 4), **extra}
 
 
 def test_agcnn_end_to_end():
-    model = agcnn(local="densenet121")  # different backbones, unshared weights
+    method, model = agcnn_method(local="densenet121")  # different backbones, unshared weights
     assert model.global_branch is not model.local_branch
     assert model.fusion.in_features == 512 + 1024 and model.fusion.out_features == K
     x = torch.randn(2, 1, SIZE, SIZE)
-    out = model(x, return_crops=True)
+    out = method.forward(model, _batch(x), "fusion")
     for key in ("global", "local", "fusion"):
         assert out[key].shape == (2, K) and torch.isfinite(out[key]).all(), key
     boxes = out["boxes"]
@@ -130,49 +144,63 @@ def test_agcnn_end_to_end():
     assert not out["crops"].requires_grad
 
 
-def test_agcnn_parts_compose_like_forward():
-    model = agcnn().eval()
+def test_agcnn_parts_compose_like_the_method_and_the_network():
+    method, model = agcnn_method()
+    model.eval()
     x = torch.randn(3, 1, SIZE, SIZE)
     with torch.no_grad():
-        out = model(x)
+        out = method.forward(model, _batch(x), "fusion")
         lg, feats, pg = model.forward_global(x)
-        boxes, heat, empty = model.attend(feats, x.shape[-2:])
-        ll, pl = model.forward_local(model.crop(x, boxes))
+        boxes, heat, empty = method.attend(feats, SIZE)
+        crops = method.crop(_batch(x), boxes)
+        ll, pl = model.forward_local(crops)
         torch.testing.assert_close(out["global"], lg)
         torch.testing.assert_close(out["local"], ll)
         torch.testing.assert_close(out["fusion"], model.forward_fusion(pg, pl))
         torch.testing.assert_close(out["boxes"], boxes)
-    assert model.stage_module("fusion") is model.fusion
+        # the network's forward given the crops
+        for a, b in zip(model(x, crops), (lg, ll, out["fusion"])):
+            torch.testing.assert_close(a, b)
+        # prediction and training both go through the same path
+        pred = method.predict(model, _batch(x), "fusion")
+        torch.testing.assert_close(pred["probs"]["fusion"], out["fusion"].sigmoid())
+        torch.testing.assert_close(pred["crops"], crops)
+    loss, logs = method.training_loss(model, {**_batch(x), "labels": torch.zeros(3, K)}, "local", 0)
+    torch.testing.assert_close(loss, torch.nn.functional.binary_cross_entropy_with_logits(ll, torch.zeros(3, K)))
+    assert "crop_area" in logs
 
 
 def test_agcnn_hires_crop_matches_the_view():
-    """A view cut 1:1 from a hires image: cropping the box from hires equals cropping the view."""
+    """A view cut 1:1 from a prepared image, flipped or not: cropping the attention box from the
+    prepared image (``crop_source=prepared``, as the loaders give it: uint8, flipped like the view)
+    equals cropping the view."""
     from medattn.attention import crop_and_resize  # noqa: PLC0415
+    from medattn.views import view_boxes
 
-    model = agcnn(crop_source="prepared")
-    assert model.needs_hires
+    method, model = agcnn_method(crop_source="prepared")
+    assert method.needs_hires("local") and not method.needs_hires("global")
+    input_method, _ = agcnn_method()
     g = torch.Generator().manual_seed(0)
-    hires = torch.rand(2, 1, 128, 128, generator=g)
-    view_boxes = torch.tensor([[0.25, 0.25, 0.75, 0.75], [0.0, 0.5, 0.5, 1.0]])
-    view = crop_and_resize(hires, view_boxes, 64)  # 64 px of a 128 image: exact pixels
-    flipped = torch.tensor([False, True])
-    view = torch.where(flipped.view(-1, 1, 1, 1), view.flip(-1), view)
+    hires = (torch.rand(2, 1, 128, 128, generator=g) * 255).round().to(torch.uint8)
+    window = np.array([[0.25, 0.25, 0.75, 0.75], [0.0, 0.5, 0.5, 1.0]], np.float32)
+    flipped = np.array([False, True])
+    vb = torch.from_numpy(view_boxes(window, flipped))  # the view in the flipped prepared image
+    hires = torch.where(torch.from_numpy(flipped).view(-1, 1, 1, 1), hires.flip(-1), hires)
+    view = method.normalize_uint8(crop_and_resize(hires.float(), vb, 64))  # 64 px of 128: exact pixels
     # Boxes away from the view's edges: at an edge the hires crop rightly samples the real
     # pixels just outside the view, where a crop of the view can only repeat its border.
     boxes = torch.tensor([[0.25, 0.25, 0.75, 0.75], [0.125, 0.25, 0.5, 0.75]])
-    from_view = model.crop(view, boxes)
-    from_hires = model.crop(view, boxes, hires, view_boxes, flipped)
-    torch.testing.assert_close(from_hires, from_view)
-    # and forward accepts it
-    out = model(view, hires=hires, view_boxes=view_boxes, view_flipped=flipped)
+    batch = {"image": view, "view_box": vb, "hires": hires}
+    torch.testing.assert_close(method.crop(batch, boxes), input_method.crop(batch, boxes), atol=1e-5, rtol=1e-5)
+    out = method.forward(model, batch, "fusion")
     assert out["fusion"].shape == (2, K)
 
 
 def test_agcnn_config_errors():
-    with pytest.raises(ConfigError, match="agcnn.heatmap='mean'"):
-        agcnn(heatmap="mean")
-    with pytest.raises(ConfigError, match="agcnn.tau=1.5"):
-        agcnn(tau=1.5)
+    with pytest.raises(ConfigError, match="agcnn.heatmap"):
+        agcnn_method(heatmap="mean")
+    with pytest.raises(ConfigError, match="agcnn.tau"):
+        agcnn_method(tau=1.5)
     with pytest.raises(ConfigError, match="local_backbone='vgg16_bn'"):
         build_agcnn(ModelConfig(backbone="resnet18", weights="/some/file.pth"),
                     AGCNNConfig(local_backbone="vgg16_bn"), num_classes=K)

@@ -20,9 +20,9 @@ from PIL import Image
 from hpc import evaluate as evaluate_mod
 from hpc import train as train_mod
 from medattn.cli import main as cli_main
-from medattn.report import build_report
-from medattn.report import infer, overlays
-from medattn.report.viz import resolve_targets, visualize
+from hpc.report import build_report
+from hpc.report import infer, overlays
+from hpc.report.viz import resolve_targets, visualize
 from prepfix import make_prepared
 
 # 48 px input (2x2 last feature map for ResNet-18, so heat maps and boxes vary), 56 px prepared.
@@ -440,7 +440,7 @@ def test_published_numbers_are_consistent():
     """Transcription check: each column's per-class values average to the mean its source (or the
     research notes, chestxray14.md §5.2) gives."""
     from medattn.data.labels import DISEASES
-    from medattn.report import published as P
+    from hpc.report import published as P
 
     expected = {"agcnn_r50": 0.868, "agcnn_d121": 0.871, "chexnet": 0.8414, "wang": 0.7381, "yao": 0.8027}
     for col in P.AUROC_TABLES:
@@ -463,7 +463,7 @@ def test_published_numbers_are_consistent():
     ({"kind": "fundus"}, False, "other"),
 ])
 def test_data_kind(tmp_path, source, marker, kind):
-    from medattn.report.collect import collect
+    from hpc.report.collect import collect
 
     root = tmp_path / "nih"
     root.mkdir()

@@ -29,7 +29,7 @@ import pytest
 
 from medattn.config import load_config
 from prepfix import make_prepared
-from sweeps.reuse import stages_done
+from hpc.run import Run
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
@@ -149,7 +149,7 @@ def records(run: Path) -> list[dict]:
 def _progress(out: Path):
     """(finished trial dirs, dirs of trials in the middle of their first trained epoch)."""
     dirs = sorted(x.parent for x in (out / "trials").glob("*/train.log")) if (out / "trials").is_dir() else []
-    finished = [d for d in dirs if stages_done(d, ["local", "fusion"])
+    finished = [d for d in dirs if Run(d).stages_done(["local", "fusion"])
                 or json.loads((d / "sweep_trial.json").read_text()).get("status") == "stopped"]
     training = [d for d in dirs if d not in finished and "[local] epoch 1/" in (d / "train.log").read_text()]
     return finished, training
@@ -217,7 +217,7 @@ def test_two_node_sweep_asha_shared_global_and_resume_after_driver_kill(cluster,
 
     # one global stage for all: trained once in the base run, hard-linked into every trial
     (base,) = list((out / "base").iterdir())
-    assert stages_done(base, ["global"]) and launches(base) == 1
+    assert Run(base).stages_done(["global"]) and launches(base) == 1
     g_best = (base / "ckpt" / "global" / "best.pt").stat().st_ino
     for t, d in runs.items():
         assert (d / "ckpt" / "global" / "best.pt").stat().st_ino == g_best

@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from hpc.run import Run
+
 from medattn import cli
 from medattn.config import load_config, save_config
 from medattn.errors import ConfigError
@@ -197,7 +199,7 @@ def test_seed_trial_shares_the_base(tmp_path):
     assert st == {"global": {"done": True, "best_metric": 0.8, "shared_from": str(base)}}
     assert [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] == recs[:2]
     assert load_config(run / "config.yaml").agcnn.tau == 0.55
-    assert reuse.stages_done(run, ["global"]) and not reuse.stages_done(run, ["global", "local"])
+    assert Run(run).stages_done(["global"]) and not Run(run).stages_done(["global", "local"])
     assert reuse.seed_trial(base, run, ["global"], cfg) is False  # already seeded: left alone
 
 

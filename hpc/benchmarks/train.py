@@ -1,13 +1,24 @@
 """Training throughput per stage: the trainer's real step (loader -> StageStep/DDP -> backward ->
-optimizer), the same step on a resident batch (no loader), a bare PyTorch loop on the same model
-and data, and the loader alone. With ``--nproc 1,2`` it also runs the trainer under torchrun with
-2 processes and reports DDP scaling efficiency = throughput(N) / (N x throughput(1)).
+optimizer, hpc.train.Stepper), the same step on a resident batch (no loader), a bare PyTorch loop
+on the same model and data, and the loader alone. With ``--nproc 1,2`` it also runs the trainer
+under torchrun with 2 processes and reports DDP scaling efficiency = throughput(N) / (N x
+throughput(1)). ``--per-gpu-batch B`` measures what one GPU of an N-GPU run sees (the config's
+global batch split N ways: B images per step on one process).
+
+``--count-syncs`` also counts, over steady-state steps, the aten ops each step dispatches and
+those that would make the host wait for a GPU (hpc/syncs.py; works on a CPU): ``ops_per_step``,
+``sync_ops_per_step``, ``host_tensors_per_step`` (tensors built from Python data, each a blocking
+copy on a GPU) and, separately, ``sync_ops_per_log``: the one read of the running means that the
+trainer does every ``runtime.log_every`` steps.
 
   medattn bench train --config demo --fake-data 2048
+  medattn bench train --config demo --fake-data 512 --count-syncs --json-out bench-out
   medattn bench train --config agcnn_resnet50 --data /data/prep --device cuda      # one command on a GPU node
+  medattn bench train --config agcnn_resnet50 --data /data/prep --device cuda --per-gpu-batch 16
   medattn bench train --config demo --fake-data 2048 --nproc 1,2 --stages global   # DDP scaling (gloo on CPU)
 
-Images/s count images entering the trained stage (global batch), after warm-up steps.
+Images/s count images entering the trained stage (the batch of the process measured, times the
+processes), after warm-up steps.
 """
 from __future__ import annotations
 
@@ -36,6 +47,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (cudnn autotune, compile)")
     p.add_argument("--batch", type=int, default=0, help="global batch for every stage (default: the config's)")
+    p.add_argument("--per-gpu-batch", type=int, default=0, metavar="B",
+                   help="one process at B images per step: what one GPU of an N-GPU run sees when the global "
+                        "batch is N x B (e.g. the paper's 128 over 8 GPUs: 16)")
+    p.add_argument("--count-syncs", action="store_true",
+                   help="count the aten ops and the host-syncing ops of steady-state steps (works on CPU)")
+    p.add_argument("--sync-steps", type=int, default=3, help="steps counted by --count-syncs (default 3)")
+    p.add_argument("--sync-debug", action="store_true",
+                   help="CUDA: also run the counted steps under torch.cuda.set_sync_debug_mode('error'), which "
+                        "raises at any synchronising CUDA call torch makes")
     p.add_argument("--modes", default="trainer,step,bare,loader,eval",
                    help="comma list: trainer (end to end), step (resident batch), bare (plain loop), loader, "
                         "eval (validation forward)")
@@ -59,11 +79,11 @@ def _setup(args: argparse.Namespace, data: str) -> dict[str, Any]:
     from hpc import distributed
     from medattn.config import load_config
     from medattn.data.prepared import PreparedDataset
-    from medattn.methods import DataSpec, create_method
+    from medattn.methods import DataSpec, build
 
     ov = list(args.overrides)
-    if args.batch:
-        ov.append(f"stages.*.batch_size={args.batch}")
+    if args.batch or args.per_gpu_batch:
+        ov.append(f"stages.*.batch_size={args.per_gpu_batch or args.batch}")
     ov.append(f"runtime.device={args.device}")
     cfg = load_config(args.config, ov)
     if args.threads:
@@ -72,8 +92,8 @@ def _setup(args: argparse.Namespace, data: str) -> dict[str, Any]:
     distributed.seed_everything(cfg.seed, world.rank)
     ds = PreparedDataset.open(data)
     spec = DataSpec.from_dataset(ds, cfg)
-    method = create_method(cfg, spec)
-    model = method.build_model().to(device)
+    method, model = build(cfg, spec)
+    model = model.to(device)
     if device.type == "cuda" and cfg.runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return {"cfg": cfg, "world": world, "device": device, "ds": ds, "spec": spec, "method": method, "model": model}
@@ -91,10 +111,12 @@ def _loader(env: dict[str, Any], stage: str, steps: int):
                        hires=env["method"].needs_hires(stage)), gb
 
 
-def measure_stage(env: dict[str, Any], stage: str, modes: list[str], steps: int, warmup: int) -> list[dict]:
+def measure_stage(env: dict[str, Any], stage: str, modes: list[str], steps: int, warmup: int,
+                  count: int = 0, sync_debug: bool = False) -> list[dict]:
     from hpc import distributed
-    from hpc.schedule import build_optimizer
-    from hpc.train import _precision, optimizer_step
+    from hpc.schedule import LRSchedule, build_optimizer
+    from hpc.syncs import count_syncs
+    from hpc.train import Stepper, _precision, read_sums
     from medattn import losses
     from medattn.methods.base import StageStep
 
@@ -104,10 +126,15 @@ def measure_stage(env: dict[str, Any], stage: str, modes: list[str], steps: int,
     params = method.prepare_stage(model, stage)
     method.set_train_mode(model, stage)
     step_module: torch.nn.Module = StageStep(method, model, stage)
-    step_module = distributed.wrap_step(step_module, world, device, cfg.runtime.compile)
+    step_module = distributed.wrap_step(step_module, world, device, cfg.runtime.compile, cfg.runtime.compile_mode)
     optimizer = build_optimizer(params, cfg.stages[stage])
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     st = cfg.stages[stage]
+    # The trainer's own step (hpc.train.Stepper: learning rate, forward, backward, update, the
+    # logged values summed on the device), not a copy of it.
+    stepper = Stepper(step_module, optimizer, LRSchedule(st, 1000), scaler, params, st.grad_clip, device,
+                      precision, channels_last)
+    sums: dict[str, Any] = {}
     rows = []
 
     def timed(fn, n) -> float:
@@ -122,7 +149,7 @@ def measure_stage(env: dict[str, Any], stage: str, modes: list[str], steps: int,
         distributed.barrier()
         return time.perf_counter() - t0
 
-    loader, gb = _loader(env, stage, steps + warmup + 2)
+    loader, gb = _loader(env, stage, steps + 2 * warmup + count + 2)
     it = iter(loader.epoch(0))
     first = next(it)
     resident = {k: v.clone() for k, v in first.items()}
@@ -132,16 +159,53 @@ def measure_stage(env: dict[str, Any], stage: str, modes: list[str], steps: int,
                 "global_batch": gb, "processes": world.world_size, "device": device.type, "precision": precision,
                 "note": note}
 
+    def counted(r: dict, fn) -> dict:
+        """Add the op and sync counts of ``count`` calls of ``fn`` (already warm) to row ``r``, and
+        on CUDA the peak memory and, with ``sync_debug``, whether torch's sync checker objected."""
+        if device.type == "cuda":
+            r["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if count <= 0:
+            return r
+        with count_syncs(cpu_is_device=device.type != "cuda") as c:
+            for _ in range(count):
+                fn()
+        r.update(ops_per_step=c.ops / count, sync_ops_per_step=c.syncs / count,
+                 host_tensors_per_step=c.host_tensors / count, sync_ops=dict(c.sync_ops))
+        if sync_debug and device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                for _ in range(count):
+                    fn()
+                r["cuda_sync_debug"] = "ok"
+            except RuntimeError as e:
+                r["cuda_sync_debug"] = f"error: {str(e).splitlines()[0][:200]}"
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        return r
+
+    step_no = [0]
+
+    def trainer_step():
+        stepper(next(it), 0, step_no[0] % 1000, sums)
+        step_no[0] += 1
+
+    def resident_step():
+        stepper(dict(resident), 0, step_no[0] % 1000, sums)
+        step_no[0] += 1
+
     if "trainer" in modes:
-        def f():
-            optimizer_step(step_module, next(it), optimizer, scaler, params, st.grad_clip, device, precision,
-                           channels_last)
-        rows.append(row("trainer", timed(f, steps), steps, "loader + StageStep + optimizer (end to end)"))
+        r = counted(row("trainer", timed(trainer_step, steps), steps, "loader + StageStep + optimizer (end to end)"),
+                    trainer_step)
+        if count > 0:
+            # The periodic read (every runtime.log_every steps): the trainer's one host sync.
+            with count_syncs(cpu_is_device=device.type != "cuda") as c:
+                read_sums(sums, max(1, step_no[0]), "bench")
+            r.update(sync_ops_per_log=c.syncs)
+        rows.append(r)
     if "step" in modes:
-        def g():
-            optimizer_step(step_module, dict(resident), optimizer, scaler, params, st.grad_clip, device, precision,
-                           channels_last)
-        rows.append(row("step", timed(g, steps), steps, "resident batch, no loader"))
+        rows.append(counted(row("step", timed(resident_step, steps), steps, "resident batch, no loader"),
+                            resident_step))
     if "bare" in modes and world.world_size == 1 and hasattr(model, "global_branch") == (stage == "global"):
         # A plain PyTorch loop on the same module and batch: no method, no StageStep, no schedule.
         net = model.global_branch if hasattr(model, "global_branch") else model
@@ -150,7 +214,7 @@ def measure_stage(env: dict[str, Any], stage: str, modes: list[str], steps: int,
         y = resident["labels"]
 
         def h():
-            from hpc.evaluation import autocast_ctx
+            from hpc.inference import autocast_ctx
 
             with autocast_ctx(device, precision):
                 out = net(x)
@@ -158,9 +222,9 @@ def measure_stage(env: dict[str, Any], stage: str, modes: list[str], steps: int,
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        rows.append(row("bare", timed(h, steps), steps, "plain forward/backward/SGD on the same model"))
+        rows.append(counted(row("bare", timed(h, steps), steps, "plain forward/backward/SGD on the same model"), h))
     if "eval" in modes:
-        from hpc.evaluation import autocast_ctx
+        from hpc.inference import autocast_ctx
 
         model.eval()
 
@@ -185,7 +249,8 @@ def _worker(args: argparse.Namespace, data: str) -> list[dict]:
     rows = []
     try:
         for stage in stages:
-            rows += measure_stage(env, stage, modes, args.steps, args.warmup)
+            rows += measure_stage(env, stage, modes, args.steps, args.warmup,
+                                  args.sync_steps if args.count_syncs else 0, args.sync_debug)
     finally:
         distributed.shutdown()
     return rows
@@ -208,8 +273,9 @@ def run(args: argparse.Namespace) -> int:
         from medattn.data.fake import write_fake_prepared
 
         tmp = tempfile.TemporaryDirectory(prefix="medattn-bench-")
+        # Every disease and a lung box per image, so every method's config can run on it.
         data = str(write_fake_prepared(Path(tmp.name) / "prep", n=args.fake_data, size=args.fake_size,
-                                       splits=(0.9, 0.05, 0.05), shard_size=4096))
+                                       splits=(0.9, 0.05, 0.05), shard_size=4096, classes=14, lung_boxes=True))
     rows: list[dict] = []
     nprocs = [int(n) for n in args.nproc.split(",")]
     for n in nprocs:
@@ -226,6 +292,12 @@ def run(args: argparse.Namespace) -> int:
             cmd += ["--stages", args.stages]
         if args.batch:
             cmd += ["--batch", str(args.batch)]
+        if args.per_gpu_batch:
+            cmd += ["--per-gpu-batch", str(args.per_gpu_batch)]
+        if args.count_syncs:
+            cmd += ["--count-syncs", "--sync-steps", str(args.sync_steps)]
+        if args.sync_debug:
+            cmd += ["--sync-debug"]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         cmd += list(args.overrides)
@@ -239,8 +311,15 @@ def run(args: argparse.Namespace) -> int:
     for r in rows:
         if r["mode"] == "trainer" and r["processes"] > 1 and r["stage"] in base:
             r["scaling_efficiency"] = r["images_per_s"] / (r["processes"] * base[r["stage"]])
-    print_table(rows, ["stage", "mode", "processes", "images_per_s", "ms_per_step", "global_batch", "device",
-                       "precision", "scaling_efficiency", "note"])
+    cols = ["stage", "mode", "processes", "images_per_s", "ms_per_step", "global_batch", "device", "precision",
+            "scaling_efficiency"]
+    if args.count_syncs:
+        cols += ["ops_per_step", "sync_ops_per_step", "host_tensors_per_step", "sync_ops_per_log"]
+    if any("peak_memory_gib" in r for r in rows):
+        cols += ["peak_memory_gib"]
+    if args.sync_debug:
+        cols += ["cuda_sync_debug"]
+    print_table(rows, cols + ["note"])
     projection = project_schedule(rows, args) if args.project else None
     path = write_result("train", rows, args.json_out, extra={"config": args.config, "data": data,
                                                                "projection": projection})

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import numpy as np
 import torch
 
-from hpc.loader.source import BatchSource
+from hpc.loader.source import BatchSource, DaliCallback
 from hpc.loader.workers import spawn_guard
 from medattn.errors import MissingDependencyError
 
@@ -26,34 +25,6 @@ def dali_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-class _Callback:
-    """DALI batch-mode callback: BatchInfo -> tuple of arrays (picklable for spawn workers)."""
-
-    def __init__(self, source: BatchSource):
-        self.source = source
-
-    def __call__(self, info):
-        raw = self.source(info.epoch_idx, info.iteration)
-        if raw is None:
-            raise StopIteration
-        win, flip = raw["window"], raw["flip"]
-        # ROI in tensor order (y, x); an origin greater than the end flips that axis, which is
-        # how the horizontal flip is folded into the resize.
-        x_start = np.where(flip, win[:, 2], win[:, 0])
-        x_end = np.where(flip, win[:, 0], win[:, 2])
-        roi_start = np.stack([win[:, 1], x_start], 1).astype(np.float32)
-        roi_end = np.stack([win[:, 3], x_end], 1).astype(np.float32)
-        out = [raw["images"], raw["index"], raw["valid"].astype(np.uint8), win.astype(np.float32),
-               flip.astype(np.uint8), roi_start, roi_end]
-        spec = self.source.spec
-        # Only the outputs the graph uses (DALI warns about, and pays for, unused ones).
-        if spec.rotate_deg > 0:
-            out.append(raw["angle"].astype(np.float32))
-        if spec.brightness > 0 or spec.contrast > 0:
-            out += [raw["brightness"].astype(np.float32), raw["contrast"].astype(np.float32)]
-        return tuple(out)
 
 
 class DaliBatches:
@@ -84,7 +55,7 @@ class DaliBatches:
         spec = self.source.spec
         gpu = self.device.type == "cuda"
         batch = self.source.plan.local_batch if self.source.train else self.source.plan.batch_size
-        callback = _Callback(self.source)
+        callback = DaliCallback(self.source)
         parallel = py_workers > 0
 
         @pipeline_def(batch_size=batch, num_threads=num_threads,
@@ -92,14 +63,14 @@ class DaliBatches:
                       prefetch_queue_depth=prefetch, py_num_workers=max(py_workers, 1),
                       py_start_method="spawn", exec_dynamic=True)
         def pipe():
-            n_out = 7 + (spec.rotate_deg > 0) + 2 * (spec.brightness > 0 or spec.contrast > 0)
+            n_out = 8 + (spec.rotate_deg > 0) + 2 * (spec.brightness > 0 or spec.contrast > 0)
             outs_in = fn.external_source(
                 source=callback, num_outputs=n_out, batch=True, batch_info=True, parallel=parallel,
                 layout=["HWC"] + [""] * (n_out - 1),
                 dtype=[types.UINT8, types.INT64, types.UINT8, types.FLOAT, types.UINT8]
                 + [types.FLOAT] * (n_out - 5))
-            images, index, valid, window, flip, roi_start, roi_end = outs_in[:7]
-            extra = list(outs_in[7:])
+            images, index, valid, window, flip, view_box, roi_start, roi_end = outs_in[:8]
+            extra = list(outs_in[8:])
             angle = extra.pop(0) if spec.rotate_deg > 0 else None
             bright, contrast = (extra[0], extra[1]) if extra else (None, None)
             pix = images.gpu() if gpu else images
@@ -113,7 +84,11 @@ class DaliBatches:
             view = fn.crop_mirror_normalize(view, dtype=types.FLOAT, output_layout="CHW",
                                             mean=[m * 255.0 for m in spec.mean],
                                             std=[s * 255.0 for s in spec.std])
-            outs = [view, index, valid, window, flip]
+            outs = [view, index, valid, window, flip, view_box]
+            if gpu:
+                # Every output on the GPU: the training step then copies nothing from the host
+                # (a copy from DALI's pageable CPU buffers would make the host wait).
+                outs = [outs[0]] + [o.gpu() for o in outs[1:]]
             if self.hires:
                 h = fn.flip(pix, horizontal=fn.cast(flip, dtype=types.INT32))
                 outs.append(fn.transpose(h, perm=[2, 0, 1]))
@@ -129,7 +104,7 @@ class DaliBatches:
     def _iterator(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        names = ["image", "index", "valid", "window", "flip"] + (["hires"] if self.hires else [])
+        names = ["image", "index", "valid", "window", "flip", "view_box"] + (["hires"] if self.hires else [])
         return DALIGenericIterator([self._pipe], names, auto_reset=False,
                                    last_batch_policy=LastBatchPolicy.PARTIAL, prepare_first_batch=False)
 
@@ -157,7 +132,7 @@ class DaliBatches:
             # before asking for the next one, so no copy is needed except for dtype fixes.
             batch = {"image": b["image"], "index": b["index"].view(-1).clone(),
                      "valid": b["valid"].view(-1).bool(), "window": b["window"].clone(),
-                     "flip": b["flip"].view(-1).bool()}
+                     "flip": b["flip"].view(-1).bool(), "view_box": b["view_box"].clone()}
             if self.hires:
                 batch["hires"] = b["hires"]
             yield batch

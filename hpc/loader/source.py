@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from hpc.loader.plan import EvalPlan, TrainPlan
-from hpc.loader.views import ViewSpec, sample_views, view_rng
+from medattn.views import ViewSpec, sample_views, view_boxes, view_rng
 from medattn.data.prepared import PixelReader
 
 
@@ -79,4 +79,38 @@ class BatchSource:
             idx, valid = batches[iteration]
             views = sample_views(self.spec, len(idx), None)
         images = self.reader.read_batch(idx)
-        return {"images": images, "index": idx.astype(np.int64), "valid": valid, **views}
+        # Where each view sits in the prepared image (flipped like the view), computed here on the
+        # host, so methods can report boxes in image coordinates and crop from ``hires`` without
+        # the training step copying anything from the host.
+        vb = view_boxes(views["window"], views["flip"].astype(bool)).astype(np.float32)
+        return {"images": images, "index": idx.astype(np.int64), "valid": valid, "view_box": vb, **views}
+
+
+class DaliCallback:
+    """DALI batch-mode external-source callback: BatchInfo -> tuple of arrays. It lives here, not
+    in dali_loader, because DALI's worker processes import its module to unpickle it: this one
+    needs NumPy only, so a worker does not pay for importing torch."""
+
+    def __init__(self, source: BatchSource):
+        self.source = source
+
+    def __call__(self, info):
+        raw = self.source(info.epoch_idx, info.iteration)
+        if raw is None:
+            raise StopIteration
+        win, flip = raw["window"], raw["flip"]
+        # ROI in tensor order (y, x); an origin greater than the end flips that axis, which is
+        # how the horizontal flip is folded into the resize.
+        x_start = np.where(flip, win[:, 2], win[:, 0])
+        x_end = np.where(flip, win[:, 0], win[:, 2])
+        roi_start = np.stack([win[:, 1], x_start], 1).astype(np.float32)
+        roi_end = np.stack([win[:, 3], x_end], 1).astype(np.float32)
+        out = [raw["images"], raw["index"], raw["valid"].astype(np.uint8), win.astype(np.float32),
+               flip.astype(np.uint8), raw["view_box"], roi_start, roi_end]
+        spec = self.source.spec
+        # Only the outputs the graph uses (DALI warns about, and pays for, unused ones).
+        if spec.rotate_deg > 0:
+            out.append(raw["angle"].astype(np.float32))
+        if spec.brightness > 0 or spec.contrast > 0:
+            out += [raw["brightness"].astype(np.float32), raw["contrast"].astype(np.float32)]
+        return tuple(out)

@@ -7,43 +7,11 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from hpc.loader.source import BatchSource
-from hpc.loader.views import ViewSpec
 from hpc.loader.workers import setup_worker, spawn_guard
-
-
-def render_views(images: np.ndarray, views: dict[str, np.ndarray], spec: ViewSpec) -> torch.Tensor:
-    """(B,S,S,C) uint8 + view parameters -> (B,C,crop,crop) float32, normalised."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()  # B,C,S,S
-    b, c, s, _ = x.shape
-    out = torch.empty((b, c, spec.crop, spec.crop), dtype=torch.float32)
-    win = views["window"]
-    for i in range(b):
-        x0, y0, x1, y1 = (float(v) for v in win[i])
-        left, top = int(round(x0 * s)), int(round(y0 * s))
-        right, bottom = max(left + 1, int(round(x1 * s))), max(top + 1, int(round(y1 * s)))
-        patch = x[i:i + 1, :, top:bottom, left:right]
-        patch = F.interpolate(patch, size=(spec.crop, spec.crop), mode="bilinear", align_corners=False,
-                              antialias=True)
-        if views["flip"][i]:
-            patch = patch.flip(-1)
-        out[i] = patch[0]
-    if spec.rotate_deg > 0:
-        from torchvision.transforms.v2 import functional as TF
-
-        for i in range(b):
-            out[i] = TF.rotate(out[i], float(views["angle"][i]), fill=0.0)
-    if spec.brightness > 0 or spec.contrast > 0:
-        # DALI's brightness_contrast: out = brightness * (in - 0.5*max) * contrast + 0.5*max (on 0..255)
-        bri = torch.from_numpy(views["brightness"]).view(b, 1, 1, 1)
-        con = torch.from_numpy(views["contrast"]).view(b, 1, 1, 1)
-        out = (bri * ((out - 127.5) * con + 127.5)).clamp(0, 255)
-    mean = torch.tensor(spec.mean).view(1, c, 1, 1) * 255.0
-    std = torch.tensor(spec.std).view(1, c, 1, 1) * 255.0
-    return (out - mean) / std
+from medattn.views import render_views
 
 
 class _StepDataset(Dataset):
@@ -65,6 +33,7 @@ class _StepDataset(Dataset):
             "valid": torch.from_numpy(raw["valid"]),
             "window": torch.from_numpy(raw["window"]),
             "flip": torch.from_numpy(raw["flip"]),
+            "view_box": torch.from_numpy(raw["view_box"]),
         }
         if self.hires:
             h = torch.from_numpy(np.ascontiguousarray(raw["images"])).permute(0, 3, 1, 2)

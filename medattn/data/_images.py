@@ -1,6 +1,7 @@
 """Decode, convert and resize one source image for ``medattn prepare``; encode it for a shard.
 
-Everything here runs inside the prepare worker processes, so it imports only numpy and PIL.
+Everything here runs inside the prepare worker processes, so it imports only numpy, PIL and
+medattn.boxes (numpy only).
 
 Conversions (each one is recorded per image in the manifest's ``conversion`` column and counted
 in ``dataset.json``):
@@ -30,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from medattn.boxes import mask_xywh
 
 RESIZE_FILTER = "LANCZOS"
 _RESAMPLE = Image.Resampling.LANCZOS
@@ -191,13 +194,7 @@ def mask_box(path: str | Path) -> list[float] | None:
     a = np.asarray(im)
     if a.ndim == 3:
         a = a[..., :3].max(axis=2) if a.shape[2] >= 3 else a[..., 0]
-    h, w = a.shape[:2]
-    rows = np.flatnonzero(a.any(axis=1))
-    cols = np.flatnonzero(a.any(axis=0))
-    if len(rows) == 0:
-        return None
-    x0, x1, y0, y1 = int(cols[0]), int(cols[-1]) + 1, int(rows[0]), int(rows[-1]) + 1
-    return [x0 / w, y0 / h, (x1 - x0) / w, (y1 - y0) / h]
+    return mask_xywh(a)
 
 
 # ---------------------------------------------------------------- encoding for shards
@@ -219,11 +216,3 @@ def encode(pixels: np.ndarray, pixel_format: str, jpeg_quality: int = 95, png_le
     else:
         raise ValueError(f"unknown pixel format {pixel_format!r} (expected one of {PIXEL_FORMATS})")
     return buf.getvalue()
-
-
-def decode_stored(data: bytes, channels: int) -> np.ndarray:
-    """Decode one encoded (png/jpeg) shard sample back to (S, S, C) uint8."""
-    im = Image.open(io.BytesIO(data))
-    im = im.convert("L" if channels == 1 else "RGB")
-    arr = np.asarray(im)
-    return arr[..., None] if arr.ndim == 2 else arr

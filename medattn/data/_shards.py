@@ -1,4 +1,9 @@
-"""Pixel shards of a prepared directory and the resume state of ``medattn prepare``.
+"""Pixel shards and the manifest of a prepared directory, and the resume state of ``medattn prepare``.
+
+The one writer of the prepared format (docs/data-format.md): ``medattn prepare`` and the test
+data of :mod:`medattn.data.fake` both write their pixels with :class:`ShardWriter`, turn the
+shards' records into the manifest's address columns with :func:`record_columns`, and write the
+manifest with :func:`write_manifest`, which owns the column types.
 
 A shard is one file holding ``count`` consecutive samples of the manifest:
 
@@ -211,3 +216,58 @@ def remove_stale_partials(root: Path) -> None:
     if d.is_dir():
         for p in d.glob("*.partial"):
             p.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- the manifest
+MANIFEST = "manifest.parquet"
+
+
+def manifest_types() -> dict[str, Any]:
+    """The pyarrow type of every manifest column, in the manifest's column order."""
+    import pyarrow as pa
+
+    box = pa.struct([("label", pa.string()), ("x", pa.float64()), ("y", pa.float64()),
+                     ("w", pa.float64()), ("h", pa.float64())])
+    return {
+        "index": pa.int64(), "image": pa.string(), "patient": pa.string(), "split": pa.string(),
+        "labels": pa.list_(pa.uint8()), "target": pa.int64(), "finding_labels": pa.string(),
+        "age": pa.float64(), "sex": pa.string(), "view": pa.string(), "boxes": pa.list_(box),
+        "lung_box": pa.list_(pa.float64()), "shard": pa.int32(), "slot": pa.int64(),
+        "offset": pa.int64(), "nbytes": pa.int64(), "orig_width": pa.int32(),
+        "orig_height": pa.int32(), "conversion": pa.string(),
+    }
+
+
+def record_columns(records: list[SampleRecord], shards: list[int]) -> dict[str, Any]:
+    """The manifest columns that say where each sample lies and what the worker learnt about it
+    (shard, slot, offset, nbytes, orig_width, orig_height, conversion, lung_box), from the
+    records of every sample in sample order and the shard number of each."""
+    return {
+        "shard": np.asarray(shards, dtype=np.int32),
+        "slot": np.array([r.slot for r in records], dtype=np.int64),
+        "offset": np.array([r.offset for r in records], dtype=np.int64),
+        "nbytes": np.array([r.nbytes for r in records], dtype=np.int64),
+        "orig_width": np.array([r.orig_width for r in records], dtype=np.int32),
+        "orig_height": np.array([r.orig_height for r in records], dtype=np.int32),
+        "conversion": [r.conversion for r in records],
+        "lung_box": [r.lung_box for r in records],
+    }
+
+
+def write_manifest(root: Path, columns: dict[str, Any]) -> None:
+    """Write ``manifest.parquet`` (tmp + fsync + rename): each column given, with the format's
+    type (:func:`manifest_types`), in the format's column order. Optional columns that are not
+    given are left out; None is null (e.g. an unknown age)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    types = manifest_types()
+    unknown = sorted(set(columns) - set(types))
+    if unknown:
+        raise ValueError(f"not manifest columns: {unknown} (docs/data-format.md)")
+    table = pa.table({k: pa.array(columns[k], types[k]) for k in types if k in columns})
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    atomic_write_bytes(Path(root) / MANIFEST, buf.getvalue())

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from medattn.boxes import normalize
 from medattn.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -137,12 +138,11 @@ def normalised_boxes(meta: Any) -> dict[str, list[dict[str, Any]]]:
     """BBox_List rows by image, as fractions of the image side."""
     boxes: dict[str, list[dict[str, Any]]] = {}
     if meta.boxes is not None and len(meta.boxes):
-        for b in meta.boxes.itertuples(index=False):
-            # Normalise by the documented 1024 px, not the file's size: the box list refers to
-            # the original 1024² images even where a downscaled copy is on disk.
-            boxes.setdefault(b.image, []).append(
-                {"label": str(b.label), "x": float(b.x) / NIH_SIZE, "y": float(b.y) / NIH_SIZE,
-                 "w": float(b.w) / NIH_SIZE, "h": float(b.h) / NIH_SIZE})
+        # Normalise by the documented 1024 px, not the file's size: the box list refers to the
+        # original 1024² images even where a downscaled copy is on disk.
+        xywh = normalize(meta.boxes[["x", "y", "w", "h"]].to_numpy(dtype=np.float64), NIH_SIZE, NIH_SIZE)
+        for image, label, (x, y, w, h) in zip(meta.boxes["image"], meta.boxes["label"], xywh.tolist()):
+            boxes.setdefault(image, []).append({"label": str(label), "x": x, "y": y, "w": w, "h": h})
     return boxes
 
 

@@ -119,14 +119,6 @@ def lung_dist(anat: dict, side: int, x, y):
     return d
 
 
-def inside_lung(anat: dict, x: float, y: float, margin: float = 0.0) -> int | None:
-    """Which lung contains the point (``margin`` deep inside), or None."""
-    for side in SIDES:
-        if float(lung_dist(anat, side, x, y)) > margin:
-            return side
-    return None
-
-
 def hilum(anat: dict, side: int) -> tuple[float, float]:
     """The hilum of one lung (vessels radiate from here)."""
     g = lung_geometry(anat, side)

@@ -16,6 +16,7 @@ import math
 import numpy as np
 from PIL import Image
 
+from medattn.boxes import mask_bounds
 from medattn.data._synth_anatomy import (SIDES, dome_y, half_width, heart_dist, hemithorax_dist, hilum,
                                          lung_dist, lung_geometry)
 
@@ -81,12 +82,11 @@ class Canvas:
 
 def _box_of(win: tuple[slice, slice], extent: np.ndarray, R: int) -> tuple[float, float, float, float] | None:
     """Image-normalised (u0, v0, u1, v1) of the True pixels of ``extent`` inside ``win``."""
-    rows = np.flatnonzero(extent.any(axis=1))
-    if rows.size == 0:
+    b = mask_bounds(extent)
+    if b is None:
         return None
-    cols = np.flatnonzero(extent.any(axis=0))
     r0, c0 = win[0].start, win[1].start
-    return ((c0 + cols[0]) / R, (r0 + rows[0]) / R, (c0 + cols[-1] + 1) / R, (r0 + rows[-1] + 1) / R)
+    return ((c0 + b[0]) / R, (r0 + b[1]) / R, (c0 + b[2]) / R, (r0 + b[3]) / R)
 
 
 # --------------------------------------------------------------------------- lesions

@@ -8,44 +8,65 @@ on data the project did not design.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from medattn.data._images import encode
+from medattn.data._shards import ShardWriter, atomic_write_json, record_columns, write_manifest
 from medattn.data.labels import DISEASES, NIH_LABELS
 
 
 def write_fake_prepared(root: Path, n: int = 96, size: int = 64, seed: int = 0, classes: int = 4,
-                  splits=(0.6, 0.2, 0.2), shard_size: int = 40, channels: int = 1) -> Path:
+                  splits=(0.6, 0.2, 0.2), shard_size: int = 40, channels: int = 1,
+                  lung_boxes: bool = False) -> Path:
     """Images with class-specific bright blobs (class k: a square in a fixed region k).
 
-    Labels: multi-hot over the 15 NIH labels; only the first ``classes`` diseases occur.
+    Labels: multi-hot over the 15 NIH labels; only the first ``classes`` diseases occur (up to
+    14: up to 4 the blobs sit in a 2 x 2 layout, beyond that in a 4 x 4 grid). ``lung_boxes``
+    stores one lung box per image (the central 70 %), for methods that need them.
+
+    Written in bounded memory, a few dozen images at a time (uint8 noise drawn in float32 per
+    chunk): 16,384 images of 512 px take ~4 GB on disk and ~100 MB of RAM. Labels and boxes come
+    from one generator seeded by ``seed``, the noise of image i from one seeded by (seed, i), so the
+    data do not depend on how the work is chunked.
     """
     rng = np.random.default_rng(seed)
     root = Path(root)
-    (root / "shards").mkdir(parents=True, exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
     labels = np.zeros((n, len(NIH_LABELS)), np.uint8)
-    imgs = (rng.normal(60, 12, (n, size, size, channels))).clip(0, 255).astype(np.uint8)
     boxes = []
+    squares: list[list[tuple[int, int, int]]] = []  # per image: (y0, x0, side) of each blob
     cell = size // 4
+    if not 1 <= classes <= len(DISEASES):
+        raise ValueError(f"classes must be in 1..{len(DISEASES)}, got {classes}")
     for i in range(n):
         pos = rng.random(classes) < 0.35
-        b = []
+        b, sq = [], []
         for k in np.flatnonzero(pos):
             labels[i, k] = 1
-            r, c = divmod(k, 4)
-            y0 = (r * 2 + 1) * cell // 2 if classes <= 4 else (k // 4) * cell
-            x0 = (k % 4) * cell + cell // 4
-            y0 = size // 4 + (k // 2) * (size // 3) - cell // 4
-            x0 = size // 6 + (k % 2) * (size // 2)
+            if classes <= 4:
+                y0 = size // 4 + (k // 2) * (size // 3) - cell // 4
+                x0 = size // 6 + (k % 2) * (size // 2)
+            else:  # a 4 x 4 grid of cells
+                y0 = (k // 4) * cell + cell // 4
+                x0 = (k % 4) * cell + cell // 4
             s = cell // 2 + 2
-            imgs[i, y0:y0 + s, x0:x0 + s, :] = 220
+            sq.append((y0, x0, s))
             b.append({"label": DISEASES[k], "x": x0 / size, "y": y0 / size, "w": s / size, "h": s / size})
         if not pos.any():
             labels[i, -1] = 1
         boxes.append(b)
+        squares.append(sq)
+
+    def image(i: int) -> np.ndarray:
+        noise = np.random.default_rng([seed, i]).standard_normal((size, size, channels), dtype=np.float32)
+        img = (noise * 12 + 60).clip(0, 255).astype(np.uint8)
+        for y0, x0, s in squares[i]:
+            img[y0:y0 + s, x0:x0 + s, :] = 220
+        return img
+
     patients = np.arange(n) // 2
     up = np.unique(patients)
     order = rng.permutation(len(up))
@@ -53,46 +74,40 @@ def write_fake_prepared(root: Path, n: int = 96, size: int = 64, seed: int = 0, 
     psplit = {}
     for j, p in enumerate(up[order]):
         psplit[p] = "train" if j < cut1 else ("val" if j < cut2 else "test")
-    shards, shard_col, slot_col, off_col = [], [], [], []
-    nbytes = size * size * channels
-    for s0 in range(0, n, shard_size):
-        k = len(shards)
-        arr = imgs[s0:s0 + shard_size]
-        path = root / "shards" / f"pixels-{k:05d}.npy"
-        np.save(path, arr)
-        header = path.stat().st_size - arr.nbytes
-        shards.append({"path": f"shards/pixels-{k:05d}.npy", "count": len(arr)})
-        for j in range(len(arr)):
-            shard_col.append(k)
-            slot_col.append(j)
-            off_col.append(header + j * nbytes)
-    df = pd.DataFrame({
+    # Written through the prepared format's one writer (medattn.data._shards), like `medattn prepare`.
+    shards, records, shard_of = [], [], []
+    for k, s0 in enumerate(range(0, n, shard_size)):
+        count = min(shard_size, n - s0)
+        writer = ShardWriter(root, k, count, "raw", (size, size, channels))
+        records += [writer.add(encode(image(i), "raw"), 1024, 1024, "", None) for i in range(s0, s0 + count)]
+        shard_of += [k] * count
+        shards.append(writer.finish())
+    where = record_columns(records, shard_of)
+    if lung_boxes:
+        where["lung_box"] = [[0.15, 0.15, 0.7, 0.7]] * n
+    else:
+        del where["lung_box"]  # no lung boxes: the column is absent (PreparedDataset.lung_boxes() is None)
+    split_col = [psplit[p] for p in patients]
+    write_manifest(root, {
         "index": np.arange(n, dtype=np.int64),
         "image": [f"{p + 1:08d}_{i % 2:03d}.png" for i, p in enumerate(patients)],
         "patient": [str(p + 1) for p in patients],
-        "split": [psplit[p] for p in patients],
+        "split": split_col,
         "labels": [row.tolist() for row in labels],
         "target": np.full(n, -1, np.int64),
         "finding_labels": ["|".join(NIH_LABELS[j] for j in np.flatnonzero(r)) for r in labels],
         "boxes": boxes,
-        "shard": np.array(shard_col, np.int32),
-        "slot": np.array(slot_col, np.int64),
-        "offset": np.array(off_col, np.int64),
-        "nbytes": np.full(n, nbytes, np.int64),
-        "orig_width": np.full(n, 1024, np.int32),
-        "orig_height": np.full(n, 1024, np.int32),
-        "conversion": [""] * n,
+        **where,
     })
-    df.to_parquet(root / "manifest.parquet", index=False)
     info = {
         "format_version": 1, "source": {"kind": "test-blobs"}, "task": "multilabel",
         "label_names": list(NIH_LABELS), "eval_labels": list(DISEASES[:classes]),
         "split": "random", "split_seed": seed,
-        "counts": df["split"].value_counts().to_dict(), "image_size": size, "channels": channels,
+        "counts": pd.Series(split_col).value_counts().to_dict(), "image_size": size, "channels": channels,
         "pixel_format": "raw", "shards": shards, "skipped_missing": 0,
-        "conversions": {}, "has_lung_boxes": False,
+        "conversions": {}, "has_lung_boxes": lung_boxes,
     }
-    (root / "dataset.json").write_text(json.dumps(info, indent=1))
+    atomic_write_json(root / "dataset.json", info)
     return root
 
 

@@ -37,8 +37,8 @@ import pandas as pd
 from medattn.errors import DataError
 from medattn.data._images import PIXEL_FORMATS, RESIZE_FILTER
 from medattn.data._shards import (PARTIAL_DIR, SHARD_DIR, PartialState, SampleRecord, ShardWriter,
-                                  atomic_write_bytes, atomic_write_json, default_shard_size,
-                                  remove_stale_partials, shard_name)
+                                  atomic_write_json, default_shard_size, record_columns,
+                                  remove_stale_partials, shard_name, write_manifest)
 from medattn.data._masks import write_mask_store
 from medattn.data._sources import SourceTable, nih_table
 
@@ -122,7 +122,7 @@ def prepare(nih_root: str | Path, out: str | Path, *, size: int = DEFAULT_SIZE, 
             :mod:`medattn.data._source_csv`; ``split`` is ignored, ``val_fraction`` carves validation).
         task: a seed-002 subset of an NIH root: ``nf_effusion``, ``nf_pneumothorax`` or
             ``nf_effusion_pneumothorax`` (its own patient split, seeded by ``split_seed``).
-        lung_model: a trained ``lungseg`` run directory or checkpoint: its predicted lung box
+        lung_model: a checkpoint file of a trained ``lungseg`` run: its predicted lung box
             of every image is stored in the manifest (run once, after the pixels are written).
 
     With more than one worker this starts processes (forkserver/spawn), so a script that calls
@@ -180,9 +180,12 @@ def prepare_source(table: SourceTable, out: str | Path, *, size: int = DEFAULT_S
     settings = _settings(table, size, pixel_format, jpeg_quality, png_level, shard_size)
     lung_ckpt = None
     if lung_model is not None:
-        from medattn.methods.lungseg import resolve_checkpoint
-
-        lung_ckpt = resolve_checkpoint(lung_model)
+        lung_ckpt = Path(lung_model)
+        if lung_ckpt.is_dir():
+            raise DataError(lung_ckpt, "a run directory, not a checkpoint file (the `medattn prepare` command "
+                                       "takes a run and picks its best checkpoint)")
+        if not lung_ckpt.is_file():
+            raise DataError(lung_ckpt, "--lung-model: no such lungseg run or checkpoint file")
         settings["lung_model"] = {"checkpoint": str(lung_ckpt), "sha256": _file_sha256(lung_ckpt)}
 
     done = _open_out(out, settings)
@@ -552,56 +555,33 @@ def _write_shards(table: SourceTable, out: Path, pending: list[int], shard_size:
 
 
 # ---------------------------------------------------------------- manifest and dataset.json
-def _manifest_table(table: SourceTable, finished: dict[int, tuple[dict[str, Any], list[SampleRecord]]],
-                    n_shards: int, lung_override: list[list[float] | None] | None = None):
-    import pyarrow as pa
-
+def _manifest_columns(table: SourceTable, finished: dict[int, tuple[dict[str, Any], list[SampleRecord]]],
+                      n_shards: int, lung_override: list[list[float] | None] | None = None):
     recs = table.records
     n = len(recs)
-    shard = np.empty(n, dtype=np.int32)
-    slot = np.empty(n, dtype=np.int64)
-    offset = np.empty(n, dtype=np.int64)
-    nbytes = np.empty(n, dtype=np.int64)
-    ow = np.empty(n, dtype=np.int32)
-    oh = np.empty(n, dtype=np.int32)
-    conv: list[str] = [""] * n
-    lung: list[list[float] | None] = [None] * n
-    i = 0
-    for k in range(n_shards):
-        for r in finished[k][1]:
-            shard[i], slot[i], offset[i], nbytes[i] = k, r.slot, r.offset, r.nbytes
-            ow[i], oh[i], conv[i], lung[i] = r.orig_width, r.orig_height, r.conversion, r.lung_box
-            i += 1
-    if i != n:
-        raise RuntimeError(f"shards hold {i} samples, the table has {n}")
+    records = [r for k in range(n_shards) for r in finished[k][1]]
+    shards = [k for k in range(n_shards) for _ in finished[k][1]]
+    if len(records) != n:
+        raise RuntimeError(f"shards hold {len(records)} samples, the table has {n}")
+    where = record_columns(records, shards)
     if lung_override is not None:
-        lung = list(lung_override)
-
-    box_type = pa.struct([("label", pa.string()), ("x", pa.float64()), ("y", pa.float64()),
-                          ("w", pa.float64()), ("h", pa.float64())])
+        where["lung_box"] = list(lung_override)
     age = recs["age"].to_numpy(dtype=np.float64)
     cols = {
-        "index": pa.array(np.arange(n, dtype=np.int64)),
-        "image": pa.array(recs["image"].tolist(), pa.string()),
-        "patient": pa.array(recs["patient"].tolist(), pa.string()),
-        "split": pa.array(recs["split"].tolist(), pa.string()),
-        "labels": pa.array([np.asarray(v, dtype=np.uint8) for v in recs["labels"]], pa.list_(pa.uint8())),
-        "target": pa.array(recs["target"].to_numpy(dtype=np.int64)),
-        "finding_labels": pa.array(recs["finding_labels"].tolist(), pa.string()),
-        "age": pa.array(age, pa.float64(), mask=np.isnan(age)),
-        "sex": pa.array(_opt_str(recs["sex"]), pa.string()),
-        "view": pa.array(_opt_str(recs["view"]), pa.string()),
-        "boxes": pa.array(recs["boxes"].tolist(), pa.list_(box_type)),
-        "lung_box": pa.array(lung, pa.list_(pa.float64())),
-        "shard": pa.array(shard),
-        "slot": pa.array(slot),
-        "offset": pa.array(offset),
-        "nbytes": pa.array(nbytes),
-        "orig_width": pa.array(ow),
-        "orig_height": pa.array(oh),
-        "conversion": pa.array(conv, pa.string()),
+        "index": np.arange(n, dtype=np.int64),
+        "image": recs["image"].tolist(),
+        "patient": recs["patient"].tolist(),
+        "split": recs["split"].tolist(),
+        "labels": [np.asarray(v, dtype=np.uint8) for v in recs["labels"]],
+        "target": recs["target"].to_numpy(dtype=np.int64),
+        "finding_labels": recs["finding_labels"].tolist(),
+        "age": [None if np.isnan(a) else float(a) for a in age],
+        "sex": _opt_str(recs["sex"]),
+        "view": _opt_str(recs["view"]),
+        "boxes": recs["boxes"].tolist(),
+        **where,
     }
-    return pa.table(cols), conv, lung
+    return cols, where["conversion"], where["lung_box"]
 
 
 def _finish(table: SourceTable, out: Path, settings: dict[str, Any],
@@ -609,16 +589,10 @@ def _finish(table: SourceTable, out: Path, settings: dict[str, Any],
             pixel_format: str, lung_override: list[list[float] | None] | None = None,
             extra_info: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write manifest.parquet (tmp + rename), then dataset.json (last), then drop .partial."""
-    import io
-
-    import pyarrow.parquet as pq
-
     from medattn import __version__
 
-    tbl, conv, lung = _manifest_table(table, finished, n_shards, lung_override)
-    buf = io.BytesIO()
-    pq.write_table(tbl, buf, compression="zstd")
-    atomic_write_bytes(out / "manifest.parquet", buf.getvalue())
+    cols, conv, lung = _manifest_columns(table, finished, n_shards, lung_override)
+    write_manifest(out, cols)
 
     conversions = {"rgba": 0, "16bit": 0, "not_1024": 0}
     for c in conv:

@@ -82,11 +82,6 @@ class PreparedDataset:
         return list(self.info.get("eval_labels") or self.info["label_names"])
 
     @property
-    def eval_label_indices(self) -> list[int]:
-        names = self.label_names
-        return [names.index(n) for n in self.eval_labels]
-
-    @property
     def task(self) -> str:
         return self.info.get("task", "multilabel")
 

@@ -19,15 +19,12 @@ METHODS: dict[str, str] = {
 }
 
 
-def list_methods() -> list[str]:
-    return list(METHODS)
-
-
-def create_method(cfg: Config, spec: DataSpec) -> Method:
-    target = METHODS.get(cfg.method)
+def method_class(name: str) -> type[Method]:
+    """The Method class registered as ``name`` (imported on first use)."""
+    target = METHODS.get(name)
     if target is None:
-        hint = difflib.get_close_matches(cfg.method, list(METHODS), n=1)
-        raise ConfigError(f"config key 'method': unknown method {cfg.method!r}"
+        hint = difflib.get_close_matches(name, list(METHODS), n=1)
+        raise ConfigError(f"config key 'method': unknown method {name!r}"
                           + (f" (did you mean {hint[0]!r}?)" if hint else "")
                           + f"; available: {', '.join(METHODS)}")
     mod, cls = target.split(":")
@@ -35,6 +32,17 @@ def create_method(cfg: Config, spec: DataSpec) -> Method:
         module = importlib.import_module(mod)
     except ModuleNotFoundError as e:
         if e.name == mod:
-            raise ConfigError(f"method {cfg.method!r} is not available in this installation") from None
+            raise ConfigError(f"method {name!r} is not available in this installation") from None
         raise
-    return getattr(module, cls)(cfg, spec)
+    return getattr(module, cls)
+
+
+def create_method(cfg: Config, spec: DataSpec) -> Method:
+    return method_class(cfg.method)(cfg, spec)
+
+
+def build(cfg: Config, spec: DataSpec):
+    """(method, model): the one way from a config and a data spec to a model, for training,
+    evaluation, inference and benchmarks alike (weights: random or ``model.weights``)."""
+    method = create_method(cfg, spec)
+    return method, method.build_model()

@@ -17,30 +17,71 @@ threshold, seed 001's union of all mask cells): ``agcnn.heatmap=sum``, ``agcnn.t
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from typing import Any
 
 import torch
 from torch import nn
 
 from medattn import losses
+from medattn.attention import COMPONENTS, HEATMAP_MODES, SCALES, THRESHOLDS
+# Boxes normalised to the input view -> normalised to the (equally flipped) image that contains it.
+from medattn.boxes import view_to_source as map_boxes
 from medattn.errors import ConfigError
 from medattn.methods.base import Method
 
 STAGES = ("global", "local", "fusion")
 
 
-def map_boxes(boxes: torch.Tensor, view_box: torch.Tensor) -> torch.Tensor:
-    """Boxes normalised to the input view -> normalised to the image that contains the view."""
-    x0, y0, x1, y1 = view_box.unbind(-1)
-    w, h = (x1 - x0).unsqueeze(-1), (y1 - y0).unsqueeze(-1)
-    off = torch.stack([x0, y0, x0, y0], -1)
-    scale = torch.cat([w, h, w, h], -1)
-    return off + boxes * scale
+@dataclass
+class AGCNNConfig:
+    """AG-CNN (Guan et al. 2018), methods.md section 0."""
+
+    tau: float = 0.7  # mask threshold on the [0,1]-scaled heat map (Eq. 4)
+    heatmap: str = "max"  # max (Eq. 3: max_k |f_k|) | l1 | l2 | sum (Ien001's code)
+    scale: str = "minmax"  # minmax | max (the paper leaves it open)
+    threshold: str = "tau"  # tau | otsu (Ien001's code)
+    component: str = "largest"  # largest (paper) | all (seed 001's notebook)
+    heatmap_size: int = 0  # 0 = the input size (the paper resizes heat maps to the input)
+    crop_source: str = "input"  # input (the 224 view) | prepared (the higher-resolution image)
+    local_backbone: str = ""  # "" = model.backbone
 
 
 class AGCNNMethod(Method):
     name = "agcnn"
     stage_order = STAGES
+    sections = {"agcnn": AGCNNConfig, "focal": losses.FocalConfig}
+    choices = {"agcnn.heatmap": HEATMAP_MODES, "agcnn.scale": SCALES, "agcnn.threshold": THRESHOLDS,
+               "agcnn.component": COMPONENTS, "agcnn.crop_source": ("input", "prepared")}
+    sweep_aliases = {"tau": ("attention threshold tau", "AG-CNN's attention threshold (agcnn.tau)")}
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
+        a = cfg.agcnn
+        if not 0.0 < a.tau < 1.0:
+            raise ConfigError(f"config key 'agcnn.tau' must be in (0, 1), got {a.tau}")
+        if a.heatmap_size < 0:
+            raise ConfigError(f"config key 'agcnn.heatmap_size' must be >= 0 (0 = the input size), got {a.heatmap_size}")
+
+    @classmethod
+    def alias_settings(cls, alias, value):
+        if alias == "tau":
+            return [("agcnn.tau", value)]
+        return super().alias_settings(alias, value)
+
+    @classmethod
+    def key_effect(cls, cfg, key, focal_stages=None):
+        # The global stage never looks at the attention settings; the local branch's backbone is
+        # built (and trained nowhere else) from the global stage on, so that key affects all.
+        if key.startswith("agcnn.") and key != "agcnn.local_backbone":
+            later = [s for s in cfg.stage_names() if s != "global"]
+            if not later:
+                return [], (f"{key} only acts in the local and fusion stages; this config has only "
+                            f"{', '.join(cfg.stage_names())}")
+            return later, ""
+        return super().key_effect(cfg, key, focal_stages)
 
     def validate(self) -> None:
         super().validate()
@@ -67,78 +108,81 @@ class AGCNNMethod(Method):
     def needs_hires(self, stage: str) -> bool:
         return self.cfg.agcnn.crop_source == "prepared" and stage != "global"
 
-    # ------------------------------------------------------------------ attention
-    def _attention(self, features: torch.Tensor, input_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # ------------------------------------------------------------------ the attention path
+    # Defined once, here: training, evaluation, the report, inference and the tests all run it.
+    def attend(self, features: torch.Tensor, input_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Global feature map -> (boxes (B, 4) normalised in the input view, heat map in [0, 1],
+        empty (B,): no pixel passed the threshold, the box is the whole view)."""
         from medattn.attention import attention_boxes
 
         a = self.cfg.agcnn
-        return attention_boxes(features.float(), tau=a.tau, mode=a.heatmap, scale=a.scale,
+        return attention_boxes(features.detach().float(), tau=a.tau, mode=a.heatmap, scale=a.scale,
                                threshold=a.threshold, component=a.component,
-                               size=a.heatmap_size or input_size)
+                               size=a.heatmap_size or input_size, return_empty=True)
 
-    def _crops(self, batch: dict[str, torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
+    def crop(self, batch: dict[str, torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
+        """The local branch's input: each view box cut from the network input (``crop_source=input``)
+        or, at full resolution, from the prepared image (``prepared``: ``batch["hires"]``, uint8 and
+        flipped like the view, with ``batch["view_box"]``, where the view sits in it), resized to the
+        input size and normalised as the loaders normalise."""
         from medattn.attention import crop_and_resize
 
         x = batch["image"]
         size = x.shape[-1]
-        if self.cfg.agcnn.crop_source == "prepared":
-            if "hires" not in batch:
-                raise ConfigError("agcnn.crop_source=prepared but the loader gave no prepared image")
-            hb = map_boxes(boxes, batch["view_box"].to(boxes))
-            crops = crop_and_resize(batch["hires"].float(), hb, size)
-            crops = self.normalize_uint8(crops)  # same normalisation as the loader's views
-        else:
-            crops = crop_and_resize(x.float(), boxes, size)
+        with torch.no_grad():
+            if self.cfg.agcnn.crop_source == "prepared":
+                if "hires" not in batch:
+                    raise ConfigError("agcnn.crop_source=prepared but the loader gave no prepared image")
+                hb = map_boxes(boxes, batch["view_box"].to(boxes))
+                crops = self.normalize_uint8(crop_and_resize(batch["hires"].float(), hb, size))
+            else:
+                crops = crop_and_resize(x.detach().float(), boxes, size)
         return crops.to(memory_format=torch.channels_last) if x.is_contiguous(
             memory_format=torch.channels_last) and x.is_cuda else crops
 
-    def _global(self, model, x):
-        logits, feats, pooled = model.forward_global(x)
-        return logits, feats, pooled
+    def forward(self, model, batch: dict[str, torch.Tensor], stage: str, attention: bool = True) -> dict[str, Any]:
+        """The whole pipeline up to ``stage``: global branch -> attention box -> crop -> local branch
+        -> fusion. Returns the logits of each branch up to ``stage`` and, with ``attention``,
+        ``boxes``, ``heatmap``, ``empty`` (and ``crops`` after the global stage). The attention and
+        the crop carry no gradient; frozen branches (parameters without ``requires_grad``) build
+        no graph, so training a stage through this function costs nothing extra."""
+        x = batch["image"]
+        logits_g, feats, pooled_g = model.forward_global(x)
+        out: dict[str, Any] = {"global": logits_g}
+        if stage == "global" and not attention:
+            return out
+        boxes, heat, empty = self.attend(feats, x.shape[-1])
+        out.update(boxes=boxes, heatmap=heat, empty=empty)
+        if stage == "global":
+            return out
+        crops = self.crop(batch, boxes)
+        out["crops"] = crops
+        out["local"], pooled_l = model.forward_local(crops)
+        if stage == "fusion":
+            out["fusion"] = model.forward_fusion(pooled_g, pooled_l)
+        return out
 
     # ------------------------------------------------------------------ training
     def loss_fn(self, logits: torch.Tensor, y: torch.Tensor, stage: str) -> torch.Tensor:
         """BCE over the 15 outputs (Eq. 2), or focal loss when ``stages.<stage>.loss=focal``."""
-        if self.cfg.stages[stage].loss == "focal":
-            f = self.cfg.focal
-            ca = torch.tensor(f.class_alpha) if f.class_alpha else None
-            return losses.focal(logits, y, f.alpha, f.gamma, ca)
-        return losses.bce(logits, y)
+        return self.loss(stage)(logits, labels=y)
 
     def training_loss(self, model, batch, stage, epoch):
-        x, y = batch["image"], batch["labels"]
-        if stage == "global":
-            logits, _, _ = self._global(model, x)
-            loss = self.loss_fn(logits, y, stage)
-            return loss, {"loss": loss.detach()}
-        with torch.no_grad():
-            _, feats, pooled_g = self._global(model, x)
-            boxes, _ = self._attention(feats, x.shape[-1])
-            crops = self._crops(batch, boxes)
+        out = self.forward(model, batch, stage, attention=stage != "global")
+        loss = self.loss_fn(out[stage], batch["labels"], stage)
+        logs = {"loss": loss.detach()}
         if stage == "local":
-            logits, _ = model.forward_local(crops)
-            loss = self.loss_fn(logits, y, stage)
-            area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).mean()
-            return loss, {"loss": loss.detach(), "crop_area": area.detach()}
-        with torch.no_grad():
-            _, pooled_l = model.forward_local(crops)
-        logits = model.forward_fusion(pooled_g, pooled_l)
-        loss = self.loss_fn(logits, y, stage)
-        return loss, {"loss": loss.detach()}
+            b = out["boxes"]
+            logs["crop_area"] = ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).mean().detach()
+        return loss, logs
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
     def predict(self, model, batch, stage) -> dict[str, Any]:
-        x = batch["image"]
-        logits_g, feats, pooled_g = self._global(model, x)
-        boxes, heat = self._attention(feats, x.shape[-1])
-        out: dict[str, Any] = {"probs": {"global": self.to_probs(logits_g)},
-                               "boxes": map_boxes(boxes, batch["view_box"].to(boxes)),
-                               "view_boxes": boxes, "heatmap": heat}
-        if stage in ("local", "fusion"):
-            crops = self._crops(batch, boxes)
-            logits_l, pooled_l = model.forward_local(crops)
-            out["probs"]["local"] = self.to_probs(logits_l)
-            if stage == "fusion":
-                out["probs"]["fusion"] = self.to_probs(model.forward_fusion(pooled_g, pooled_l))
-        return out
+        out = self.forward(model, batch, stage)
+        res: dict[str, Any] = {"probs": {b: self.to_probs(out[b]) for b in self.branches(stage)},
+                               "boxes": map_boxes(out["boxes"], batch["view_box"].to(out["boxes"])),
+                               "view_boxes": out["boxes"], "heatmap": out["heatmap"]}
+        if "crops" in out:
+            res["crops"] = out["crops"]
+        return res

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from medattn import losses
 from medattn.config import Config
 from medattn.errors import ConfigError
 
@@ -51,24 +52,93 @@ class DataSpec:
 
     @classmethod
     def from_dataset(cls, ds, cfg: Config) -> "DataSpec":
-        from hpc.loader.views import ViewSpec  # the normalisation the loaders apply
+        from medattn.views import ViewSpec  # the normalisation the loaders apply
 
         v = ViewSpec.from_config(cfg.data, ds.image_size, ds.channels, train=False)
         return cls(tuple(ds.label_names), tuple(ds.eval_labels), ds.task, ds.channels, ds.image_size,
                    tuple(v.mean), tuple(v.std), str(getattr(ds, "root", "")))
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, kept in every checkpoint: what a model needs to be used without the prepared
+        directory it was trained on (labels, task, channels, preprocessing)."""
+        return {"label_names": list(self.label_names), "eval_labels": list(self.eval_labels), "task": self.task,
+                "channels": self.channels, "prepared_size": self.prepared_size, "mean": list(self.mean),
+                "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DataSpec":
+        return cls(tuple(d["label_names"]), tuple(d["eval_labels"]), d["task"], int(d["channels"]),
+                   int(d["prepared_size"]), tuple(d["mean"]), tuple(d["std"]))
+
 
 class Method:
-    """Base class. Subclasses set ``name`` and ``stage_order`` and implement the hooks."""
+    """Base class. Subclasses set ``name`` and ``stage_order`` and implement the hooks.
+
+    Besides the training hooks, a method owns its part of the configuration (class level, so
+    configs and sweeps can ask without a dataset):
+
+    * ``sections``: its config sections, name -> dataclass (a config carries only these);
+    * ``choices``: allowed values of its keys, checked with every config (:meth:`check_config`);
+    * :meth:`key_effect`: which stages a key can change (sweeps share the stages before them);
+    * ``sweep_aliases`` / :meth:`alias_settings`: short names for ``medattn sweep --space``;
+    * :meth:`loss`: each stage's classification loss, from the one loss factory.
+    """
 
     name: ClassVar[str] = ""
     # Allowed stage names in training order; empty = any names, in config order.
     stage_order: ClassVar[tuple[str, ...]] = ()
+    sections: ClassVar[dict[str, type]] = {}
+    choices: ClassVar[dict[str, tuple]] = {}
+    # alias -> (what it is, as a noun phrase; what it sets, for --help)
+    sweep_aliases: ClassVar[dict[str, tuple[str, str]]] = {}
 
     def __init__(self, cfg: Config, spec: DataSpec):
         self.cfg = cfg
         self.spec = spec
         self.validate()
+
+    # ------------------------------------------------------------------ the configuration it owns
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Check the method's own keys (called by every config load); raise ConfigError."""
+        from medattn.config import check_choices
+
+        check_choices(cfg, cls.choices)
+
+    @classmethod
+    def all_sweep_aliases(cls) -> dict[str, tuple[str, str]]:
+        out = dict(cls.sweep_aliases)
+        if "focal" in cls.sections:
+            out["gamma"] = ("focal-loss gamma", "focal.gamma (needs a stage with loss: focal)")
+        return out
+
+    @classmethod
+    def alias_settings(cls, alias: str, value: Any) -> list[tuple[str, Any]]:
+        """The config settings a sweep alias stands for, for one sampled value."""
+        if alias == "gamma" and "focal" in cls.sections:
+            return [("focal.gamma", value)]
+        raise KeyError(alias)
+
+    @classmethod
+    def key_effect(cls, cfg: Config, key: str, focal_stages: list[str] | None = None) -> tuple[list[str], str]:
+        """(stages whose training ``key`` can change, in order; why none, when none).
+
+        A later stage starts from an earlier one's weights, so a key that changes a stage changes
+        every stage after it. ``focal_stages``: the stages that use (or may be swept to) focal loss
+        (default: those whose loss is focal).
+        """
+        names = cfg.stage_names()
+        parts = key.split(".")
+        if parts[0] == "stages" and len(parts) >= 3:
+            return (names if parts[1] == "*" else names[names.index(parts[1]):]), ""
+        if parts[0] == "focal":
+            fs = focal_stages if focal_stages is not None else [s for s, st in cfg.stages.items()
+                                                                 if st.loss == "focal"]
+            if not fs:
+                return [], (f"no stage of this config uses focal loss, so {key} has no effect (set "
+                            "stages.<name>.loss=focal, e.g. stages.local.loss=focal)")
+            return names[names.index(fs[0]):], ""
+        return names, ""
 
     # ------------------------------------------------------------------ config
     def validate(self) -> None:
@@ -152,6 +222,18 @@ class Method:
     def load_extra_state(self, state: dict[str, Any]) -> None:
         pass
 
+    # ------------------------------------------------------------------ losses
+    def loss_kind(self, stage: str) -> str:
+        """The classification loss of ``stage`` (``stages.<stage>.loss``)."""
+        return self.cfg.stages[stage].loss
+
+    def loss(self, stage: str) -> "losses.ClassificationLoss":
+        """The stage's classification loss, made once by the loss factory."""
+        cache = self.__dict__.setdefault("_losses", {})
+        if stage not in cache:
+            cache[stage] = losses.ClassificationLoss(self.loss_kind(stage), self.cfg.sections.get("focal"))
+        return cache[stage]
+
     # ------------------------------------------------------------------ helpers
     def to_probs(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
@@ -159,10 +241,19 @@ class Method:
 
     def normalize_uint8(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 pixels (as in ``hires``) -> the loaders' normalisation."""
-        c = x.shape[1]
-        mean = torch.tensor(self.spec.mean, device=x.device).view(1, -1, 1, 1).expand(1, c, 1, 1)
-        std = torch.tensor(self.spec.std, device=x.device).view(1, -1, 1, 1).expand(1, c, 1, 1)
+        mean, std = self._stats(x.device, x.shape[1])
         return (x.float() / 255.0 - mean) / std
+
+    def _stats(self, device: torch.device, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalisation's mean and std as (1, C, 1, 1) tensors on ``device``, made once per
+        device (a tensor built from Python numbers is a blocking host-to-device copy on a GPU)."""
+        cache = self.__dict__.setdefault("_stats_cache", {})
+        key = (str(device), channels)
+        if key not in cache:
+            def t(v):
+                return torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1).expand(1, channels, 1, 1).to(device)
+            cache[key] = (t(self.spec.mean), t(self.spec.std))
+        return cache[key]
 
 
 class StageStep(nn.Module):

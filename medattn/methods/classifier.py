@@ -17,6 +17,7 @@ from medattn.methods.base import Method
 
 class ClassifierMethod(Method):
     name = "classifier"
+    sections = {"focal": losses.FocalConfig}
 
     def build_model(self) -> nn.Module:
         from medattn.models import create_model
@@ -25,15 +26,12 @@ class ClassifierMethod(Method):
         return create_model(m.backbone, num_classes=self.num_classes, in_chans=self.spec.channels,
                             weights=m.weights, pool=m.pool, drop_rate=m.drop_rate)
 
+    def loss_kind(self, stage: str) -> str:
+        """Cross-entropy for a single-label task; otherwise ``stages.<stage>.loss``."""
+        return "ce" if self.spec.task == "singlelabel" else self.cfg.stages[stage].loss
+
     def loss_fn(self, logits: torch.Tensor, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        kind = self.cfg.stages[stage].loss
-        if kind == "ce" or self.spec.task == "singlelabel":
-            return losses.cross_entropy(logits, batch["target"])
-        if kind == "focal":
-            f = self.cfg.focal
-            ca = torch.tensor(f.class_alpha) if f.class_alpha else None
-            return losses.focal(logits, batch["labels"], f.alpha, f.gamma, ca)
-        return losses.bce(logits, batch["labels"])
+        return self.loss(stage)(logits, labels=batch["labels"], target=batch["target"])
 
     def training_loss(self, model, batch, stage, epoch):
         logits = model(batch["image"])

@@ -73,6 +73,34 @@ class Settings:
     centre_init: str
 
 
+@dataclass
+class DualAttendMedConfig:
+    """DualAttendMed / WS-DAN + CAL (seed 000), methods.md section 000; docs/methods/dualattendmed.md.
+
+    ``null`` values take the variant's default (published | corrected)."""
+
+    variant: str = "corrected"  # published | corrected
+    task: str = "auto"  # auto (the dataset's) | multilabel (sigmoid/BCE) | singlelabel (softmax/CE)
+    num_maps: int = 32
+    reduction: int = 16
+    layer4_stride: int = 1
+    feature_scale: float = 100.0
+    crop_theta: tuple[float, float] | None = None  # null: published (0.5, 0.5), corrected (0.4, 0.6)
+    crop_padding: float = 0.1
+    drop_theta: tuple[float, float] | None = None  # null: published (0.5, 0.5), corrected (0.2, 0.5)
+    beta: float = 0.05  # feature-centre update rate
+    lambda_cls: float = 1.0
+    lambda_att: float | None = None  # "alignment" MSE; null: published 0.5, corrected 0
+    lambda_div: float = 0.1
+    lambda_center: float | None = None  # null: published 0.01 (aux centre loss), corrected 1 (CAL centre loss)
+    div_margin: float = 0.1
+    eval_crop_theta: float = 0.5  # DualAttendMed 0.5 / pad 0.1; CAL 0.1 / 0.05
+    eval_crop_padding: float = 0.1
+    eval_flip: bool = True
+    loc_theta: float | None = None  # localisation box: mean map >= loc_theta * max; null = eval_crop_theta
+    loc_padding: float = 0.0  # padding of the reported localisation box (the eval crop uses eval_crop_padding)
+
+
 def resolve_settings(dam, dataset_task: str) -> Settings:
     """``cfg.dualattendmed`` + the dataset's task -> :class:`Settings` (null = variant default)."""
     d = VARIANT_DEFAULTS[dam.variant]
@@ -183,6 +211,18 @@ def _all_reduce_(t: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 class DualAttendMedMethod(Method):
     name = "dualattendmed"
+    sections = {"dualattendmed": DualAttendMedConfig}
+    choices = {"dualattendmed.variant": ("published", "corrected"),
+               "dualattendmed.task": ("auto", "multilabel", "singlelabel")}
+    sweep_aliases = {"tau": ("attention threshold tau",
+                             "the fixed crop threshold theta (dualattendmed.crop_theta=[tau, tau] and "
+                             "dualattendmed.eval_crop_theta=tau)")}
+
+    @classmethod
+    def alias_settings(cls, alias, value):
+        if alias == "tau":  # one fixed theta, in training and evaluation
+            return [("dualattendmed.crop_theta", [value, value]), ("dualattendmed.eval_crop_theta", value)]
+        return super().alias_settings(alias, value)
 
     def __init__(self, cfg, spec):
         super().__init__(cfg, spec)

@@ -31,6 +31,8 @@ averaged per image.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import contextlib
 from typing import Any
 
@@ -55,8 +57,45 @@ def _eval_mode(model: torch.nn.Module):
             m.training = mode
 
 
+@dataclass
+class GradCAMLossConfig:
+    """Segmentation-driven Grad-CAM attention loss (seed 002), methods.md section 002."""
+
+    variant: str = "differentiable"  # published (r is a constant) | differentiable (soft r)
+    lam: float = 0.5  # L = lam * CE + (1 - lam) * (1 - r)
+    adaptive: bool = False  # lam_e = max(floor, 1 - rate * e)
+    adaptive_floor: float = 0.2
+    adaptive_rate: float = 0.023
+    thresh: float = 0.3
+    layer: str = ""  # "" = the backbone's default Grad-CAM layer
+    target: str = "label"  # label | predicted (the published code scores the predicted class)
+    soft_temperature: float = 0.05
+    # class name -> region of the lung box: lower | upper | outside | lung | none
+    regions: dict[str, str] = field(default_factory=lambda: {
+        "Effusion": "lower", "Pneumothorax": "upper", "Subcutaneous_Emphysema": "outside"})
+    eval_ratio: bool = True  # also compute r (hard) on validation/eval images: val/<branch>/r
+    # The network state the map is computed in: eval (as pytorch-grad-cam, which switches the
+    # model to eval mode; one extra forward) or train (the training forward itself; cheaper,
+    # but BatchNorm batch statistics couple the samples and differ from test time).
+    cam_mode: str = "eval"
+
+
 class GradCAMLossMethod(ClassifierMethod):
     name = "gradcam_loss"
+    sections = {"gradcam_loss": GradCAMLossConfig, "focal": losses.FocalConfig}
+    choices = {"gradcam_loss.variant": ("published", "differentiable"),
+               "gradcam_loss.target": ("label", "predicted"), "gradcam_loss.cam_mode": ("eval", "train")}
+    sweep_aliases = {"lam": ("Grad-CAM attention-loss weight lam",
+                             "the Grad-CAM attention-loss weight (gradcam_loss.lam; 'adaptive' = "
+                             "gradcam_loss.adaptive=true)")}
+
+    @classmethod
+    def alias_settings(cls, alias, value):
+        if alias == "lam":
+            if isinstance(value, str) and value.lower() == "adaptive":
+                return [("gradcam_loss.adaptive", True)]
+            return [("gradcam_loss.lam", value), ("gradcam_loss.adaptive", False)]
+        return super().alias_settings(alias, value)
 
     # ------------------------------------------------------------------ config
     def validate(self) -> None:
@@ -85,6 +124,9 @@ class GradCAMLossMethod(ClassifierMethod):
             raise ConfigError("gradcam_loss: data.rotate_deg must be 0 (the lung box is moved with the crop and "
                               "flip of the view, not rotated)")
         self.codes = torch.tensor([REGION_CODE[g.regions.get(n, "none")] for n in self.spec.label_names])
+        # The classes with a region, decided once here (a Python list: reading it per step from a
+        # tensor would make the host wait for the device).
+        self.region_classes = [k for k, c in enumerate(self.codes.tolist()) if c > 0]
         if not bool((self.codes > 0).any()) and (g.lam < 1.0 or g.adaptive):
             names = ", ".join(self.spec.label_names)
             raise ConfigError(f"gradcam_loss.regions: none of the dataset's classes ({names}) "
@@ -92,16 +134,16 @@ class GradCAMLossMethod(ClassifierMethod):
                               "lower|upper|outside|lung (e.g. gradcam_loss.regions.Effusion=lower) or set lam=1")
         self.current_lam = self.lam(0)
 
-    def loss_fn(self, logits, batch, stage):
-        """The classification term: cross-entropy for single-label tasks (the published loss);
-        on multi-label data BCE (``stages.<stage>.loss: focal`` for focal loss)."""
+    def loss_kind(self, stage: str) -> str:
+        """Cross-entropy for single-label tasks (the published loss); on multi-label data BCE, or
+        focal with ``stages.<stage>.loss: focal`` (a ``ce`` of the single-label configs means BCE)."""
         if self.spec.task == "singlelabel":
-            return losses.cross_entropy(logits, batch["target"])
-        if self.cfg.stages[stage].loss == "focal":
-            f = self.cfg.focal
-            ca = torch.tensor(f.class_alpha) if f.class_alpha else None
-            return losses.focal(logits, batch["labels"], f.alpha, f.gamma, ca)
-        return losses.bce(logits, batch["labels"])
+            return "ce"
+        return "focal" if self.cfg.stages[stage].loss == "focal" else "bce"
+
+    def loss_fn(self, logits, batch, stage):
+        """The classification term (:meth:`loss_kind`)."""
+        return self.loss(stage)(logits, labels=batch["labels"], target=batch["target"])
 
     def lam(self, epoch: int) -> float:
         """lam for a 0-based epoch: fixed, or max(floor, 1 - rate * epoch) when adaptive."""
@@ -116,22 +158,32 @@ class GradCAMLossMethod(ClassifierMethod):
                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """[(region codes (B,), map target class (B,))]: one pair for single-label data, one per
         class with a region for multi-label data."""
-        codes = self.codes.to(batch["image"].device)
+        codes = self._codes_on(batch["image"].device)
         if self.spec.task == "singlelabel":
             t = batch["target"]
             known = t >= 0
             region = torch.where(known, codes[t.clamp_min(0)], torch.zeros_like(t))
-            use_label = self.cfg.gradcam_loss.target == "label" and bool(known.all())
-            tgt = t if use_label else logits.argmax(1).detach()
+            predicted = logits.argmax(1).detach()
+            # target=label scores each image's label (an image without one: its prediction; it has no
+            # region, so it adds nothing); target=predicted, as published, the prediction.
+            tgt = torch.where(known, t, predicted) if self.cfg.gradcam_loss.target == "label" else predicted
             return [(region, tgt)]
         labels = batch["labels"]
         pairs = []
-        for k in torch.nonzero(self.codes > 0).flatten().tolist():
+        # Every class with a region, also one without a positive in this batch: its pair has no
+        # region anywhere, adds exactly 0 to the loss and its gradient, and deciding to skip it
+        # would make the host wait for the device on every step.
+        for k in self.region_classes:
             region = torch.where(labels[:, k] > 0.5, codes[k], torch.zeros_like(codes[k]))
-            if for_loss and not bool((region > 0).any()):
-                continue  # no positive of this class in the batch: skip its backward
             pairs.append((region.long(), torch.full_like(region.long(), k)))
         return pairs
+
+    def _codes_on(self, device: torch.device) -> torch.Tensor:
+        """The region code of each class, on ``device`` (copied there once)."""
+        cache = self.__dict__.setdefault("_codes_cache", {})
+        if str(device) not in cache:
+            cache[str(device)] = self.codes.to(device)
+        return cache[str(device)]
 
     def _boxes(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if "lung_box" not in batch:
@@ -159,7 +211,7 @@ class GradCAMLossMethod(ClassifierMethod):
         if lam >= 1.0:  # the cross-entropy baseline: no map needed
             logits = model(x)
             ce = self.loss_fn(logits, batch, stage)
-            return ce, {"loss": ce.detach(), "ce": ce.detach(), "lam": torch.tensor(lam, device=x.device)}
+            return ce, {"loss": ce.detach(), "ce": ce.detach(), "lam": torch.full((), lam, device=x.device)}
         boxes = self._boxes(batch)
         h, w = x.shape[-2:]
         layer = find_layer(model, g.layer)
@@ -184,8 +236,10 @@ class GradCAMLossMethod(ClassifierMethod):
         if g.variant != "differentiable":
             att = att.detach()  # as released: a number, not part of the graph
         loss = lam * ce + (1.0 - lam) * att
+        # torch.full, not torch.tensor: a fill kernel with the value as its argument, not a copy
+        # from host memory
         return loss, {"loss": loss.detach(), "ce": ce.detach(), "att": att.detach(),
-                      "lam": torch.tensor(lam, device=x.device)}
+                      "lam": torch.full((), lam, device=x.device)}
 
     def _ratios(self, batch, boxes, logits, acts, differentiable: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """[(r (B,), has-region (B,))] per map target: the soft ratio through a differentiable

@@ -18,6 +18,8 @@ union of all contours, as the published ``box()`` does), normalised; None when n
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,12 +27,29 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+# the lung box of a mask: normalised [x, y, w, h] of its pixels (None if empty)
+from medattn.boxes import mask_xywh as box_of_mask
 from medattn.errors import ConfigError, DataError
 from medattn.methods.base import Method
 
 
+@dataclass
+class LungSegConfig:
+    """Lung segmentation (image/mask pairs) for seed 002's lung boxes."""
+
+    arch: str = "unet"  # unet | fcn_resnet50 | deeplabv3_resnet50 | deeplabv3_mobilenet_v3_large | lraspp_mobilenet_v3_large
+    base_width: int = 64  # unet: channels of the first level (64 = Ronneberger et al.)
+    depth: int = 4  # unet: number of down-sampling steps
+    loss: str = "bce_dice"  # bce | dice | bce_dice
+    threshold: float = 0.5  # probability threshold of the predicted mask
+
+
 class LungSegMethod(Method):
     name = "lungseg"
+    sections = {"lungseg": LungSegConfig}
+    choices = {"lungseg.arch": ("unet", "fcn_resnet50", "deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large",
+                                "lraspp_mobilenet_v3_large"),
+               "lungseg.loss": ("bce", "dice", "bce_dice")}
 
     def validate(self) -> None:
         super().validate()
@@ -131,60 +150,28 @@ def mask_scores(pred: torch.Tensor, truth: torch.Tensor) -> tuple[torch.Tensor, 
     return dice, iou
 
 
-def box_of_mask(mask: np.ndarray) -> list[float] | None:
-    """Normalised [x, y, w, h] bounding box of all True pixels of a (H, W) mask; None if empty."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    if len(rows) == 0:
-        return None
-    h, w = mask.shape
-    x0, x1, y0, y1 = int(cols[0]), int(cols[-1]) + 1, int(rows[0]), int(rows[-1]) + 1
-    return [x0 / w, y0 / h, (x1 - x0) / w, (y1 - y0) / h]
-
-
 # ---------------------------------------------------------------------------------------------
 # Using a trained model (medattn prepare --lung-model)
 # ---------------------------------------------------------------------------------------------
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A lungseg run directory (its last finished stage's best.pt) or a checkpoint file.
-
-    Raises:
-        DataError: nothing usable at ``path``.
-    """
-    import json
-
-    p = Path(path)
-    if p.is_file():
-        return p
-    if not p.is_dir():
-        raise DataError(p, "--lung-model: no such run directory or checkpoint")
-    state = p / "state.json"
-    done = []
-    if state.is_file():
-        try:
-            done = [s for s, e in json.loads(state.read_text()).get("stages", {}).items() if e.get("done")]
-        except ValueError as e:
-            raise DataError(state, f"unreadable: {e}") from None
-    for stage in reversed(done):
-        ck = p / "ckpt" / stage / "best.pt"
-        if ck.is_file():
-            return ck
-    raise DataError(p, "--lung-model: this run has no finished stage (no ckpt/<stage>/best.pt); train it first")
-
-
 class LungSegmenter:
     """A trained lungseg model, ready to segment prepared images.
 
     Args:
-        checkpoint: run directory or checkpoint file (:func:`resolve_checkpoint`).
+        checkpoint: a checkpoint file of a lungseg run (``medattn prepare --lung-model RUN`` picks
+            the run's best one).
         device: torch device (default: CUDA if available, else CPU).
     """
 
     def __init__(self, checkpoint: str | Path, device: str | torch.device | None = None):
         from medattn.config import load_config
-
-        self.path = resolve_checkpoint(checkpoint)
         from medattn.safeload import UnreadableFileError, UnsafeFileError, load_plain
+
+        self.path = Path(checkpoint)
+        if self.path.is_dir():
+            raise DataError(self.path, "a run directory, not a checkpoint file: `medattn prepare --lung-model RUN` "
+                                       "picks a run's checkpoint")
+        if not self.path.is_file():
+            raise DataError(self.path, "--lung-model: no such run directory or checkpoint")
 
         try:
             # weights_only: a lung model handed over by someone else cannot run code on loading.
@@ -206,11 +193,12 @@ class LungSegmenter:
 
     def _build(self, in_chans: int) -> None:
         """Build the network for ``in_chans``-channel images (known only when images arrive)."""
-        from hpc.loader.views import ViewSpec  # the loaders' normalisation, as DataSpec uses it
-        from medattn.models.unet import build_segmentation_model
+        from medattn.methods import DataSpec, build
+        from medattn.views import ViewSpec  # the loaders' normalisation, as DataSpec uses it
 
-        s = self.cfg.lungseg
-        model = build_segmentation_model(s.arch, in_chans=in_chans, base_width=s.base_width, depth=s.depth)
+        # The model as training built it (the method registry), for this many channels.
+        size = self.cfg.data.image_size
+        _, model = build(self.cfg, DataSpec(("lung",), ("lung",), "segmentation", in_chans, size))
         try:
             model.load_state_dict(self.state)
         except RuntimeError as e:
@@ -247,7 +235,7 @@ def predict_lung_boxes(read_batch: Callable[[np.ndarray], np.ndarray], n: int, c
     Args:
         read_batch: indices -> (B, S, S, C) uint8 prepared images.
         n: number of images (indices 0..n-1).
-        checkpoint: lungseg run directory or checkpoint.
+        checkpoint: a lungseg checkpoint file.
         batch_size: images per forward pass.
         device: torch device (default CUDA if available).
     """

@@ -19,6 +19,8 @@ with at least one disease only, as the published stage 1 did ("No Finding" rows 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from typing import Any
 
 import numpy as np
@@ -30,8 +32,20 @@ from medattn.errors import ConfigError
 from medattn.methods.classifier import ClassifierMethod
 
 
+@dataclass
+class LKAConfig:
+    """VGG16-BN + large-kernel attention (seed 004), methods.md section 004."""
+
+    blocks: list[int] = field(default_factory=lambda: [3, 4, 5])
+    dropout: float = 0.5  # head dropout (GAP -> dropout -> Linear)
+    # Stages that train and validate on abnormal images only (seed 004's stage 1 drops "No
+    # Finding" rows); the patient split is the prepared one for every stage.
+    abnormal_only_stages: list[str] = field(default_factory=list)
+
+
 class VGGLKAMethod(ClassifierMethod):
     name = "vgg_lka"
+    sections = {"lka": LKAConfig, "focal": losses.FocalConfig}
 
     def validate(self) -> None:
         super().validate()
@@ -75,7 +89,15 @@ class VGGLKAMethod(ClassifierMethod):
     def targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The label columns the outputs stand for."""
         y = batch["labels"]
-        return y if self.out_idx is None else y[:, self.out_idx]
+        return y if self.out_idx is None else y.index_select(1, self._out_idx_on(y.device))
+
+    def _out_idx_on(self, device: torch.device) -> torch.Tensor:
+        """The output columns as an index tensor on ``device``, made once (indexing with a Python
+        list copies it from host memory on every call)."""
+        cache = self.__dict__.setdefault("_out_idx_cache", {})
+        if str(device) not in cache:
+            cache[str(device)] = torch.tensor(self.out_idx, dtype=torch.long).to(device)
+        return cache[str(device)]
 
     def stage_indices(self, ds, stage: str, split: str, indices):
         if stage not in self.cfg.lka.abnormal_only_stages:
@@ -84,13 +106,11 @@ class VGGLKAMethod(ClassifierMethod):
         return np.asarray(indices)[y.max(axis=1) > 0]
 
     # ------------------------------------------------------------------ steps
+    def loss_kind(self, stage: str) -> str:
+        return self.cfg.stages[stage].loss  # multi-label only (checked in validate)
+
     def loss_fn(self, logits, batch, stage):
-        y = self.targets(batch)
-        if self.cfg.stages[stage].loss == "focal":
-            f = self.cfg.focal
-            ca = torch.tensor(f.class_alpha) if f.class_alpha else None
-            return losses.focal(logits, y, f.alpha, f.gamma, ca)
-        return losses.bce(logits, y)
+        return self.loss(stage)(logits, labels=self.targets(batch))
 
     @torch.no_grad()
     def predict(self, model, batch, stage) -> dict[str, Any]:
@@ -101,6 +121,6 @@ class VGGLKAMethod(ClassifierMethod):
             full = torch.zeros(p.shape[0], self.spec.num_classes, device=p.device)
             if NO_FINDING in self.spec.label_names:
                 full[:, self.spec.label_names.index(NO_FINDING)] = torch.prod(1 - p, dim=1)
-            full[:, self.out_idx] = p
+            full.index_copy_(1, self._out_idx_on(p.device), p)
             p = full
         return {"probs": {"main": p}}

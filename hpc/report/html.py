@@ -1,4 +1,4 @@
-"""Render a report :class:`~medattn.report.doc.Document` as one self-contained HTML file.
+"""Render a report :class:`~hpc.report.doc.Document` as one self-contained HTML file.
 
 Self-contained means it opens offline and alone: inline CSS, no scripts, no web fonts, no
 external style sheets, and every figure embedded as a ``data:image/png;base64`` URI (so the
@@ -10,7 +10,7 @@ import base64
 import html
 from pathlib import Path
 
-from medattn.report.doc import Banner, Bullets, Code, Document, Heading, Image, Para, Pre, Strong, Table, Text
+from hpc.report.doc import Banner, Bullets, Code, Document, Heading, Image, Para, Pre, Strong, Table, Text
 
 CSS = """
 :root { --fg: #1b1b1b; --muted: #5a5a5a; --line: #d9d9d9; --bg-alt: #f6f7f9; }

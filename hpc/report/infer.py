@@ -1,10 +1,8 @@
 """Run a trained model of a run on a few images, for heat-map overlays.
 
-This is the report's one bridge to the runtime: it rebuilds the method and model exactly as
-``medattn eval`` does (hpc/evaluate.py) and renders the network input with the loaders' own
-evaluation view code (``hpc.loader``: resize, centre crop, normalisation), so an overlay shows
-what the evaluated model saw. The ``hpc`` imports are local to the functions (``medattn`` stays
-importable without the runtime), like the CLI's lazy command imports.
+The model comes back through :func:`hpc.run.load_run`, exactly as ``medattn eval`` gets it, and
+the network input is rendered with the loaders' own evaluation view code (:mod:`medattn.views`:
+resize, centre crop, normalisation), so an overlay shows what the evaluated model saw.
 
 Images come in as prepared pixels, (B, S, S, C) uint8 at the prepared size S: either read
 from the prepared directory or decoded and resized from a PNG like ``medattn prepare`` does
@@ -18,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from medattn.errors import DataError, MedattnError
+from medattn.boxes import pixel_window, source_to_view
+from medattn.errors import DataError
 
 
 @dataclass
@@ -61,75 +60,24 @@ class ImagePrediction:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def pick_checkpoint(run: Path, stage_names: list[str], state: dict[str, Any], stage: str | None = None,
-                    kind: str = "best") -> tuple[str, Path, str]:
-    """(stage, checkpoint path, note): the best checkpoint of the last finished stage by default.
-
-    A run with no finished stage falls back to the newest stage that has a checkpoint (its
-    epochs so far), and says so in the note.
-
-    Raises:
-        DataError: no usable checkpoint (naming the path expected).
-    """
-    st = state.get("stages", {})
-    if stage is not None:
-        if stage not in stage_names:
-            raise MedattnError(f"--stage {stage!r} is not a stage of this run ({', '.join(stage_names)})")
-        path = run / "ckpt" / stage / f"{kind}.pt"
-        if not path.is_file():
-            raise DataError(path, f"checkpoint missing (stage {stage!r} has not produced one yet)")
-        return stage, path, "" if st.get(stage, {}).get("done") else f"stage {stage} has not finished"
-    done = [s for s in stage_names if st.get(s, {}).get("done")]
-    if done:
-        path = run / "ckpt" / done[-1] / f"{kind}.pt"
-        if path.is_file():
-            return done[-1], path, ""
-    for s in reversed(stage_names):
-        for k in (kind, "last"):
-            path = run / "ckpt" / s / f"{k}.pt"
-            if path.is_file():
-                return s, path, f"stage {s} has not finished: the overlays use its {k} checkpoint so far"
-    raise DataError(run / "ckpt", "no checkpoint yet: the run has not finished an epoch")
-
-
 def load_model(run: str | Path, data: str | Path, stage: str | None = None, checkpoint: str = "best",
                device: str = "cpu") -> LoadedModel:
-    """Rebuild a run's method and model and load its checkpoint.
+    """A run's model (:func:`hpc.run.load_run`) with its prepared dataset, for overlays.
 
     Args:
         run: the run directory.
-        data: its prepared directory (for the label names, image size and normalisation).
+        data: its prepared directory (the report's test images).
         stage: the stage whose model to load (default: the last finished one).
         checkpoint: ``best`` or ``last``.
         device: torch device for inference.
     """
-    import json
-
-    import torch
-
-    from hpc.checkpoint import load as load_ckpt
-    from medattn.config import load_saved_config
+    from hpc.run import load_run
     from medattn.data.prepared import PreparedDataset
-    from medattn.methods import DataSpec, create_method
 
-    run = Path(run)
-    cfg = load_saved_config(run / "config.yaml", ["runtime.device=cpu"] if device == "cpu" else None)
-    state_path = run / "state.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {"stages": {}}
-    stage, path, note = pick_checkpoint(run, cfg.stage_names(), state, stage, checkpoint)
+    lr = load_run(run, stage, checkpoint, device, data=data,
+                  overrides=["runtime.device=cpu"] if str(device) == "cpu" else None)
     ds = PreparedDataset.open(data)
-    spec = DataSpec.from_dataset(ds, cfg)
-    method = create_method(cfg, spec)
-    dev = torch.device(device)
-    model = method.build_model().to(dev)
-    st = load_ckpt(path, dev)
-    try:
-        model.load_state_dict(st["model"])
-    except (KeyError, RuntimeError) as e:
-        raise DataError(path, f"checkpoint does not fit the run's model: {str(e).splitlines()[0]}") from None
-    method.load_extra_state(st.get("method", {}))
-    model.eval()
-    return LoadedModel(method, model, cfg, spec, ds, stage, path, dev, note)
+    return LoadedModel(lr.method, lr.model, lr.cfg, lr.spec, ds, lr.stage, lr.checkpoint, lr.device, lr.note)
 
 
 def load_png(path: str | Path, size: int, channels: int) -> np.ndarray:
@@ -195,8 +143,8 @@ def predict(lm: LoadedModel, images: np.ndarray, batch_size: int = 16) -> list[I
     """
     import torch
 
-    from hpc.loader.torch_loader import render_views
-    from hpc.loader.views import ViewSpec, sample_views, view_boxes
+    from medattn.views import render_views
+    from medattn.views import ViewSpec, sample_views, view_boxes
 
     images = np.asarray(images)
     s, c = lm.ds.image_size, lm.ds.channels
@@ -225,8 +173,8 @@ def predict(lm: LoadedModel, images: np.ndarray, batch_size: int = 16) -> list[I
         vboxes = res.get("view_boxes")
         vboxes = vboxes.float().cpu().numpy() if vboxes is not None else None
         if vboxes is None and boxes is not None:
-            vboxes = _to_view(boxes, vb)
-        crops = _agcnn_crops(lm, batch, vboxes) if vboxes is not None and lm.cfg.method == "agcnn" else None
+            vboxes = source_to_view(boxes, vb)  # vb: the view in the equally flipped image
+        crops = _display(res["crops"], lm.spec) if res.get("crops") is not None else None
         for i in range(n):
             win = views["window"][i]
             out.append(ImagePrediction(
@@ -239,39 +187,18 @@ def predict(lm: LoadedModel, images: np.ndarray, batch_size: int = 16) -> list[I
     return out
 
 
-def _to_view(boxes: np.ndarray, vb: np.ndarray) -> np.ndarray:
-    w = (vb[:, 2] - vb[:, 0])[:, None]
-    h = (vb[:, 3] - vb[:, 1])[:, None]
-    off = np.stack([vb[:, 0], vb[:, 1], vb[:, 0], vb[:, 1]], 1)
-    return (boxes - off) / np.concatenate([w, h, w, h], 1)
-
-
 def _window_pixels(img: np.ndarray, win: np.ndarray) -> np.ndarray:
     """The window of a prepared image, with the loaders' pixel rounding (render_views)."""
-    s = img.shape[0]
-    x0, y0, x1, y1 = (float(v) for v in win)
-    left, top = int(round(x0 * s)), int(round(y0 * s))
-    right, bottom = max(left + 1, int(round(x1 * s))), max(top + 1, int(round(y1 * s)))
+    left, top, right, bottom = pixel_window(win, img.shape[0], img.shape[1])
     return np.ascontiguousarray(img[top:bottom, left:right])
 
 
-def _agcnn_crops(lm: LoadedModel, batch: dict[str, Any], vboxes: np.ndarray) -> np.ndarray:
-    """The local branch's input, as AGCNNMethod crops it (from the view, or from the prepared
-    image with ``agcnn.crop_source=prepared``), back on the 0-255 scale for display."""
+def _display(crops, spec) -> np.ndarray:
+    """Normalised network input (the local branch's crops) -> (B, h, w, C) uint8 on the 0-255 scale."""
     import torch
 
-    from medattn.attention import crop_and_resize, map_boxes_to_source
-
-    x = batch["image"]
-    size = x.shape[-1]
-    bx = torch.from_numpy(np.asarray(vboxes, np.float32)).to(x.device)
-    if lm.cfg.agcnn.crop_source == "prepared":
-        src = map_boxes_to_source(bx, batch["view_box"])
-        crops = crop_and_resize(batch["hires"].float(), src, size)
-    else:
-        crops = crop_and_resize(x.float(), bx, size)
-        c = crops.shape[1]
-        mean = torch.tensor(lm.spec.mean, device=x.device).view(1, -1, 1, 1).expand(1, c, 1, 1)
-        std = torch.tensor(lm.spec.std, device=x.device).view(1, -1, 1, 1).expand(1, c, 1, 1)
-        crops = (crops * std + mean) * 255.0
-    return crops.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    c = crops.shape[1]
+    mean = torch.tensor(spec.mean, device=crops.device).view(1, -1, 1, 1).expand(1, c, 1, 1)
+    std = torch.tensor(spec.std, device=crops.device).view(1, -1, 1, 1).expand(1, c, 1, 1)
+    out = (crops.float() * std + mean) * 255.0
+    return out.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

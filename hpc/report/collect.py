@@ -1,6 +1,6 @@
 """Read what a run directory holds, tolerating a run that is still going or was cut short.
 
-A report must never crash on a partial run: every file is optional except ``config.yaml``
+A report must never crash on a partial run: every file is optional except the saved config
 (without it the directory is not a run). What is missing or unreadable becomes a note that the
 report prints, so the reader knows what they are not seeing and why.
 """
@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hpc.run import Run
 from medattn.errors import DataError
 
 SYNTHETIC_KINDS = ("synthetic", "synth", "test-blobs")
@@ -97,11 +98,6 @@ class RunArtifacts:
         return str((self.config.get("model") or {}).get("backbone", "?"))
 
 
-def eval_dir_for(run: Path, split: str) -> Path:
-    """Where ``medattn eval`` writes a split (RUN/eval for test, RUN/eval_<split> otherwise)."""
-    return run / ("eval" if split == "test" else f"eval_{split}")
-
-
 def _read_json(path: Path, notes: list[str], what: str) -> Any:
     if not path.is_file():
         return None
@@ -112,34 +108,12 @@ def _read_json(path: Path, notes: list[str], what: str) -> Any:
         return None
 
 
-def read_records(path: Path, notes: list[str]) -> list[dict[str, Any]]:
-    """The lines of metrics.jsonl; a torn last line (a kill mid-write) is skipped with a note."""
-    if not path.is_file():
-        return []
-    out, bad = [], 0
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    if bad:
-        notes.append(f"{path}: skipped {bad} unreadable line(s) (a write cut short by a kill).")
-    return out
-
-
-def data_dir_of(run: Path, provenance: list[dict[str, Any]], override: str | None) -> Path | None:
+def data_dir_of(run: Run, override: str | None) -> Path | None:
     """The prepared directory: ``override``, else the one the latest launch recorded."""
     if override:
         return Path(override)
-    for rec in reversed(provenance):
-        if rec.get("data"):
-            return Path(rec["data"])
-    return None
+    d = run.data_path()
+    return Path(d) if d else None
 
 
 def collect(run_dir: str | Path, split: str = "test", data: str | None = None,
@@ -157,23 +131,22 @@ def collect(run_dir: str | Path, split: str = "test", data: str | None = None,
     """
     import yaml
 
-    root = Path(run_dir)
-    cfg_path = root / "config.yaml"
-    if not root.is_dir():
-        raise DataError(root, "run directory does not exist")
-    if not cfg_path.is_file():
-        raise DataError(cfg_path, "not a run directory (no config.yaml): train first with `medattn train --out`")
+    run = Run(run_dir).require()
+    root = run.root
     notes: list[str] = []
-    text = cfg_path.read_text()
+    text = run.config_text()
     try:
         config = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise DataError(cfg_path, f"unreadable YAML: {e}") from None
-    state = _read_json(root / "state.json", notes, "state file") or {"stages": {}}
-    prov = _read_json(root / "provenance.json", notes, "provenance") or []
-    prov = prov if isinstance(prov, list) else [prov]
-    records = read_records(root / "metrics.jsonl", notes)
-    edir = Path(eval_dir) if eval_dir else eval_dir_for(root, split)
+        raise DataError(run.config_path, f"unreadable YAML: {e}") from None
+    try:
+        state = run.state()
+    except DataError as e:
+        notes.append(f"{e}; left out.")
+        state = {"stages": {}}
+    prov = run.provenance()
+    records = run.records(notes)
+    edir = Path(eval_dir) if eval_dir else run.eval_dir(split)
     art = RunArtifacts(root=root, split=split, config_text=text, config=config, state=state, records=records,
                        provenance=prov, eval_dir=edir, notes=notes)
     art.metrics = _read_json(edir / "metrics.json", notes, "evaluation")
@@ -185,7 +158,7 @@ def collect(run_dir: str | Path, split: str = "test", data: str | None = None,
             art.preds = pd.read_csv(preds_path)
         except Exception as e:  # pandas raises several parser errors
             notes.append(f"{preds_path} is unreadable ({e}); ROC curves left out.")
-    art.data_dir = data_dir_of(root, prov, data)
+    art.data_dir = data_dir_of(run, data)
     if art.data_dir is not None:
         info = art.data_dir / "dataset.json"
         if info.is_file():

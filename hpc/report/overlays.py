@@ -10,7 +10,8 @@ import numpy as np
 
 from medattn import figures
 from medattn import metrics as M
-from medattn.report.infer import ImagePrediction
+from medattn.boxes import source_to_view
+from hpc.report.infer import ImagePrediction
 
 
 def select_samples(ds: Any, indices: Sequence[int], n: int, eval_labels: Sequence[str]) -> list[int]:
@@ -66,24 +67,6 @@ def select_samples(ds: Any, indices: Sequence[int], n: int, eval_labels: Sequenc
     return chosen
 
 
-def gt_boxes(boxes: Sequence[dict[str, Any]], classes: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
-    """Manifest boxes (normalised x, y, w, h) -> (k, 4) normalised [x0, y0, x1, y1] and labels,
-    keeping only ``classes`` when given."""
-    keep = [b for b in boxes if classes is None or b["label"] in classes]
-    arr = np.array([[b["x"], b["y"], b["x"] + b["w"], b["y"] + b["h"]] for b in keep], dtype=np.float64)
-    return arr.reshape(-1, 4), [str(b["label"]) for b in keep]
-
-
-def to_view(boxes_xyxy: np.ndarray, window: np.ndarray) -> np.ndarray:
-    """Boxes normalised in the prepared image -> normalised in the view ``window`` (may leave [0, 1])."""
-    if len(boxes_xyxy) == 0:
-        return boxes_xyxy
-    x0, y0, x1, y1 = (float(v) for v in window)
-    off = np.array([x0, y0, x0, y0])
-    scale = np.array([x1 - x0, y1 - y0, x1 - x0, y1 - y0])
-    return (boxes_xyxy - off) / scale
-
-
 def image_iobb(pred: ImagePrediction, gt_xyxy: np.ndarray) -> np.ndarray:
     """IoBB (|P∩G|/|P|) of the image's attention box against each of its GT boxes."""
     if pred.box is None or len(gt_xyxy) == 0:
@@ -116,7 +99,9 @@ def draw(pred: ImagePrediction, path: str | Path, title: str, gt_xyxy: np.ndarra
     h, w = view.shape[:2]
     heat = pred.heatmap if pred.heatmap is not None else np.zeros((h, w))
     fig = figures.overlay_panel(
-        view, heat, attn_box=pred.view_box, gt_boxes=list(to_view(gt_xyxy, pred.window)) or None,
+        view, heat, attn_box=pred.view_box,
+        gt_boxes=list(source_to_view(np.asarray(gt_xyxy, np.float64).reshape(-1, 4),
+                                     np.asarray(pred.window, np.float64))) or None,
         gt_labels=list(gt_labels) or None, title=title, crop=pred.crop,
         crop_title="local branch input (crop)", path=path, dpi=dpi)
     del fig

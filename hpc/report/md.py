@@ -1,10 +1,10 @@
-"""Render a report :class:`~medattn.report.doc.Document` as Markdown (GitHub flavour), with
+"""Render a report :class:`~hpc.report.doc.Document` as Markdown (GitHub flavour), with
 figures linked relatively (``figures/*.png`` beside ``report.md``)."""
 from __future__ import annotations
 
 import re
 
-from medattn.report.doc import Banner, Bullets, Code, Document, Heading, Image, Para, Pre, Strong, Table, Text
+from hpc.report.doc import Banner, Bullets, Code, Document, Heading, Image, Para, Pre, Strong, Table, Text
 
 # Characters that start markup anywhere. "_" only matters at a word edge (GitHub Markdown ignores
 # intraword underscores, so Pleural_Thickening stays readable); "[" only as "](", "#" and ">"

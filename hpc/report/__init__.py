@@ -6,12 +6,12 @@ RUN/report/figures/). ``medattn viz`` draws heat-map overlays for chosen images.
 docs/report.md for what the report shows and how to read it.
 
 Python API:
-    >>> from medattn.report import build_report        # doctest: +SKIP
+    >>> from hpc.report import build_report        # doctest: +SKIP
     >>> r = build_report("runs/r50", split="test", samples=12)
     >>> r.html, r.markdown, r.figures
 """
 from __future__ import annotations
 
-from medattn.report.build import ReportResult, build_report
+from hpc.report.build import ReportResult, build_report
 
 __all__ = ["build_report", "ReportResult"]

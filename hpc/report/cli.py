@@ -35,34 +35,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device for the overlays (default cpu)")
 
 
-def needs_eval(run: Path, split: str, eval_dir: str | None = None) -> str | None:
+def needs_eval(run_dir: Path, split: str, eval_dir: str | None = None) -> str | None:
     """Why the split needs evaluating (missing / out of date), or None when it is current."""
-    from medattn.report.collect import eval_dir_for
+    from hpc.run import Run
 
-    mpath = Path(eval_dir or eval_dir_for(run, split)) / "metrics.json"
+    run = Run(run_dir)
+    mpath = Path(eval_dir or run.eval_dir(split)) / "metrics.json"
     if not mpath.is_file():
         return f"{mpath} is missing"
     try:
         stage = json.loads(mpath.read_text()).get("stage")
-        state = json.loads((run / "state.json").read_text())["stages"]
-        import yaml
-
-        order = list((yaml.safe_load((run / "config.yaml").read_text()) or {}).get("stages", {}))
-    except (OSError, ValueError, KeyError):
+        done = run.done_stages(run.config().stage_names())
+    except (OSError, ValueError, MedattnError):
         return None
-    done = [s for s in order if state.get(s, {}).get("done")]
     if done and stage != done[-1]:
         return f"{mpath} evaluated stage {stage!r}, stage {done[-1]!r} has finished since"
     return None
 
 
 def run(args: argparse.Namespace) -> int:
-    from medattn.report.build import build_report
+    from hpc.report.build import build_report
+    from hpc.run import Run
 
     run_dir = Path(args.run)
     if args.samples < 0:
         raise MedattnError(f"--samples must be >= 0, got {args.samples}")
-    if args.eval and (run_dir / "config.yaml").is_file():
+    if args.eval and Run(run_dir).exists():
         why = needs_eval(run_dir, args.split, args.eval_dir)
         if why:
             from hpc.evaluate import evaluate

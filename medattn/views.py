@@ -1,5 +1,7 @@
 """The network's view of a prepared image: which window is cropped, flipped, rotated, and how
-pixels are normalised.
+pixels are normalised. The model's preprocessing, so it belongs to the science layer (as timm's
+``pretrained_cfg`` does): the loaders (hpc.loader), evaluation, the report and ``predict`` all
+take it from here.
 
 All random decisions are drawn here, in NumPy, from a generator seeded by (seed, epoch, step,
 rank), and handed to the pixel code as plain numbers. So the DALI pipeline and the PyTorch
@@ -8,7 +10,7 @@ the augmentations it would have drawn, and the window is known exactly — AG-CN
 an attention box from the network input back onto the higher-resolution prepared image.
 
 Windows are normalised ``[x0, y0, x1, y1]`` in the coordinates of the *unflipped* prepared
-image. "Resize to R, then crop C at position p" is the window
+image (the conventions of :mod:`medattn.boxes`). "Resize to R, then crop C at position p" is the window
 ``[p_x (R-C)/R, p_y (R-C)/R, p_x (R-C)/R + C/R, p_y (R-C)/R + C/R]`` resized to C×C.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medattn.boxes import mirror, pixel_window
 from medattn.config import DataConfig
 
 # ImageNet statistics; for one-channel X-rays the RGB means/stds are averaged, which is what a
@@ -122,7 +125,41 @@ def view_boxes(window: np.ndarray, flip: np.ndarray) -> np.ndarray:
     The hires image handed to the model is flipped like the view, so a window [x0, x1] of the
     unflipped image becomes [1 - x1, 1 - x0] in the flipped one.
     """
-    vb = window.copy()
-    vb[flip, 0] = 1 - window[flip, 2]
-    vb[flip, 2] = 1 - window[flip, 0]
-    return vb
+    return mirror(window, flip)
+
+
+def render_views(images: np.ndarray, views: dict[str, np.ndarray], spec: ViewSpec):
+    """(B,S,S,C) uint8 + view parameters -> (B,C,crop,crop) float32 tensor, normalised: the pixel
+    work of the PyTorch loader, also used for evaluation views outside a loader (report, predict).
+
+    torch is imported here, not at the top: the loader's worker processes import this module for
+    the view parameters alone.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()  # B,C,S,S
+    b, c, s, _ = x.shape
+    out = torch.empty((b, c, spec.crop, spec.crop), dtype=torch.float32)
+    win = views["window"]
+    for i in range(b):
+        left, top, right, bottom = pixel_window(win[i], s, s)
+        patch = x[i:i + 1, :, top:bottom, left:right]
+        patch = F.interpolate(patch, size=(spec.crop, spec.crop), mode="bilinear", align_corners=False,
+                              antialias=True)
+        if views["flip"][i]:
+            patch = patch.flip(-1)
+        out[i] = patch[0]
+    if spec.rotate_deg > 0:
+        from torchvision.transforms.v2 import functional as TF
+
+        for i in range(b):
+            out[i] = TF.rotate(out[i], float(views["angle"][i]), fill=0.0)
+    if spec.brightness > 0 or spec.contrast > 0:
+        # DALI's brightness_contrast: out = brightness * (in - 0.5*max) * contrast + 0.5*max (on 0..255)
+        bri = torch.from_numpy(views["brightness"]).view(b, 1, 1, 1)
+        con = torch.from_numpy(views["contrast"]).view(b, 1, 1, 1)
+        out = (bri * ((out - 127.5) * con + 127.5)).clamp(0, 255)
+    mean = torch.tensor(spec.mean).view(1, c, 1, 1) * 255.0
+    std = torch.tensor(spec.std).view(1, c, 1, 1) * 255.0
+    return (out - mean) / std

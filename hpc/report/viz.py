@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from medattn.boxes import records_xyxy
 from medattn.errors import DataError, MedattnError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
@@ -152,20 +153,15 @@ def visualize(run: str | Path, images: list[str], classes: list[str] | None = No
         data: prepared directory (default: the run's). stage, checkpoint: which model.
         device: torch device. dpi: PNG resolution. log: where progress lines go.
     """
-    from medattn.report import infer, overlays as O
-    from medattn.report.collect import data_dir_of
+    from hpc.report import infer, overlays as O
+    from hpc.report.collect import data_dir_of
+    from hpc.run import Run
 
-    run = Path(run)
-    if not (run / "config.yaml").is_file():
-        raise DataError(run / "config.yaml", "not a run directory (no config.yaml)")
-    import json
-
-    prov_path = run / "provenance.json"
-    prov = json.loads(prov_path.read_text()) if prov_path.is_file() else []
-    prov = prov if isinstance(prov, list) else [prov]
-    data_dir = data_dir_of(run, prov, data)
+    r = Run(run).require()
+    run = r.root
+    data_dir = data_dir_of(r, data)
     if data_dir is None:
-        raise DataError(prov_path, "cannot tell which prepared data the run used; pass --data")
+        raise DataError(r.provenance_path, "cannot tell which prepared data the run used; pass --data")
     lm = infer.load_model(run, data_dir, stage=stage, checkpoint=checkpoint, device=device)
     ds = lm.ds
     names = list(lm.spec.label_names)
@@ -193,7 +189,7 @@ def visualize(run: str | Path, images: list[str], classes: list[str] | None = No
     preds = infer.predict(lm, np.stack([t.pixels for t in targets]))
     if preds and preds[0].heatmap is None:
         raise MedattnError(f"method {lm.cfg.method!r} gives no attention heat map to draw")
-    out_dir = Path(out) if out else run / "viz"
+    out_dir = Path(out) if out else r.viz_dir
     written: list[Path] = []
     used: set[str] = set()
     eval_labels = list(lm.spec.eval_labels)
@@ -203,7 +199,7 @@ def visualize(run: str | Path, images: list[str], classes: list[str] | None = No
         while fname in used:
             fname, k = f"{stem}_{k}.png", k + 1
         used.add(fname)
-        gt, gl = O.gt_boxes(t.boxes, chosen)
+        gt, gl = records_xyxy(t.boxes, chosen)
         show = chosen or O.top_classes(pred, names, eval_labels)
         if chosen:
             probs = "; ".join(f"{c}: " + " / ".join(f"{b} {pred.probs[b][names.index(c)]:.2f}" for b in pred.probs)

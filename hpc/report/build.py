@@ -20,10 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from medattn.boxes import records_xyxy
 from medattn.data.labels import BOX_CLASSES, DISEASES
-from medattn.report import published as P
-from medattn.report.collect import RunArtifacts, collect, finite
-from medattn.report.doc import (Banner, Bullets, Code, Document, Heading, Image, Para, Pre, Strong, Table, Text,
+from hpc.report import published as P
+from hpc.run import Run
+from hpc.report.collect import RunArtifacts, collect, finite
+from hpc.report.doc import (Banner, Bullets, Code, Document, Heading, Image, Para, Pre, Strong, Table, Text,
                                 text)
 
 CHANCE = 0.5
@@ -93,19 +95,18 @@ def build_report(run: str | Path, split: str = "test", samples: int = 12, out: s
         DataError: ``run`` is not a run directory.
     """
     art = collect(run, split=split, data=data, eval_dir=eval_dir)
-    root = Path(run)
-    dest = Path(out) if out else root / ("report" if split == "test" else f"report_{split}")
+    dest = Path(out) if out else Run(run).report_dir(split)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     tmp.mkdir()
     try:
         figdir = tmp / "figures"
         figdir.mkdir()
-        doc = Document(title=f"medattn run report: {root.resolve().name}")
+        doc = Document(title=f"medattn run report: {art.root.resolve().name}")
         builder = _Builder(art, doc, tmp, figdir, samples, device, log, data=data, eval_dir=eval_dir)
         builder.build()
-        from medattn.report.html import render_html
-        from medattn.report.md import render_markdown
+        from hpc.report.html import render_html
+        from hpc.report.md import render_markdown
 
         (tmp / "index.html").write_text(render_html(doc, tmp), encoding="utf-8")
         (tmp / "report.md").write_text(render_markdown(doc), encoding="utf-8")
@@ -305,7 +306,7 @@ class _Builder:
                 part += f"; train loss {fl[0]:.3f} → {fl[-1]:.3f}"
             out.append(part)
         if not out:
-            out.append("no epoch has been recorded yet (metrics.jsonl is empty or missing)")
+            out.append(f"no epoch has been recorded yet ({Run(self.art.root).metrics_path.name} is empty or missing)")
         if self.m:
             b = self.branches[-1] if self.branches else None
             if b:
@@ -478,7 +479,7 @@ class _Builder:
         self.add(Heading(2, "Training", "training"))
         recs = self.art.records
         if not recs:
-            self.add(Para(Text.of("No epoch recorded yet: ", Code(str(self.art.root / "metrics.jsonl")),
+            self.add(Para(Text.of("No epoch recorded yet: ", Code(str(Run(self.art.root).metrics_path)),
                                   " is missing or empty.")))
             return
         # The selection metric of each stage (AG-CNN: the stage's own branch) as one series.
@@ -594,7 +595,7 @@ class _Builder:
                                   "pass ", Code("--data PREP"), ".")))
             return
         from medattn.errors import MedattnError
-        from medattn.report import infer, overlays as O
+        from hpc.report import infer, overlays as O
 
         try:
             lm = infer.load_model(a.root, a.data_dir, device=self.device)
@@ -626,7 +627,7 @@ class _Builder:
         images = ds.manifest["image"].to_numpy()
         labels = ds.labels_matrix()
         for i, pred in zip(chosen, preds):
-            gt, gl = O.gt_boxes(ds.boxes(i))
+            gt, gl = records_xyxy(ds.boxes(i))
             truth = [names[j] for j in np.flatnonzero(labels[i] > 0)]
             top = O.top_classes(pred, names, eval_labels)
             branch = list(pred.probs)[-1]
@@ -662,7 +663,8 @@ class _Builder:
             self.add(Table(["stage", "epochs", "processes", "train img/s (mean)", "train img/s (median)",
                             "train time", "validation time", "total"], rows, numeric=set(range(1, 8)),
                            strong_rows={len(rows) - 1},
-                           caption="From metrics.jsonl: images per second over all processes, time inside the "
+                           caption=f"From {Run(self.art.root).metrics_path.name}: images per second over all "
+                                   "processes, time inside the "
                                    "training and validation loops (start-up and checkpoint writes excluded)."))
         else:
             self.add(Para(Text.of("No epoch recorded yet.")))
@@ -707,5 +709,5 @@ class _Builder:
         items.append(Text.of(Strong("T(IoBB) accuracy: "), P.WANG_TIOBB_SOURCE + "."))
         items.append(Text.of(Strong("Official-split references: "), P.OFFICIAL_SPLIT_SOURCE + "."))
         items.append(Text.of("Compiled in the project's research notes (chestxray14.md §4–§6, methods.md §0); "
-                             "the numbers are in ", Code("medattn/report/published.py"), "."))
+                             "the numbers are in ", Code("hpc/report/published.py"), "."))
         self.add(Bullets(items))
