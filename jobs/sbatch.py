@@ -54,7 +54,17 @@ def render(plan, stages_arg: str | None, script_name: str) -> str:
         "setup_lines": cluster.setup_lines(s), "max_requeues": str(s.max_timeouts), "omp_threads": str(cpt),
         "node_cpus": str(nproc * cpt), "python": s.python or shlex.quote(sys.executable),
         "train_args": " ".join(shlex.quote(a) for a in targs),
+        # the resume checkpoint's file name, from the run directory's owner
+        "last_ckpt": _last_checkpoint_name(),
     })
+
+
+def _last_checkpoint_name() -> str:
+    """The resume checkpoint's file name, as the run directory's owner names it (hpc.run imports
+    torch, which writing a script should not wait for: imported here, once)."""
+    from hpc.run import Run
+
+    return Run("run").checkpoint("stage", "last").name
 
 
 def run(args: argparse.Namespace) -> int:
