@@ -229,11 +229,12 @@ class Predictor:
             out += [pred.heatmap, None if pred.box is None else np.asarray(pred.box, np.float64)]
         return out
 
-    def export(self, out: str | os.PathLike, fmt: str = "onnx", batch: int = 2) -> Path:
-        """Write the model as a deployable file (:func:`hpc.export.export_predictor`)."""
+    def export(self, out: str | os.PathLike, fmt: str = "onnx", optimize: bool = True) -> Path:
+        """Write the model as a deployable TorchScript or ONNX file, preprocessing included
+        (:func:`hpc.export.export_predictor`)."""
         from hpc.export import export_predictor
 
-        return export_predictor(self, out, fmt, batch=batch)
+        return export_predictor(self, out, fmt, optimize=optimize)
 
 
 def _items(inputs) -> Iterator[tuple[str, Any]]:
