@@ -100,7 +100,13 @@ def export_predictor(predictor, out: str | os.PathLike, fmt: str = "onnx", batch
     try:
         with torch.no_grad():
             if fmt == "torchscript":
-                traced = torch.jit.trace(module, (example,), check_trace=False)
+                import warnings
+
+                with warnings.catch_warnings():
+                    # sizes read while tracing are constants: right here, every shape but the
+                    # batch is fixed by the run (tests check other batch sizes)
+                    warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                    traced = torch.jit.trace(module, (example,), check_trace=False)
                 traced.save(str(tmp))
             else:
                 _onnx(module, example, tmp, optimize)
