@@ -40,9 +40,9 @@ def is_synthetic(info: dict[str, Any]) -> bool:
         return True
     root = src.get("root")
     if root:
-        from medattn.data.synth import is_synth_output
+        from medattn.data.synth import MARKER
 
-        return is_synth_output(Path(root))
+        return (Path(root) / MARKER).is_file()
     return False
 
 
