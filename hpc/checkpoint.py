@@ -160,7 +160,7 @@ class TrainState:
             "epoch": self.epoch, "step": self.step, "global_step": self.global_step, "best": self.best,
             "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs, "rng": list(rng),
             "world_size": world_size, "config": config, "partial_epoch": partial_epoch,
-            "spec": self.method.spec.to_dict(),
+            "spec": self.method.spec.to_dict(), "inference": inference_record(self.stage, self.method),
         }
 
     def load_state_dict(self, state: dict[str, Any], *, rank: int, world_size: int) -> bool:
@@ -188,4 +188,38 @@ def weights_payload(stage: str, model: torch.nn.Module, method, *, epoch: int, m
     """What a stage's best checkpoint holds: the weights of one epoch and what they scored."""
     return {"version": CKPT_VERSION, "stage": stage, "model": model.state_dict(), "method": method.extra_state(),
             "epoch": epoch, "metric": metric, "metric_name": metric_name, "config": config,
-            "spec": method.spec.to_dict()}
+            "spec": method.spec.to_dict(), "inference": inference_record(stage, method)}
+
+
+def inference_record(stage: str, method) -> dict[str, Any]:
+    """What using a stage's model on new images takes, beside the weights and ``spec`` (labels,
+    task, channels, normalisation), as plain data: the method and backbone, which branches it
+    predicts with, the output function, the preprocessing from an image file to the network input
+    (prepare's LANCZOS resize to the prepared size, then the evaluation view of
+    :mod:`medattn.views`: window, resize to the input size, normalisation), whether the training
+    images were synthetic, and the medattn version. ``predict`` and ``export`` read the config and
+    ``spec`` themselves; this record states it for a reader without medattn (and ``medattn
+    predict`` shows it)."""
+    from medattn import __version__
+    from medattn.data._images import RESIZE_FILTER
+    from medattn.views import ViewSpec
+
+    cfg, spec = method.cfg, method.spec
+    v = ViewSpec.from_config(cfg.data, spec.prepared_size, spec.channels, train=False)
+    window = [float(w) for w in _eval_window(v)]
+    return {
+        "medattn_version": __version__, "method": method.name, "backbone": cfg.model.backbone,
+        "stage": stage, "branches": list(method.branches(stage)), "branch": method.select_branch(stage),
+        "output": "softmax" if spec.task == "singlelabel" else "sigmoid",
+        "preprocessing": {"prepared_size": spec.prepared_size, "channels": spec.channels,
+                          "resize_filter": RESIZE_FILTER, "view": v.mode, "resize": v.resize,
+                          "input_size": v.crop, "window": window, "normalize": cfg.data.normalize,
+                          "mean": list(v.mean), "std": list(v.std), "pixel_scale": 255.0},
+        "synthetic": spec.synthetic, "source": spec.source,
+    }
+
+
+def _eval_window(v) -> list[float]:
+    from medattn.views import sample_views
+
+    return list(sample_views(v, 1, None)["window"][0])

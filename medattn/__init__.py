@@ -12,3 +12,19 @@ docs/architecture.md says where each concept lives.
 """
 
 __version__ = "0.1.0"
+
+# The public API (docs/predict.md), forwarded lazily so that ``import medattn`` loads no torch:
+#   p = medattn.load("runs/r50"); p.predict(["film.dcm"])
+_API = ("load", "Predictor")
+
+
+def __getattr__(name: str):
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module("medattn.api"), name)
+    raise AttributeError(f"module 'medattn' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_API))

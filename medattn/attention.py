@@ -36,6 +36,14 @@ COMPONENTS = ("largest", "all")
 _CONSTANT_RTOL = 1e-6
 
 
+def _hw(size) -> tuple[int, int]:
+    """S or (H, W) -> (H, W). Under ``torch.jit.trace`` a shape read from a tensor is a 0-d
+    tensor; the sizes here are fixed by the model's input size, so they are taken as numbers."""
+    if isinstance(size, (int, torch.Tensor)):
+        return int(size), int(size)
+    return int(size[0]), int(size[1])
+
+
 def _check(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(allowed)}")
@@ -63,7 +71,7 @@ def heatmap(features: torch.Tensor, mode: str = "max", scale: str = "minmax") ->
     if features.dim() != 4:
         raise ValueError(f"features must be (B, K, h, w), got shape {tuple(features.shape)}")
     f = features.detach().float()
-    k = f.shape[1]
+    k = int(f.shape[1])
     if mode == "max":
         h = f.abs().amax(dim=1)
     elif mode == "l1":
@@ -160,6 +168,7 @@ def _initial_trees(fg: torch.Tensor, connectivity: int) -> tuple[torch.Tensor, i
     so each block's foreground is one tree, rooted at its smallest id (N0 = blocks). 4-connectivity:
     each run of a row is one tree, rooted at its first pixel (N0 = H ceil(W/2), the most runs)."""
     b, hgt, wid = fg.shape
+    hgt, wid = int(hgt), int(wid)  # fixed map sizes, also under torch.jit.trace (see _hw)
     n = hgt * wid
     ids = torch.arange(1, n + 1, device=fg.device).view(1, hgt, wid)
     if connectivity == 8:
@@ -241,6 +250,7 @@ def connected_components(mask: torch.Tensor, connectivity: int = 8) -> torch.Ten
     if mask.dim() != 3:
         raise ValueError(f"mask must be (B, H, W), got shape {tuple(mask.shape)}")
     b, hgt, wid = mask.shape
+    hgt, wid = int(hgt), int(wid)  # fixed map sizes, also under torch.jit.trace (see _hw)
     n = hgt * wid
     fg = mask.bool()
     root, n0 = _initial_trees(fg, connectivity)
@@ -264,7 +274,7 @@ def connected_components(mask: torch.Tensor, connectivity: int = 8) -> torch.Ten
         lo, hi = -ext[0], ext[1]
         # keep: not a root whose smallest neighbour is itself (a non-root has lo = n + 1), or hooked
         # onto in (a); index 0 (background) always keeps 0, as lo[0] >= 1.
-        keep = (lo != ids).scatter_(1, torch.where(lo < ids, lo, 0), True)
+        keep = (lo != ids).scatter_(1, torch.where(lo < ids, lo, 0), 1)  # 1, not True: torch.jit has no bool Scalar
         # minimum(lo, par) is lo for the (a)-roots and par for everything else.
         par = torch.where(keep, torch.minimum(lo, par), hi)  # (b): hi; isolated roots: hi = r
         for _ in range(jumps):
@@ -288,6 +298,7 @@ def largest_component_box(mask: torch.Tensor, component: str = "largest",
     """
     _check("component", component, COMPONENTS)
     b, hgt, wid = mask.shape
+    hgt, wid = int(hgt), int(wid)  # fixed map sizes, also under torch.jit.trace (see _hw)
     m = mask.bool()
     empty = ~m.flatten(1).any(dim=1)
     if component == "largest":
@@ -342,7 +353,7 @@ def attention_boxes(features: torch.Tensor, tau: float = 0.7, mode: str = "max",
     with torch.no_grad():
         heat = heatmap(features, mode, scale)
         if size:
-            hw = (size, size) if isinstance(size, int) else tuple(size)
+            hw = _hw(size)
             if hw != tuple(heat.shape[-2:]):
                 # Bilinear interpolation is a convex combination, so the map stays in [0, 1].
                 heat = F.interpolate(heat.unsqueeze(1), size=hw, mode="bilinear", align_corners=False).squeeze(1)
@@ -379,7 +390,8 @@ def crop_and_resize(images: torch.Tensor, boxes_norm: torch.Tensor,
                          f"and {tuple(boxes_norm.shape)}")
     x = images if images.is_floating_point() else images.float()
     b, _, hgt, wid = x.shape
-    hw = (out_size, out_size) if isinstance(out_size, int) else tuple(out_size)
+    hgt, wid = int(hgt), int(wid)
+    hw = _hw(out_size)
     px = denormalize(boxes_norm.to(x.device), hgt, wid)
     rois = torch.cat([torch.arange(b, device=x.device, dtype=torch.float32).view(-1, 1), px], dim=1)
     # roi_align has no bf16/fp16 CPU kernels everywhere; the crop is cheap, do it in float32.

@@ -27,6 +27,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("hpc.evaluate", "evaluate a run: per-class AUROC, localisation, preds.csv"),
     "report": ("hpc.report.cli", "write the HTML/Markdown report of a run"),
     "viz": ("hpc.report.viz", "heat-map overlays for chosen images"),
+    # using a trained model
+    "predict": ("hpc.predict", "run a trained model on PNG/JPEG/DICOM files (CSV of probabilities)"),
+    "export": ("hpc.export", "export a trained model to TorchScript or ONNX (normalisation included)"),
     "weights": ("medattn.models.weights", "fetch ImageNet weights for offline use, or list the cache"),
     # cluster
     "submit": ("jobs.submit", "submit a run to SLURM with submitit (stage chain, requeue)"),
@@ -41,6 +44,7 @@ EPILOG = textwrap.dedent("""\
       medattn prepare --nih-root /data/nih --out /data/prep    decode + resize once (all cores)
       torchrun --nproc-per-node 8 -m medattn train --config agcnn_resnet50 --data /data/prep --out runs/r50
       medattn eval --run runs/r50 --split test                 AUROC table, localisation, preds.csv
+      medattn predict --run runs/r50 scans/ --out preds.csv    the model on new PNG/JPEG/DICOM files
       medattn submit --config agcnn_resnet50 --data /data/prep --out /shared/runs/r50 --nodes 2 --gpus-per-node 8
 
     run `medattn COMMAND --help` for the options of a command.

@@ -15,11 +15,6 @@ from typing import Any
 from hpc.run import Run
 from medattn.errors import DataError
 
-SYNTHETIC_KINDS = ("synthetic", "synth", "test-blobs")
-# `medattn synth` marks its output directory with this file; a prepared directory made from it
-# points at that root in dataset.json `source.root`.
-SYNTH_MARKER = ".medattn-synth.json"
-
 
 @dataclass
 class RunArtifacts:
@@ -72,13 +67,11 @@ class RunArtifacts:
         """``synthetic``, ``nih`` (real ChestX-ray14), ``other`` or ``unknown``."""
         if self.dataset_info is None:
             return "unknown"
-        src = self.source
-        kind = str(src.get("kind", "")).lower()
-        if kind in SYNTHETIC_KINDS or src.get("synthetic"):
+        from medattn.data.prepared import is_synthetic
+
+        if is_synthetic(self.dataset_info):
             return "synthetic"
-        root = src.get("root")
-        if root and (Path(root) / SYNTH_MARKER).is_file():
-            return "synthetic"
+        kind = str(self.source.get("kind", "")).lower()
         return "nih" if kind == "nih" else ("other" if kind else "unknown")
 
     @property

@@ -131,11 +131,13 @@ def _load_png_pil(path: Path, size: int, channels: int) -> np.ndarray:
 
 
 def predict(lm: LoadedModel, images: np.ndarray, batch_size: int = 16) -> list[ImagePrediction]:
-    """Run the model on prepared-size images.
+    """Run the model on prepared-size images: the one inference path of the report, ``viz``,
+    ``predict`` and :func:`medattn.load` (the method's own ``predict``: every branch, attention).
 
     Args:
-        lm: from :func:`load_model`.
-        images: (B, S, S, C) uint8 at the prepared size of ``lm.ds``.
+        lm: from :func:`load_model`, or a :class:`hpc.run.LoadedRun` (anything with ``method``,
+            ``model``, ``cfg``, ``spec``, ``stage`` and ``device``).
+        images: (B, S, S, C) uint8 at the prepared size of the run (``lm.spec.prepared_size``).
         batch_size: images per forward pass.
 
     Returns:
@@ -147,7 +149,7 @@ def predict(lm: LoadedModel, images: np.ndarray, batch_size: int = 16) -> list[I
     from medattn.views import ViewSpec, sample_views, view_boxes
 
     images = np.asarray(images)
-    s, c = lm.ds.image_size, lm.ds.channels
+    s, c = lm.spec.prepared_size, lm.spec.channels
     if images.ndim != 4 or images.shape[1:] != (s, s, c) or images.dtype != np.uint8:
         raise ValueError(f"images must be (B, {s}, {s}, {c}) uint8, got {images.shape} {images.dtype}")
     vspec = ViewSpec.from_config(lm.cfg.data, s, c, train=False)

@@ -132,6 +132,35 @@ def read_image(path: str | os.PathLike, size: int, channels: int = 1) -> np.ndar
         raise ImageFileError(path, str(e)) from None
 
 
+def image_from_array(arr, size: int, channels: int = 1) -> np.ndarray:
+    """An image already in memory -> the (size, size, channels) uint8 array prepare would store,
+    by the rules a PNG file of the same pixels goes through (so an array and its PNG agree).
+
+    Args:
+        arr: (H, W) gray, (H, W, 1), (H, W, 3) RGB or (H, W, 4) RGBA; uint8, or uint16 for 16-bit
+            gray (scaled ``round(v * 255 / 65535)`` as prepare does). A torch tensor is taken as
+            its NumPy array.
+        size, channels: as :func:`read_image`.
+
+    Raises:
+        ValueError: another shape or dtype (e.g. float: say how it maps to 0..255 by converting).
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, not {channels}")
+    a = np.asarray(arr.detach().cpu().numpy() if hasattr(arr, "detach") else arr)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    if a.dtype == np.uint16 and a.ndim == 2:
+        im = Image.fromarray(a)  # mode I;16, as PIL reads a 16-bit PNG
+    elif a.dtype == np.uint8 and (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
+        im = Image.fromarray(np.ascontiguousarray(a))
+    else:
+        raise ValueError(f"image arrays must be (H, W[, 1|3|4]) uint8 or (H, W) uint16, got shape "
+                         f"{a.shape} {a.dtype}")
+    out, _ = to_array(im, channels)
+    return resize(out, size)
+
+
 # ---------------------------------------------------------------- DICOM
 def _pydicom(path: Path):
     try:

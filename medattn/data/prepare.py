@@ -615,6 +615,8 @@ def _finish(table: SourceTable, out: Path, settings: dict[str, Any],
         "skipped_missing": table.skipped_missing,
         "conversions": conversions,
         "has_lung_boxes": any(v is not None for v in lung),
+        # generated images (a `medattn synth` root): checkpoints carry it, `predict` warns on it
+        "synthetic": _synthetic_root(table.source.get("root")),
         "resize": RESIZE_FILTER,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "medattn_version": __version__,
@@ -624,6 +626,12 @@ def _finish(table: SourceTable, out: Path, settings: dict[str, Any],
     atomic_write_json(out / "dataset.json", info)
     PartialState(out).remove()
     return info
+
+
+def _synthetic_root(root: str | None) -> bool:
+    from medattn.data.synth import is_synth_output
+
+    return bool(root) and is_synth_output(Path(root))
 
 
 def _file_sha256(path: Path) -> str:

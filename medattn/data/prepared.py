@@ -24,6 +24,26 @@ from medattn.errors import DataError
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
+# source kinds of generated data: ``medattn synth`` output and medattn.data.fake's test blobs
+SYNTHETIC_KINDS = ("synthetic", "synth", "test-blobs")
+
+
+def is_synthetic(info: dict[str, Any]) -> bool:
+    """Whether a prepared directory's dataset.json (``info``) describes generated images, not
+    real films. ``medattn prepare`` records it (``synthetic``); directories prepared before it
+    did are recognised by their source kind or the ``medattn synth`` marker in their source root.
+    A model trained on such data must not be applied to patients' films without a warning."""
+    if "synthetic" in info:
+        return bool(info["synthetic"])
+    src = info.get("source") or {}
+    if str(src.get("kind", "")).lower() in SYNTHETIC_KINDS or src.get("synthetic"):
+        return True
+    root = src.get("root")
+    if root:
+        from medattn.data.synth import MARKER
+
+        return (Path(root) / MARKER).is_file()
+    return False
 
 
 @dataclass
@@ -84,6 +104,11 @@ class PreparedDataset:
     @property
     def task(self) -> str:
         return self.info.get("task", "multilabel")
+
+    @property
+    def synthetic(self) -> bool:
+        """Generated images (``medattn synth``, test blobs), not real films: :func:`is_synthetic`."""
+        return is_synthetic(self.info)
 
     @property
     def image_size(self) -> int:

@@ -41,6 +41,9 @@ class DataSpec:
     mean: tuple[float, ...] = (0.449,)
     std: tuple[float, ...] = (0.226,)
     root: str = ""  # the prepared directory (methods that read extra stores, e.g. lung masks)
+    # Generated training images (medattn synth, test blobs): None = unknown (an older checkpoint).
+    synthetic: bool | None = None
+    source: str = ""  # dataset.json's source kind (nih, imagefolder, csv, ...)
 
     @property
     def num_classes(self) -> int:
@@ -55,20 +58,23 @@ class DataSpec:
         from medattn.views import ViewSpec  # the normalisation the loaders apply
 
         v = ViewSpec.from_config(cfg.data, ds.image_size, ds.channels, train=False)
+        info = getattr(ds, "info", None) or {}
         return cls(tuple(ds.label_names), tuple(ds.eval_labels), ds.task, ds.channels, ds.image_size,
-                   tuple(v.mean), tuple(v.std), str(getattr(ds, "root", "")))
+                   tuple(v.mean), tuple(v.std), str(getattr(ds, "root", "")), getattr(ds, "synthetic", None),
+                   str((info.get("source") or {}).get("kind", "")))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, kept in every checkpoint: what a model needs to be used without the prepared
         directory it was trained on (labels, task, channels, preprocessing)."""
         return {"label_names": list(self.label_names), "eval_labels": list(self.eval_labels), "task": self.task,
                 "channels": self.channels, "prepared_size": self.prepared_size, "mean": list(self.mean),
-                "std": list(self.std)}
+                "std": list(self.std), "synthetic": self.synthetic, "source": self.source}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DataSpec":
         return cls(tuple(d["label_names"]), tuple(d["eval_labels"]), d["task"], int(d["channels"]),
-                   int(d["prepared_size"]), tuple(d["mean"]), tuple(d["std"]))
+                   int(d["prepared_size"]), tuple(d["mean"]), tuple(d["std"]), synthetic=d.get("synthetic"),
+                   source=str(d.get("source") or ""))
 
 
 class Method:

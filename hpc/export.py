@@ -1,0 +1,172 @@
+"""Export a trained model for deployment: TorchScript or ONNX, preprocessing included.
+
+  medattn export --run runs/r50 --format onnx --out r50.onnx
+  medattn export --run runs/r50 --format torchscript --out r50.pt --stage global
+
+The exported model takes images as `medattn prepare` stores them: (B, C, S, S) at the run's
+prepared size S (C = the run's channels), uint8 or float on the 0..255 scale, e.g. a film resized
+to S x S with LANCZOS (`medattn.load(RUN).read(path)` gives exactly that array for any PNG, JPEG
+or DICOM file). Inside: the loaders' evaluation view (window, antialiased resize to the input
+size), the normalisation, and the method's prediction for the stage (AG-CNN: global branch,
+attention map, largest connected region, crop from the S x S image or the view, local branch,
+fusion; every step has fixed shapes and no data-dependent control flow, so it traces exactly).
+Output: (B, L) probabilities of the stage's selected branch (sigmoid for multi-label runs,
+softmax for single-label ones), the same numbers as `medattn predict` (tested to 1e-4).
+
+ONNX needs the onnx and onnxscript packages (dev extras); check an ONNX file with onnxruntime.
+The file is written atomically, with a JSON sidecar (FILE.json) that records the labels and the
+input it expects.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+import torch
+from torch import nn
+
+from medattn.errors import MedattnError, MissingDependencyError
+
+FORMATS = ("torchscript", "onnx")
+
+
+class ExportedModel(nn.Module):
+    """(B, C, S, S) uint8/float images on the 0..255 scale -> (B, L) probabilities of ``branch``.
+
+    The pixel steps are those of :func:`medattn.views.render_views` for the evaluation view (a
+    fixed window, bilinear antialiased resize, ``(x - 255 mean) / (255 std)``), and the rest is the
+    method's own :meth:`predict` (the same code ``medattn predict`` runs), so the two agree.
+    """
+
+    def __init__(self, method, model: nn.Module, stage: str, view, branch: str):
+        super().__init__()
+        from medattn.boxes import pixel_window
+        from medattn.views import sample_views, view_boxes
+
+        self.method, self.model, self.stage, self.branch = method, model, stage, branch
+        self.size, self.crop, c = view.src_size, view.crop, len(view.mean)
+        views = sample_views(view, 1, None)
+        self.window = tuple(int(v) for v in pixel_window(views["window"][0], self.size, self.size))
+        self.register_buffer("mean", torch.tensor(view.mean).view(1, c, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("std", torch.tensor(view.std).view(1, c, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("view_box", torch.from_numpy(view_boxes(views["window"], views["flip"])).float(),
+                             persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        x = images.float()
+        left, top, right, bottom = self.window
+        v = F.interpolate(x[:, :, top:bottom, left:right], size=(self.crop, self.crop), mode="bilinear",
+                          align_corners=False, antialias=True)
+        v = (v - self.mean) / self.std
+        # ``hires``: the prepared image, as the loaders hand it to methods that crop from it.
+        batch = {"image": v, "hires": x, "view_box": self.view_box.expand(x.shape[0], 4)}
+        return self.method.predict(self.model, batch, self.stage)["probs"][self.branch]
+
+
+def exported_module(predictor) -> ExportedModel:
+    """The :class:`ExportedModel` of a :class:`hpc.predict.Predictor`, on the CPU, in float32."""
+    from hpc.run import load_run
+
+    lr = predictor._lr
+    # A fresh CPU copy, not the predictor's own: the file must load anywhere, and tracing
+    # (torch.export's fake tensors) must not leave anything in the method's caches that the
+    # predictor would then use.
+    lr = load_run(lr.run, lr.stage, lr.checkpoint.stem, "cpu", overrides=["runtime.device=cpu"])
+    model = lr.model.to(memory_format=torch.contiguous_format).float().eval().requires_grad_(False)
+    return ExportedModel(lr.method, model, lr.stage, predictor.view, predictor.branch).eval()
+
+
+def export_predictor(predictor, out: str | os.PathLike, fmt: str = "onnx", batch: int = 2,
+                     optimize: bool = True) -> Path:
+    """Write ``predictor``'s model to ``out`` in ``fmt`` (``torchscript`` or ``onnx``), plus
+    ``out.json`` describing its input and outputs. ``batch``: the batch of the example input (the
+    batch dimension stays dynamic). ``optimize``: run the ONNX graph optimiser (constant folding;
+    about half the export time, and onnxruntime optimises on load anyway)."""
+    from hpc.checkpoint import atomic_write_text
+
+    if fmt not in FORMATS:
+        raise MedattnError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    module = exported_module(predictor)
+    s, c = predictor.prepared_size, predictor.channels
+    example = torch.randint(0, 256, (batch, c, s, s), generator=torch.Generator().manual_seed(0),
+                            dtype=torch.uint8)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        with torch.no_grad():
+            if fmt == "torchscript":
+                import warnings
+
+                with warnings.catch_warnings():
+                    # sizes read while tracing are constants: right here, every shape but the
+                    # batch is fixed by the run (tests check other batch sizes)
+                    warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                    traced = torch.jit.trace(module, (example,), check_trace=False)
+                traced.save(str(tmp))
+            else:
+                _onnx(module, example, tmp, optimize)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    meta = {"format": fmt, "input": {"name": "images", "shape": ["B", c, s, s], "dtype": "uint8 or float32",
+                                     "scale": "0..255", "resize_to": s, "resize_filter": "LANCZOS"},
+            "output": {"name": "probs", "shape": ["B", len(predictor.labels)], "branch": predictor.branch,
+                       "function": "softmax" if predictor.spec.task == "singlelabel" else "sigmoid"},
+            "labels": predictor.labels, "eval_labels": list(predictor.spec.eval_labels),
+            "run": str(predictor._lr.run.root), "stage": predictor.stage, "checkpoint": str(predictor.checkpoint),
+            "synthetic": predictor.synthetic, "inference": predictor.info}
+    atomic_write_text(out.with_name(out.name + ".json"), json.dumps(meta, indent=2))
+    return out
+
+
+def _onnx(module: nn.Module, example: torch.Tensor, path: Path, optimize: bool = True) -> None:
+    for dep in ("onnx", "onnxscript"):
+        try:
+            __import__(dep)
+        except ImportError:
+            raise MissingDependencyError(dep, "onnx", "needed for --format onnx") from None
+    import warnings
+
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(module, (example,), dynamo=True, input_names=["images"], output_names=["probs"],
+                                 dynamic_shapes={"images": {0: batch}}, verbose=False, report=False,
+                                 optimize=optimize)
+    prog.save(str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+# ---------------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="the run directory")
+    p.add_argument("--format", required=True, choices=FORMATS, help="torchscript (torch.jit) or onnx")
+    p.add_argument("--out", required=True, help="the file to write (FILE.json describes its input and outputs)")
+    p.add_argument("--stage", default=None, help="whose model (default: the last finished stage)")
+    p.add_argument("--checkpoint", default="best", choices=("best", "last"), help="(default: %(default)s)")
+    p.add_argument("--no-optimize", action="store_true",
+                   help="onnx: skip the graph optimiser (faster export; onnxruntime optimises on load anyway)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import warnings
+
+    from hpc.predict import SYNTHETIC_WARNING, load
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        p = load(args.run, args.stage, args.checkpoint, "cpu")
+    if p.synthetic:
+        print("medattn export: WARNING: " + SYNTHETIC_WARNING.format(source=p.spec.source or "synthetic"),
+              file=sys.stderr)
+    out = export_predictor(p, args.out, args.format, optimize=not args.no_optimize)
+    print(f"medattn export: wrote {out} ({args.format}; input (B, {p.channels}, {p.prepared_size}, "
+          f"{p.prepared_size}) uint8 or float 0..255; output (B, {len(p.labels)}) {p.branch} probabilities)",
+          file=sys.stderr)
+    return 0

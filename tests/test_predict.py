@@ -1,0 +1,219 @@
+"""Using a trained model anywhere (issue 15): a tiny AG-CNN run trained here (~20 s once per
+module), its prepared directory moved away, then `medattn predict` on the same pixels as an 8-bit
+PNG, a 16-bit PNG, an RGBA PNG and MONOCHROME2/MONOCHROME1 DICOMs (identical probabilities), a
+corrupt DICOM named on stderr while the rest is predicted, the Python API in a fresh process,
+and `medattn export` (TorchScript, ONNX) against `predict`."""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from hpc import train as train_mod
+from hpc.checkpoint import load as load_checkpoint
+from medattn.cli import main as cli_main
+from prepfix import make_prepared
+from test_imagefiles import write_dicom
+
+REPO = Path(__file__).resolve().parents[1]
+PREP_SIZE, INPUT, RESIZE = 56, 48, 56
+BASE = [f"data.image_size={INPUT}", f"data.resize={RESIZE}", "stages.*.epochs=1", "stages.*.batch_size=16",
+        "data.num_workers=0", "runtime.log_every=100", "runtime.tensorboard=false"]
+FORMATS = ("a8.png", "b16.png", "c_rgba.png", "d_mono2.dcm", "e_mono1.dcm")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+needs_pydicom = pytest.mark.skipif(importlib.util.find_spec("pydicom") is None,
+                                   reason="pydicom not installed (pip install 'medattn[dicom]')")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A finished demo run (G -> L -> F, 1 epoch each) whose prepared directory is gone."""
+    root = tmp_path_factory.mktemp("predict")
+    prep = make_prepared(root / "prep", n=48, size=PREP_SIZE, seed=1)
+    run = root / "run"
+    assert train_mod.main(["--config", "demo", "--data", str(prep), "--out", str(run), *BASE]) == 0
+    prep.rename(root / "prep-moved-away")
+    return run
+
+
+def _film(seed: int, h: int = 70, w: int = 62) -> np.ndarray:
+    """(h, w) uint8: noise and a bright square, like the training blobs, not at the prepared size."""
+    rng = np.random.default_rng(seed)
+    a = (rng.standard_normal((h, w)) * 12 + 60).clip(0, 255)
+    y, x = rng.integers(5, h // 2), rng.integers(5, w // 2)
+    a[y:y + 14, x:x + 14] = 220
+    a[0, 0], a[-1, -1] = 0, 255
+    return a.astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def films(tmp_path_factory):
+    """A folder with one film in five formats (same pixels), a second film, and a corrupt DICOM."""
+    d = tmp_path_factory.mktemp("films")
+    (d / "sub").mkdir()
+    g = _film(3)
+    Image.fromarray(g).save(d / FORMATS[0])
+    Image.fromarray(g.astype(np.uint16) * 257).save(d / FORMATS[1])  # 16-bit gray, v * 257
+    Image.fromarray(np.dstack([g, g, g, np.full_like(g, 255)]), "RGBA").save(d / FORMATS[2])
+    if importlib.util.find_spec("pydicom") is not None:
+        write_dicom(d / FORMATS[3], g.astype(np.uint16) * 257, bits_stored=16)
+        write_dicom(d / FORMATS[4], 65535 - g.astype(np.uint16) * 257, photometric="MONOCHROME1", bits_stored=16)
+        bad = write_dicom(d / "sub" / "z_cut.dcm", g.astype(np.uint16) * 257, bits_stored=16)
+        bad.write_bytes(bad.read_bytes()[:-g.size])  # half the pixel data gone
+    Image.fromarray(_film(4)).save(d / "sub" / "other.png")
+    return d
+
+
+@pytest.fixture(scope="module")
+def predicted(run_dir, films, tmp_path_factory):
+    """`medattn predict` on the folder (the CLI entry point, in this process: a fresh one is
+    test_python_api_in_a_fresh_process): (exit status, stderr, the CSV, overlay folder)."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("out")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = cli_main(["predict", "--run", str(run_dir), str(films), "--out", str(out / "preds.csv"),
+                         "--heatmaps", str(out / "heat"), "--device", "cpu", "--batch", "4"])
+    df = pd.read_csv(out / "preds.csv") if (out / "preds.csv").is_file() else None
+    return code, err.getvalue(), df, out / "heat"
+
+
+def _load(run_dir, **kw):
+    import medattn
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return medattn.load(run_dir, device="cpu", **kw)
+
+
+def test_checkpoint_carries_what_inference_needs(run_dir):
+    state = load_checkpoint(run_dir / "ckpt" / "fusion" / "best.pt")  # weights_only=True
+    spec, info = state["spec"], state["inference"]
+    assert spec["label_names"][:4] == ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration"]
+    assert spec["prepared_size"] == PREP_SIZE and spec["channels"] == 1 and spec["task"] == "multilabel"
+    assert spec["synthetic"] is True and spec["source"] == "test-blobs"
+    pre = info["preprocessing"]
+    assert (info["method"], info["backbone"], info["branch"], info["output"]) == ("agcnn", "resnet18", "fusion", "sigmoid")
+    assert (pre["input_size"], pre["resize"], pre["view"], pre["normalize"]) == (INPUT, RESIZE, "center", "imagenet")
+    assert pre["window"] == pytest.approx([4 / 56, 4 / 56, 52 / 56, 52 / 56])  # 48 of 56, centred
+    assert pre["mean"] == pytest.approx([0.449]) and pre["std"] == pytest.approx([0.226])
+    assert info["medattn_version"] and info["synthetic"] is True
+
+
+@needs_pydicom
+def test_predict_formats_agree_and_corrupt_dicom_is_named(predicted, films):
+    code, err, df, heat = predicted
+    assert code == 1, err  # one unreadable file
+    assert f"{films / 'sub' / 'z_cut.dcm'}: cannot decode the DICOM pixel data" in err
+    assert "trained on synthetic images" in err
+    assert df is not None and len(df) == 6
+    assert list(df.columns[:4]) == ["path", "Atelectasis", "Cardiomegaly", "Effusion"]
+    assert "global/Effusion" in df.columns and "fusion/No Finding" in df.columns
+    assert np.allclose(df["Effusion"], df["fusion/Effusion"])  # the plain columns are the fusion branch
+    probs = df.set_index(df["path"].map(lambda p: Path(p).name)).drop(columns="path")
+    same = probs.loc[list(FORMATS)].to_numpy()
+    assert np.abs(same - same[0]).max() < 1e-4, probs.loc[list(FORMATS)]
+    assert np.abs(probs.loc["other.png"].to_numpy() - same[0]).max() > 1e-4  # a different film differs
+    assert ((same > 0) & (same < 1)).all()
+    assert sorted(p.name for p in heat.glob("*.png")) == sorted(Path(n).stem + ".png" for n in probs.index)
+
+
+def test_api_matches_cli_and_takes_arrays(run_dir, films, predicted):
+    p = _load(run_dir)
+    assert p.labels[:2] == ["Atelectasis", "Cardiomegaly"] and p.input_size == INPUT and p.synthetic
+    assert p.branches == ["global", "local", "fusion"] and p.branch == "fusion"
+    png = films / FORMATS[0]
+    df = p.predict([png, np.asarray(Image.open(png))], heatmaps=True, batch_size=2)
+    assert df["path"].tolist() == [str(png), "<array 0>"]
+    assert np.abs(df[p.labels].to_numpy()[0] - df[p.labels].to_numpy()[1]).max() < 1e-6
+    cli = predicted[2]
+    if cli is not None:
+        row = cli[cli["path"] == str(png)][p.labels].to_numpy()[0]
+        assert np.abs(df[p.labels].to_numpy()[0] - row).max() < 1e-5  # CSV keeps 7 digits
+    heat = df["heatmap"][0]
+    assert heat.shape == (INPUT, INPUT) and 0 <= heat.min() and heat.max() <= 1
+    assert len(df["box"][0]) == 4
+    x = p.transform(png)
+    assert x.shape == (1, INPUT, INPUT) and x.dtype == torch.float32
+    # the normalisation: back to 0..255 with the run's mean/std, within the film's range
+    raw = x * 0.226 * 255 + 0.449 * 255
+    assert raw.min() > -0.5 and raw.max() < 255.5
+    with pytest.raises(Exception, match="z_cut.dcm") if importlib.util.find_spec("pydicom") else \
+            pytest.raises(Exception, match="pydicom"):
+        p.predict([films / "sub" / "z_cut.dcm"])
+    skipped = p.predict([films / "sub"], errors="skip")
+    assert skipped["path"].map(lambda s: Path(s).name).tolist() == ["other.png"]
+    assert [Path(f).name for f, _ in skipped.attrs["errors"]] == (
+        ["z_cut.dcm"] if importlib.util.find_spec("pydicom") else [])
+
+
+def test_python_api_in_a_fresh_process(run_dir, films):
+    img = films / FORMATS[0]
+    code = f"import medattn; p = medattn.load({str(run_dir)!r}); print(p.predict([{str(img)!r}]).to_csv(index=False))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "trained on synthetic images" in r.stderr  # a UserWarning
+    head, first = r.stdout.strip().splitlines()[:2]
+    assert head.startswith("path,Atelectasis,Cardiomegaly")
+    assert first.startswith(str(img) + ",")
+    assert all(0 < float(v) < 1 for v in first.split(",")[1:])
+
+
+def _export_inputs(p, films) -> tuple[np.ndarray, np.ndarray]:
+    names = [FORMATS[0], "sub/other.png"]
+    px = np.stack([p.read(films / n) for n in names]).transpose(0, 3, 1, 2)  # (B, 1, S, S) uint8
+    ref = p.predict([films / n for n in names])[p.labels].to_numpy()
+    return px, ref
+
+
+def test_export_torchscript_matches_predict(run_dir, films, tmp_path):
+    out = tmp_path / "model.pt"
+    assert cli_main(["export", "--run", str(run_dir), "--format", "torchscript", "--out", str(out)]) == 0
+    p = _load(run_dir)
+    px, ref = _export_inputs(p, films)
+    m = torch.jit.load(str(out))
+    for x in (torch.from_numpy(px), torch.from_numpy(px).float(), torch.from_numpy(px[:1])):
+        got = m(x).detach().numpy()
+        assert got.shape == (len(x), len(p.labels))
+        assert np.abs(got - ref[:len(x)]).max() < 1e-4
+    assert (tmp_path / "model.pt.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnxscript") is None,
+                    reason="onnx export needs onnx, onnxscript, onnxruntime (pip install 'medattn[onnx]')")
+def test_export_onnx_matches_predict(run_dir, films, tmp_path):
+    """The dynamo exporter takes ~30-70 s here (torch.export of the attention path)."""
+    import onnxruntime as ort
+
+    out = tmp_path / "model.onnx"
+    assert cli_main(["export", "--run", str(run_dir), "--format", "onnx", "--out", str(out), "--no-optimize"]) == 0
+    p = _load(run_dir)
+    px, ref = _export_inputs(p, films)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for x in (px, px[:1]):
+        got = sess.run(None, {"images": x})[0]
+        assert np.abs(got - ref[:len(x)]).max() < 1e-4
+    # the predictor itself is untouched by the export (tracing must not leak into its caches)
+    assert np.abs(p.predict([films / FORMATS[0]])[p.labels].to_numpy()[0] - ref[0]).max() < 1e-6
+
+
+def test_bad_arguments_write_nothing(run_dir, films, tmp_path, capsys):
+    out = tmp_path / "p.csv"
+    assert cli_main(["predict", "--run", str(tmp_path / "nope"), str(films), "--out", str(out)]) == 2
+    assert "run directory does not exist" in capsys.readouterr().err
+    assert cli_main(["predict", "--run", str(run_dir), str(tmp_path / "missing.png"), "--out", str(out)]) == 2
+    assert "missing.png: no such file or folder" in capsys.readouterr().err
+    assert cli_main(["predict", "--run", str(run_dir), str(films), "--stage", "nope", "--out", str(out)]) == 2
+    assert "not a stage of this run" in capsys.readouterr().err
+    assert not out.exists()
