@@ -130,6 +130,11 @@ class RunLogger:
         if self.primary:
             log.info(msg)
 
+    def warning(self, msg: str) -> None:
+        """A warning in the log (``WARNING: ...``), on rank 0."""
+        if self.primary:
+            log.warning(f"WARNING: {msg}")
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()

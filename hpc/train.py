@@ -32,7 +32,7 @@ from hpc import distributed, faults
 from hpc.checkpoint import TrainState, load as load_ckpt, weights_payload
 from hpc.inference import autocast_ctx, run_inference
 from hpc.loader import EvalLoader, TrainLoader, TrainPlan, resolve_kind
-from hpc.run import Run
+from hpc.run import Run, fit_init_weights, init_source
 from hpc.runlog import RunLogger, log, setup_logging
 from hpc.schedule import LRSchedule, build_optimizer
 from hpc.stop import EXIT_CHECKPOINTED, EXIT_INTERRUPTED, STOP  # noqa: F401  (STOP: installed by the CLI first)
@@ -70,6 +70,10 @@ def parents() -> list[argparse.ArgumentParser]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-resume", action="store_true",
                    help="fail instead of resuming when --out already holds a run")
+    p.add_argument("--init-from", metavar="RUN", default=None,
+                   help="start the first stage from another run's weights (fine-tuning): shorthand for "
+                        "stages.<first stage>.init_from=RUN (its best checkpoint of that stage, else of its last "
+                        "finished stage; a head for another number of classes is skipped with a warning)")
 
 
 def command_line(config: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
@@ -92,7 +96,8 @@ def check_batches(cfg: Config, stages: list[str], world_size: int, where: str = 
 
 def run(args: argparse.Namespace) -> int:
     return train(args.config, args.data, args.out, args.overrides,
-                 stages=args.stages.split(",") if args.stages else None, resume=not args.no_resume)
+                 stages=args.stages.split(",") if args.stages else None, resume=not args.no_resume,
+                 init_from=getattr(args, "init_from", None))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,11 +211,14 @@ class Ctx:
 
 
 def train(config: str, data: str, out: str, overrides: list[str] | None = None, *,
-          stages: list[str] | None = None, resume: bool = True) -> int:
+          stages: list[str] | None = None, resume: bool = True, init_from: str | None = None) -> int:
     from medattn.data.prepared import PreparedDataset
     from medattn.methods import DataSpec, create_method
 
     cfg = load_config(config, overrides)
+    if init_from:  # --init-from RUN: the first stage's init_from, saved with the config like any key
+        overrides = [*(overrides or []), f"stages.{cfg.stage_names()[0]}.init_from={init_from}"]
+        cfg = load_config(config, overrides)
     STOP.install()
     world, device = distributed.init(device=cfg.runtime.device, timeout_s=cfg.runtime.dist_timeout_s)
     setup_logging(world.is_primary)
@@ -238,13 +246,19 @@ def train(config: str, data: str, out: str, overrides: list[str] | None = None, 
             raise ConfigError(f"--stages: {unknown[0]!r} is not a stage of this config ({', '.join(all_stages)})")
         resolve_kind(cfg.data.loader)
         _check_run_dir(run, cfg, resume, world)
-        to_run = _stages_to_run(run, all_stages, todo)
+        # Raised stages.<stage>.epochs continue the run (Run.reopen_plan): those stages count as
+        # not done from here on, but nothing is written before every check has passed.
+        continued, restarted = run.reopen_plan(cfg, all_stages)
+        to_run = _stages_to_run(run, all_stages, todo, reopened=set(continued + restarted))
         plans = {s: _train_plan(cfg, ds, method, world, s, all_stages.index(s)) for s in to_run}
         if cfg.runtime.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         distributed.seed_everything(cfg.seed, world.rank)  # before the model draws its initial weights
         model = method.build_model()
+        _check_init_from(run, cfg, model, to_run)
         # ---- from here on the run directory is written
+        if world.is_primary and run.exists() and run.raised_epochs(cfg):
+            run.reopen(cfg, all_stages)
         _init_run_dir(run, cfg, world)
         _write_provenance(run, cfg, data, world)
         distributed.log_device(log)
@@ -262,6 +276,11 @@ def train(config: str, data: str, out: str, overrides: list[str] | None = None, 
             else:  # PyTorch's SyncBatchNorm is CUDA-only
                 logger.info("runtime.sync_bn ignored on CPU (PyTorch supports SyncBatchNorm on CUDA only)")
         ctx = Ctx(cfg, run, ds, spec, method, model, world, device, logger, _precision(cfg, device))
+        if continued:
+            logger.info(f"continuing: stage {continued[0]} from epoch {run_epochs(run, continued[0])} to "
+                        f"{cfg.stages[continued[0]].epochs} (stages.{continued[0]}.epochs raised)"
+                        + (f"; stages after it are trained again from their start: {', '.join(restarted)}"
+                           if restarted else ""))
         logger.info(f"run {run.root} | method {cfg.method} | {world.world_size} process(es) on {device.type} | "
                     f"data {data} ({len(ds)} images, split {ds.split_name or '?'}) | stages {', '.join(all_stages)}")
         for stage in todo:
@@ -285,11 +304,26 @@ def train(config: str, data: str, out: str, overrides: list[str] | None = None, 
         distributed.shutdown()
 
 
-def _stages_to_run(run: Run, all_stages: list[str], todo: list[str]) -> list[str]:
-    """The stages of ``todo`` that are not done, in order; an unfinished earlier stage is an error."""
+def _check_init_from(run: Run, cfg: Config, model: torch.nn.Module, to_run: list[str]) -> None:
+    """Every ``stages.<stage>.init_from`` that will be used (the stage does not resume) names a
+    checkpoint that fits the model: checked before anything is written to --out."""
+    for s in to_run:
+        if cfg.stages[s].init_from and not run.checkpoint(s, "last").is_file():
+            path, _ = init_source(cfg.stages[s].init_from, s)
+            fit_init_weights(model, load_ckpt(path, "cpu")["model"], path)
+
+
+def run_epochs(run: Run, stage: str) -> int:
+    """Epochs ``stage`` has trained so far (its epoch records)."""
+    return max((r.get("epoch", 0) for r in run.records() if r.get("stage") == stage), default=0)
+
+
+def _stages_to_run(run: Run, all_stages: list[str], todo: list[str], reopened: set[str] = frozenset()) -> list[str]:
+    """The stages of ``todo`` that are not done (or are ``reopened``: continued or restarted), in
+    order; an unfinished earlier stage is an error."""
     to_run = []
     for i, stage in enumerate(all_stages):
-        if run.stage_done(stage):
+        if run.stage_done(stage) and stage not in reopened:
             continue
         if stage in todo:
             to_run.append(stage)
@@ -381,8 +415,19 @@ def train_stage(ctx: Ctx, stage: str, previous: list[str], plan: TrainPlan) -> i
                     f"from {last_path}" + ("" if restored_rng else
                                            " (random streams reseeded: the number of processes changed)"))
     else:
-        init = st.init_from or (str(run.checkpoint(previous[-1], "best")) if previous else "")
-        if init:
+        if st.init_from:  # another run's weights (fine-tuning): checked before anything was written
+            path, what = init_source(st.init_from, stage)
+            src = load_ckpt(path, device)
+            skipped = fit_init_weights(model, src["model"], path)
+            model.load_state_dict({k: v for k, v in src["model"].items() if k not in skipped}, strict=False)
+            if skipped:
+                logger.warning(f"[{stage}] init_from: not loaded (a head for another number of classes; these "
+                               f"start from their initialisation): {', '.join(skipped)}")
+            else:
+                method.load_extra_state(src.get("method", {}))
+            logger.info(f"[{stage}] initialised from {what}")
+        elif previous:
+            init = str(run.checkpoint(previous[-1], "best"))
             src = load_ckpt(init, device)
             model.load_state_dict(src["model"])
             method.load_extra_state(src.get("method", {}))
