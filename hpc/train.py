@@ -276,6 +276,9 @@ def train(config: str, data: str, out: str, overrides: list[str] | None = None, 
             else:  # PyTorch's SyncBatchNorm is CUDA-only
                 logger.info("runtime.sync_bn ignored on CPU (PyTorch supports SyncBatchNorm on CUDA only)")
         ctx = Ctx(cfg, run, ds, spec, method, model, world, device, logger, _precision(cfg, device))
+        logger.set_plan({s: (cfg.stages[s].epochs, plans[s].steps_per_epoch) for s in to_run})
+        for warning in data_warnings(cfg, ds, spec, method, to_run):
+            logger.warning(warning)
         if continued:
             logger.info(f"continuing: stage {continued[0]} from epoch {run_epochs(run, continued[0])} to "
                         f"{cfg.stages[continued[0]].epochs} (stages.{continued[0]}.epochs raised)"
@@ -294,6 +297,7 @@ def train(config: str, data: str, out: str, overrides: list[str] | None = None, 
                 logger.info(f"stopped by signal {STOP.signum} ({STOP.name}) after stage {stage}; rerun the same "
                             f"command to continue with {to_run[i + 1]}")
                 return STOP.exit_status()
+        logger.hparams(cfg.to_dict(), final_metrics(run, all_stages))
         logger.info(f"done: {run.root}")
         return 0
     finally:
@@ -316,6 +320,71 @@ def _check_init_from(run: Run, cfg: Config, model: torch.nn.Module, to_run: list
 def run_epochs(run: Run, stage: str) -> int:
     """Epochs ``stage`` has trained so far (its epoch records)."""
     return max((r.get("epoch", 0) for r in run.records() if r.get("stage") == stage), default=0)
+
+
+def final_metrics(run: Run, order: list[str]) -> dict[str, float]:
+    """A finished run's numbers for TensorBoard's hparams: each stage's best selection metric
+    (``final/<stage>/best``) and the validation means of its last epoch record (``final/<key>``)."""
+    out: dict[str, float] = {}
+    stages = run.state()["stages"]
+    for s in order:
+        best = stages.get(s, {}).get("best_metric")
+        if isinstance(best, (int, float)) and math.isfinite(best):
+            out[f"final/{s}/best"] = float(best)
+    recs = run.records()
+    for s in order:
+        last = [r for r in recs if r.get("stage") == s]
+        for k, v in (last[-1] if last else {}).items():
+            if k.startswith("val/") and ("mean_auroc" in k or k.endswith("/accuracy")) and isinstance(v, (int, float)):
+                out[f"final/{k}"] = float(v)
+    return out
+
+
+def data_warnings(cfg: Config, ds, spec, method, stages: list[str]) -> list[str]:
+    """What the data make of the config, said once at the start (training goes on):
+
+    * images upsampled: ``data.resize`` above the prepared size (the loaders enlarge the
+      prepared pixels, which adds no detail; prepare at a larger ``--size`` instead);
+    * a validation split too small for per-class AUROC: evaluated labels without a positive (or
+      without a negative) in it have no AUROC, and the mean is over the others."""
+    out = []
+    size = int(ds.image_size)
+    if cfg.data.resize > size or cfg.data.image_size > size:
+        out.append(f"data.resize={cfg.data.resize}, data.image_size={cfg.data.image_size}: above the prepared size "
+                   f"{size} of {getattr(ds, 'root', 'the prepared directory')}: every image is upsampled (blurred, "
+                   f"no detail added); prepare the data at --size {max(cfg.data.resize, cfg.data.image_size)} or more, "
+                   f"or lower data.resize")
+    split = cfg.data.val_split
+    try:
+        idx = ds.indices(split)
+    except Exception:  # noqa: BLE001 (a missing split is the loaders' error to give, with its own message)
+        return out
+    for stage in stages[:1] or []:
+        idx = method.stage_indices(ds, stage, split, idx)
+    if cfg.data.max_samples:
+        idx = idx[: cfg.data.max_samples]
+    names = list(spec.label_names)
+    if spec.task == "singlelabel":
+        targets = ds.targets()[idx]
+        pos = {n: int((targets == j).sum()) for j, n in enumerate(names)}
+        neg = {n: len(idx) - pos[n] for n in names}
+    else:
+        y = ds.labels_matrix()[idx] > 0
+        pos = {n: int(y[:, j].sum()) for j, n in enumerate(names)}
+        neg = {n: int((~y[:, j]).sum()) for j, n in enumerate(names)}
+    no_pos = [n for n in spec.eval_labels if pos.get(n, 0) == 0]
+    no_neg = [n for n in spec.eval_labels if neg.get(n, 0) == 0 and n not in no_pos]
+    if no_pos or no_neg:
+        parts = []
+        if no_pos:
+            parts.append(f"no positives for {', '.join(no_pos)}")
+        if no_neg:
+            parts.append(f"no negatives for {', '.join(no_neg)}")
+        out.append(f"the validation split {split!r} ({len(idx)} images) is too small for per-class AUROC: "
+                   f"{'; '.join(parts)}. Their AUROC is undefined (null) and the mean is over the other "
+                   f"{len(spec.eval_labels) - len(no_pos) - len(no_neg)} of {len(spec.eval_labels)} labels, so "
+                   "model selection rests on them; use a larger validation split")
+    return out
 
 
 def _stages_to_run(run: Run, all_stages: list[str], todo: list[str], reopened: set[str] = frozenset()) -> list[str]:
@@ -544,6 +613,7 @@ def _run_epochs(ctx: Ctx, stage: str, ts: TrainState, step_module, loader: Train
         t1 = time.time()
         val_metrics: dict[str, Any] = {}
         if (epoch + 1) % cfg.runtime.val_every == 0 or epoch + 1 == st.epochs:
+            logger.global_step_hint = ts.global_step
             val_metrics = _validate(ctx, stage, val_loader)
         metric = _metric_value(val_metrics, sel_key) if val_metrics else None
         ts.scheduler.end_epoch(metric)
@@ -697,4 +767,52 @@ def _validate(ctx: Ctx, stage: str, val_loader: EvalLoader) -> dict[str, Any]:
         # Grad-CAM region ratio), averaged over the images that have them.
         for name, value in extras_means(preds).items():
             val_metrics[f"val/{sel_branch}/{name}"] = value
+        if ctx.logger.tensorboard:
+            _tensorboard_validation(ctx, stage, preds, sel_branch)
     return distributed.broadcast_object(val_metrics)
+
+
+TB_HEATMAP_IMAGES = 4  # heat-map overlays per validation in TensorBoard (a few: cheap, rank 0 only)
+
+
+def _tensorboard_validation(ctx: Ctx, stage: str, preds, branch: str) -> None:
+    """Rank 0: the validation's PR curves per evaluated label (the selecting branch) and a few
+    heat-map overlays, through the report's own inference path (hpc.report.infer). A failure
+    here is a warning: TensorBoard extras never stop a run."""
+    step = ctx.logger.global_step_hint
+    try:
+        labels = ctx.ds.labels_matrix()[preds.index]
+        probs = preds.probs.get(branch)
+        if probs is not None and ctx.spec.task != "singlelabel":
+            cols = ctx.spec.eval_indices
+            ctx.logger.val_pr_curves(stage, branch, list(ctx.spec.eval_labels), labels[:, cols], probs[:, cols], step)
+        elif probs is not None:  # single-label: one-vs-rest per class
+            import numpy as np
+
+            t = ctx.ds.targets()[preds.index]
+            cols = ctx.spec.eval_indices
+            onehot = np.stack([t == j for j in cols], axis=1)
+            ctx.logger.val_pr_curves(stage, branch, list(ctx.spec.eval_labels), onehot, probs[:, cols], step)
+        _tensorboard_heatmaps(ctx, stage, preds.index[:TB_HEATMAP_IMAGES], step)
+    except Exception as e:  # noqa: BLE001
+        ctx.logger.warning(f"[{stage}] TensorBoard validation images/curves skipped: {type(e).__name__}: {e}")
+
+
+def _tensorboard_heatmaps(ctx: Ctx, stage: str, indices, step: int) -> None:
+    from hpc.report import infer
+
+    if len(indices) == 0:
+        return
+    model = ctx.model
+    was_training = model.training
+    model.eval()
+    try:
+        lm = infer.LoadedModel(ctx.method, model, ctx.cfg, ctx.spec, ctx.ds, stage, Path(), ctx.device)
+        preds = infer.predict(lm, ctx.ds.read_batch(list(indices)))
+    finally:
+        model.train(was_training)
+    if not preds or preds[0].heatmap is None:
+        return  # the method gives no attention map
+    names = ctx.ds.manifest["image"].to_numpy()
+    ctx.logger.val_heatmaps(stage, [p.view for p in preds], [p.heatmap for p in preds], step,
+                            captions=[str(names[i]) for i in indices])
