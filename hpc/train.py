@@ -780,6 +780,8 @@ def _tensorboard_validation(ctx: Ctx, stage: str, preds, branch: str) -> None:
     heat-map overlays, through the report's own inference path (hpc.report.infer). A failure
     here is a warning: TensorBoard extras never stop a run."""
     step = ctx.logger.global_step_hint
+    if getattr(ctx.logger, "tb_validation_failed", False):
+        return
     try:
         labels = ctx.ds.labels_matrix()[preds.index]
         probs = preds.probs.get(branch)
@@ -795,7 +797,9 @@ def _tensorboard_validation(ctx: Ctx, stage: str, preds, branch: str) -> None:
             ctx.logger.val_pr_curves(stage, branch, list(ctx.spec.eval_labels), onehot, probs[:, cols], step)
         _tensorboard_heatmaps(ctx, stage, preds.index[:TB_HEATMAP_IMAGES], step)
     except Exception as e:  # noqa: BLE001
-        ctx.logger.warning(f"[{stage}] TensorBoard validation images/curves skipped: {type(e).__name__}: {e}")
+        ctx.logger.tb_validation_failed = True  # said once, not at every validation
+        ctx.logger.warning(f"[{stage}] TensorBoard validation images/curves skipped for this run: "
+                           f"{type(e).__name__}: {e}")
 
 
 def _tensorboard_heatmaps(ctx: Ctx, stage: str, indices, step: int) -> None:
