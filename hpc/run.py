@@ -111,20 +111,81 @@ class Run:
 
     def config_diff(self, cfg) -> list[str]:
         """Sections of ``cfg`` that differ from the saved config (``runtime`` may differ: it does
-        not change the science). Empty when there is no saved config yet."""
+        not change the science; nor may raised ``stages.<stage>.epochs``: see
+        :meth:`raised_epochs`). Empty when there is no saved config yet."""
         if not self.exists():
             return []
         old, new = self.config().to_dict(), cfg.to_dict()
+        new = _without_raised_epochs(old, new)
         return [k for k in sorted(set(old) | set(new)) if k != "runtime" and old.get(k) != new.get(k)]
 
+    def raised_epochs(self, cfg) -> dict[str, tuple[int, int]]:
+        """``{stage: (saved epochs, new epochs)}`` for the stages whose epochs ``cfg`` raises.
+
+        Raising a stage's epochs is the one change of the science a run accepts: the run
+        continues (:meth:`reopen`). Lowering them is refused (the epochs are trained already)."""
+        if not self.exists():
+            return {}
+        old = self.config().to_dict().get("stages") or {}
+        new = cfg.to_dict().get("stages") or {}
+        return {s: (old[s]["epochs"], new[s]["epochs"]) for s in new
+                if s in old and new[s]["epochs"] > old[s]["epochs"]}
+
     def check_config(self, cfg, what: str = "resume") -> None:
-        """Refuse a config that differs from the saved one, naming the sections."""
+        """Refuse a config that differs from the saved one, naming the sections (raised epochs
+        are accepted: the run continues)."""
+        from medattn.errors import ConfigError
+
+        if self.exists():
+            old = self.config().to_dict().get("stages") or {}
+            for s, st in (cfg.to_dict().get("stages") or {}).items():
+                if s in old and st["epochs"] < old[s]["epochs"]:
+                    raise ConfigError(f"{self.root}: stages.{s}.epochs={st['epochs']} is lower than the run's "
+                                      f"{old[s]['epochs']}; a run can be continued with more epochs, never fewer "
+                                      "(use a new --out, or --init-from this run)")
         diff = self.config_diff(cfg)
         if diff:
-            from medattn.errors import ConfigError
-
             raise ConfigError(f"{self.root} holds a run with a different config (sections differ: "
-                              f"{', '.join(diff)}); {what} with the same config and overrides, or use a new --out")
+                              f"{', '.join(diff)}); {what} with the same config and overrides (only "
+                              "stages.<stage>.epochs may be raised, to continue it), or use a new --out")
+
+    def reopen_plan(self, cfg, order: list[str]) -> tuple[list[str], list[str]]:
+        """(continued, restarted): what :meth:`reopen` would do for ``cfg`` (reads only).
+
+        The first lengthened stage that has trained continues from its ``last`` checkpoint (its
+        optimizer, schedule state, best metric and epoch counter), so only the new epochs train.
+        Every stage after it that has trained is trained again from its start: it started from
+        the lengthened stage's best weights, which the new epochs may change."""
+        raised = self.raised_epochs(cfg)
+        if not raised:
+            return [], []
+        st = self.state()["stages"]
+
+        def started(s: str) -> bool:
+            return bool(st.get(s, {}).get("done")) or any(self.has_checkpoint(s, k) for k in CHECKPOINT_KINDS)
+
+        first = next((i for i, s in enumerate(order) if s in raised and started(s)), None)
+        if first is None:
+            return [], []
+        return [order[first]], [s for s in order[first + 1:] if started(s)]
+
+    def reopen(self, cfg, order: list[str]) -> tuple[list[str], list[str]]:
+        """Continue a run whose ``cfg`` raises some stages' epochs (see :meth:`reopen_plan`):
+        the continued stage is marked not done; the restarted stages lose their checkpoints,
+        epoch records and state. The new config is saved last, so a kill in between redoes the
+        same work. Returns (continued, restarted)."""
+        continued, restarted = self.reopen_plan(cfg, order)
+        if continued:
+            st = self.state()
+            for s in continued + restarted:
+                st["stages"].pop(s, None)
+            atomic_write_text(self.state_path, json.dumps(st, indent=2))
+            for s in restarted:
+                for kind in CHECKPOINT_KINDS:
+                    self.checkpoint(s, kind).unlink(missing_ok=True)
+                self.drop_records_from(s, 0)
+        self.save_config(cfg)
+        return continued, restarted
 
     def save_config(self, cfg) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -314,6 +375,14 @@ class Run:
         return True
 
 
+def _without_raised_epochs(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` with every raised ``stages.<stage>.epochs`` put back to its ``old`` value."""
+    stages = {s: (dict(v, epochs=old["stages"][s]["epochs"])
+                  if s in old.get("stages", {}) and v["epochs"] > old["stages"][s]["epochs"] else v)
+              for s, v in (new.get("stages") or {}).items()}
+    return {**new, "stages": stages}
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.seed{os.getpid()}")
@@ -324,6 +393,74 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     except OSError:
         shutil.copy2(src, tmp)
     os.replace(tmp, dst)
+
+
+# ---------------------------------------------------------------------------------------------
+# starting a stage from another run (stages.<stage>.init_from, train --init-from)
+# ---------------------------------------------------------------------------------------------
+def init_source(init_from: str | os.PathLike, stage: str) -> tuple[Path, str]:
+    """(checkpoint path, description) that ``stages.<stage>.init_from`` names.
+
+    ``init_from`` is a checkpoint file, or a run directory: then that run's best checkpoint of the
+    same stage when it has one, else of its last finished stage (e.g. a classifier run's only
+    stage for the first stage of another config).
+
+    Raises:
+        DataError: no such file or run, or the run has no finished stage.
+    """
+    p = Path(init_from).expanduser()
+    if p.is_file():
+        return p, str(p)
+    if not p.is_dir():
+        raise DataError(p, f"stages.{stage}.init_from: no such checkpoint file or run directory")
+    src = Run(p).require()
+    order = src.config().stage_names()
+    if stage in order and src.stage_done(stage) and src.has_checkpoint(stage, "best"):
+        return src.checkpoint(stage, "best"), f"run {p} (its {stage} stage, best checkpoint)"
+    done = src.done_stages(order)
+    if not done or not src.has_checkpoint(done[-1], "best"):
+        raise DataError(p, f"stages.{stage}.init_from: this run has no finished stage to start from")
+    return src.checkpoint(done[-1], "best"), f"run {p} (its last finished stage {done[-1]}, best checkpoint)"
+
+
+def fit_init_weights(model: Any, state: dict[str, Any], where: str | os.PathLike) -> list[str]:
+    """Check ``state`` (a state dict) against ``model``; returns the head keys to skip.
+
+    Every key must be there with the model's shape, except the weights of Linear layers whose
+    output size differs (a head for another number of classes, e.g. fine-tuning on another
+    dataset): those are skipped, and the caller warns. Nothing is loaded here.
+
+    Raises:
+        ConfigError: missing, unexpected or mismatched keys, named (the first few of each).
+    """
+    import torch
+
+    from medattn.errors import ConfigError
+
+    own = model.state_dict()
+    heads = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            heads.update(f"{name}.{p}" if name else p for p in ("weight", "bias"))
+    skipped, shapes = [], []
+    for k, v in state.items():
+        if k in own and tuple(own[k].shape) != tuple(v.shape):
+            same_inputs = v.ndim == own[k].ndim and tuple(v.shape[1:]) == tuple(own[k].shape[1:])
+            (skipped if k in heads and same_inputs else shapes).append(
+                k if k in heads and same_inputs else f"{k} (checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)})")
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    problems = []
+    for what, keys in (("shape mismatch", shapes), ("missing from the checkpoint", missing),
+                       ("not in the model", unexpected)):
+        if keys:
+            more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
+            problems.append(f"{len(keys)} {what}: {', '.join(keys[:5])}{more}")
+    if problems:
+        raise ConfigError(f"init_from {where}: the checkpoint does not fit this run's model (same method and "
+                          "backbone needed; only a head for another number of classes may differ): "
+                          + "; ".join(problems))
+    return skipped
 
 
 # ---------------------------------------------------------------------------------------------

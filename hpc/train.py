@@ -32,7 +32,7 @@ from hpc import distributed, faults
 from hpc.checkpoint import TrainState, load as load_ckpt, weights_payload
 from hpc.inference import autocast_ctx, run_inference
 from hpc.loader import EvalLoader, TrainLoader, TrainPlan, resolve_kind
-from hpc.run import Run
+from hpc.run import Run, fit_init_weights, init_source
 from hpc.runlog import RunLogger, log, setup_logging
 from hpc.schedule import LRSchedule, build_optimizer
 from hpc.stop import EXIT_CHECKPOINTED, EXIT_INTERRUPTED, STOP  # noqa: F401  (STOP: installed by the CLI first)
@@ -70,6 +70,10 @@ def parents() -> list[argparse.ArgumentParser]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-resume", action="store_true",
                    help="fail instead of resuming when --out already holds a run")
+    p.add_argument("--init-from", metavar="RUN", default=None,
+                   help="start the first stage from another run's weights (fine-tuning): shorthand for "
+                        "stages.<first stage>.init_from=RUN (its best checkpoint of that stage, else of its last "
+                        "finished stage; a head for another number of classes is skipped with a warning)")
 
 
 def command_line(config: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
@@ -92,7 +96,8 @@ def check_batches(cfg: Config, stages: list[str], world_size: int, where: str = 
 
 def run(args: argparse.Namespace) -> int:
     return train(args.config, args.data, args.out, args.overrides,
-                 stages=args.stages.split(",") if args.stages else None, resume=not args.no_resume)
+                 stages=args.stages.split(",") if args.stages else None, resume=not args.no_resume,
+                 init_from=getattr(args, "init_from", None))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,11 +211,14 @@ class Ctx:
 
 
 def train(config: str, data: str, out: str, overrides: list[str] | None = None, *,
-          stages: list[str] | None = None, resume: bool = True) -> int:
+          stages: list[str] | None = None, resume: bool = True, init_from: str | None = None) -> int:
     from medattn.data.prepared import PreparedDataset
     from medattn.methods import DataSpec, create_method
 
     cfg = load_config(config, overrides)
+    if init_from:  # --init-from RUN: the first stage's init_from, saved with the config like any key
+        overrides = [*(overrides or []), f"stages.{cfg.stage_names()[0]}.init_from={init_from}"]
+        cfg = load_config(config, overrides)
     STOP.install()
     world, device = distributed.init(device=cfg.runtime.device, timeout_s=cfg.runtime.dist_timeout_s)
     setup_logging(world.is_primary)
@@ -238,13 +246,19 @@ def train(config: str, data: str, out: str, overrides: list[str] | None = None, 
             raise ConfigError(f"--stages: {unknown[0]!r} is not a stage of this config ({', '.join(all_stages)})")
         resolve_kind(cfg.data.loader)
         _check_run_dir(run, cfg, resume, world)
-        to_run = _stages_to_run(run, all_stages, todo)
+        # Raised stages.<stage>.epochs continue the run (Run.reopen_plan): those stages count as
+        # not done from here on, but nothing is written before every check has passed.
+        continued, restarted = run.reopen_plan(cfg, all_stages)
+        to_run = _stages_to_run(run, all_stages, todo, reopened=set(continued + restarted))
         plans = {s: _train_plan(cfg, ds, method, world, s, all_stages.index(s)) for s in to_run}
         if cfg.runtime.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         distributed.seed_everything(cfg.seed, world.rank)  # before the model draws its initial weights
         model = method.build_model()
+        _check_init_from(run, cfg, model, to_run)
         # ---- from here on the run directory is written
+        if world.is_primary and run.exists() and run.raised_epochs(cfg):
+            run.reopen(cfg, all_stages)
         _init_run_dir(run, cfg, world)
         _write_provenance(run, cfg, data, world)
         distributed.log_device(log)
@@ -262,6 +276,14 @@ def train(config: str, data: str, out: str, overrides: list[str] | None = None, 
             else:  # PyTorch's SyncBatchNorm is CUDA-only
                 logger.info("runtime.sync_bn ignored on CPU (PyTorch supports SyncBatchNorm on CUDA only)")
         ctx = Ctx(cfg, run, ds, spec, method, model, world, device, logger, _precision(cfg, device))
+        logger.set_plan({s: (cfg.stages[s].epochs, plans[s].steps_per_epoch) for s in to_run})
+        for warning in data_warnings(cfg, ds, spec, method, to_run):
+            logger.warning(warning)
+        if continued:
+            logger.info(f"continuing: stage {continued[0]} from epoch {run_epochs(run, continued[0])} to "
+                        f"{cfg.stages[continued[0]].epochs} (stages.{continued[0]}.epochs raised)"
+                        + (f"; stages after it are trained again from their start: {', '.join(restarted)}"
+                           if restarted else ""))
         logger.info(f"run {run.root} | method {cfg.method} | {world.world_size} process(es) on {device.type} | "
                     f"data {data} ({len(ds)} images, split {ds.split_name or '?'}) | stages {', '.join(all_stages)}")
         for stage in todo:
@@ -275,6 +297,7 @@ def train(config: str, data: str, out: str, overrides: list[str] | None = None, 
                 logger.info(f"stopped by signal {STOP.signum} ({STOP.name}) after stage {stage}; rerun the same "
                             f"command to continue with {to_run[i + 1]}")
                 return STOP.exit_status()
+        logger.hparams(cfg.to_dict(), final_metrics(run, all_stages))
         logger.info(f"done: {run.root}")
         return 0
     finally:
@@ -285,11 +308,91 @@ def train(config: str, data: str, out: str, overrides: list[str] | None = None, 
         distributed.shutdown()
 
 
-def _stages_to_run(run: Run, all_stages: list[str], todo: list[str]) -> list[str]:
-    """The stages of ``todo`` that are not done, in order; an unfinished earlier stage is an error."""
+def _check_init_from(run: Run, cfg: Config, model: torch.nn.Module, to_run: list[str]) -> None:
+    """Every ``stages.<stage>.init_from`` that will be used (the stage does not resume) names a
+    checkpoint that fits the model: checked before anything is written to --out."""
+    for s in to_run:
+        if cfg.stages[s].init_from and not run.checkpoint(s, "last").is_file():
+            path, _ = init_source(cfg.stages[s].init_from, s)
+            fit_init_weights(model, load_ckpt(path, "cpu")["model"], path)
+
+
+def run_epochs(run: Run, stage: str) -> int:
+    """Epochs ``stage`` has trained so far (its epoch records)."""
+    return max((r.get("epoch", 0) for r in run.records() if r.get("stage") == stage), default=0)
+
+
+def final_metrics(run: Run, order: list[str]) -> dict[str, float]:
+    """A finished run's numbers for TensorBoard's hparams: each stage's best selection metric
+    (``final/<stage>/best``) and the validation means of its last epoch record (``final/<key>``)."""
+    out: dict[str, float] = {}
+    stages = run.state()["stages"]
+    for s in order:
+        best = stages.get(s, {}).get("best_metric")
+        if isinstance(best, (int, float)) and math.isfinite(best):
+            out[f"final/{s}/best"] = float(best)
+    recs = run.records()
+    for s in order:
+        last = [r for r in recs if r.get("stage") == s]
+        for k, v in (last[-1] if last else {}).items():
+            if k.startswith("val/") and ("mean_auroc" in k or k.endswith("/accuracy")) and isinstance(v, (int, float)):
+                out[f"final/{k}"] = float(v)
+    return out
+
+
+def data_warnings(cfg: Config, ds, spec, method, stages: list[str]) -> list[str]:
+    """What the data make of the config, said once at the start (training goes on):
+
+    * images upsampled: ``data.resize`` above the prepared size (the loaders enlarge the
+      prepared pixels, which adds no detail; prepare at a larger ``--size`` instead);
+    * a validation split too small for per-class AUROC: evaluated labels without a positive (or
+      without a negative) in it have no AUROC, and the mean is over the others."""
+    out = []
+    size = int(ds.image_size)
+    if cfg.data.resize > size or cfg.data.image_size > size:
+        out.append(f"data.resize={cfg.data.resize}, data.image_size={cfg.data.image_size}: above the prepared size "
+                   f"{size} of {getattr(ds, 'root', 'the prepared directory')}: every image is upsampled (blurred, "
+                   f"no detail added); prepare the data at --size {max(cfg.data.resize, cfg.data.image_size)} or more, "
+                   f"or lower data.resize")
+    split = cfg.data.val_split
+    try:
+        idx = ds.indices(split)
+    except Exception:  # noqa: BLE001 (a missing split is the loaders' error to give, with its own message)
+        return out
+    for stage in stages[:1] or []:
+        idx = method.stage_indices(ds, stage, split, idx)
+    if cfg.data.max_samples:
+        idx = idx[: cfg.data.max_samples]
+    names = list(spec.label_names)
+    if spec.task == "singlelabel":
+        targets = ds.targets()[idx]
+        pos = {n: int((targets == j).sum()) for j, n in enumerate(names)}
+        neg = {n: len(idx) - pos[n] for n in names}
+    else:
+        y = ds.labels_matrix()[idx] > 0
+        pos = {n: int(y[:, j].sum()) for j, n in enumerate(names)}
+        neg = {n: int((~y[:, j]).sum()) for j, n in enumerate(names)}
+    no_pos = [n for n in spec.eval_labels if pos.get(n, 0) == 0]
+    no_neg = [n for n in spec.eval_labels if neg.get(n, 0) == 0 and n not in no_pos]
+    if no_pos or no_neg:
+        parts = []
+        if no_pos:
+            parts.append(f"no positives for {', '.join(no_pos)}")
+        if no_neg:
+            parts.append(f"no negatives for {', '.join(no_neg)}")
+        out.append(f"the validation split {split!r} ({len(idx)} images) is too small for per-class AUROC: "
+                   f"{'; '.join(parts)}. Their AUROC is undefined (null) and the mean is over the other "
+                   f"{len(spec.eval_labels) - len(no_pos) - len(no_neg)} of {len(spec.eval_labels)} labels, so "
+                   "model selection rests on them; use a larger validation split")
+    return out
+
+
+def _stages_to_run(run: Run, all_stages: list[str], todo: list[str], reopened: set[str] = frozenset()) -> list[str]:
+    """The stages of ``todo`` that are not done (or are ``reopened``: continued or restarted), in
+    order; an unfinished earlier stage is an error."""
     to_run = []
     for i, stage in enumerate(all_stages):
-        if run.stage_done(stage):
+        if run.stage_done(stage) and stage not in reopened:
             continue
         if stage in todo:
             to_run.append(stage)
@@ -381,8 +484,19 @@ def train_stage(ctx: Ctx, stage: str, previous: list[str], plan: TrainPlan) -> i
                     f"from {last_path}" + ("" if restored_rng else
                                            " (random streams reseeded: the number of processes changed)"))
     else:
-        init = st.init_from or (str(run.checkpoint(previous[-1], "best")) if previous else "")
-        if init:
+        if st.init_from:  # another run's weights (fine-tuning): checked before anything was written
+            path, what = init_source(st.init_from, stage)
+            src = load_ckpt(path, device)
+            skipped = fit_init_weights(model, src["model"], path)
+            model.load_state_dict({k: v for k, v in src["model"].items() if k not in skipped}, strict=False)
+            if skipped:
+                logger.warning(f"[{stage}] init_from: not loaded (a head for another number of classes; these "
+                               f"start from their initialisation): {', '.join(skipped)}")
+            else:
+                method.load_extra_state(src.get("method", {}))
+            logger.info(f"[{stage}] initialised from {what}")
+        elif previous:
+            init = str(run.checkpoint(previous[-1], "best"))
             src = load_ckpt(init, device)
             model.load_state_dict(src["model"])
             method.load_extra_state(src.get("method", {}))
@@ -499,6 +613,7 @@ def _run_epochs(ctx: Ctx, stage: str, ts: TrainState, step_module, loader: Train
         t1 = time.time()
         val_metrics: dict[str, Any] = {}
         if (epoch + 1) % cfg.runtime.val_every == 0 or epoch + 1 == st.epochs:
+            logger.global_step_hint = ts.global_step
             val_metrics = _validate(ctx, stage, val_loader)
         metric = _metric_value(val_metrics, sel_key) if val_metrics else None
         ts.scheduler.end_epoch(metric)
@@ -652,4 +767,56 @@ def _validate(ctx: Ctx, stage: str, val_loader: EvalLoader) -> dict[str, Any]:
         # Grad-CAM region ratio), averaged over the images that have them.
         for name, value in extras_means(preds).items():
             val_metrics[f"val/{sel_branch}/{name}"] = value
+        if ctx.logger.tensorboard:
+            _tensorboard_validation(ctx, stage, preds, sel_branch)
     return distributed.broadcast_object(val_metrics)
+
+
+TB_HEATMAP_IMAGES = 4  # heat-map overlays per validation in TensorBoard (a few: cheap, rank 0 only)
+
+
+def _tensorboard_validation(ctx: Ctx, stage: str, preds, branch: str) -> None:
+    """Rank 0: the validation's PR curves per evaluated label (the selecting branch) and a few
+    heat-map overlays, through the report's own inference path (hpc.report.infer). A failure
+    here is a warning: TensorBoard extras never stop a run."""
+    step = ctx.logger.global_step_hint
+    if getattr(ctx.logger, "tb_validation_failed", False):
+        return
+    try:
+        labels = ctx.ds.labels_matrix()[preds.index]
+        probs = preds.probs.get(branch)
+        if probs is not None and ctx.spec.task != "singlelabel":
+            cols = ctx.spec.eval_indices
+            ctx.logger.val_pr_curves(stage, branch, list(ctx.spec.eval_labels), labels[:, cols], probs[:, cols], step)
+        elif probs is not None:  # single-label: one-vs-rest per class
+            import numpy as np
+
+            t = ctx.ds.targets()[preds.index]
+            cols = ctx.spec.eval_indices
+            onehot = np.stack([t == j for j in cols], axis=1)
+            ctx.logger.val_pr_curves(stage, branch, list(ctx.spec.eval_labels), onehot, probs[:, cols], step)
+        _tensorboard_heatmaps(ctx, stage, preds.index[:TB_HEATMAP_IMAGES], step)
+    except Exception as e:  # noqa: BLE001
+        ctx.logger.tb_validation_failed = True  # said once, not at every validation
+        ctx.logger.warning(f"[{stage}] TensorBoard validation images/curves skipped for this run: "
+                           f"{type(e).__name__}: {e}")
+
+
+def _tensorboard_heatmaps(ctx: Ctx, stage: str, indices, step: int) -> None:
+    from hpc.report import infer
+
+    if len(indices) == 0:
+        return
+    model = ctx.model
+    was_training = model.training
+    model.eval()
+    try:
+        lm = infer.LoadedModel(ctx.method, model, ctx.cfg, ctx.spec, ctx.ds, stage, Path(), ctx.device)
+        preds = infer.predict(lm, ctx.ds.read_batch(list(indices)))
+    finally:
+        model.train(was_training)
+    if not preds or preds[0].heatmap is None:
+        return  # the method gives no attention map
+    names = ctx.ds.manifest["image"].to_numpy()
+    ctx.logger.val_heatmaps(stage, [p.view for p in preds], [p.heatmap for p in preds], step,
+                            captions=[str(names[i]) for i in indices])

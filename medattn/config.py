@@ -589,6 +589,11 @@ def validate(cfg: Config) -> None:
     if cfg.data.image_size < 16 or cfg.data.resize < cfg.data.image_size:
         raise ConfigError(f"config keys data.image_size/data.resize: need 16 <= image_size <= resize, "
                           f"got {cfg.data.image_size}/{cfg.data.resize}")
+    # The backbone name is checked here, without building the model, so that every entry point
+    # that loads a config (train, configs, submit, sweep) refuses an unknown one the same way.
+    from medattn.models.registry import check_backbone
+
+    check_backbone(cfg.model.backbone)
     method_class(cfg.method).check_config(cfg)
 
 

@@ -163,3 +163,16 @@ def test_malformed_metadata_exits_2(tmp_path, capsys):
     assert "Data_Entry_2017_v2020.csv, row 3, column 'Finding Labels': unknown label 'Emphysem'" in err
     assert main(["inspect", "--nih-root", str(tmp_path / "absent")]) == 2
     assert "NIH root does not exist" in capsys.readouterr().err
+
+
+def test_partial_download_points_at_allow_missing(bundled_result):
+    """A partial download (some images present, some missing) names `prepare --allow-missing`."""
+    r = json.loads(bundled_result[1])
+    r.update({"verify": "header", "images_found": 240, "extra_images": 0, "ok": False,
+              "missing_images": {"count": 112_120 - 240, "first": ["00000001_000.png"]},
+              "unreadable": {"count": 0, "files": []}, "modes": {"L": 240}, "rgba": 0, "16bit": 0, "not_1024": 0})
+    text = format_summary(r)
+    assert "FAILED: 111,880 image(s) missing" in text
+    assert "`medattn prepare --allow-missing ...` prepares the 240 images present" in text
+    r.update({"images_found": 0, "missing_images": {"count": 112_120, "first": ["00000001_000.png"]}})
+    assert "--allow-missing" not in format_summary(r)  # nothing downloaded: nothing to prepare

@@ -261,6 +261,11 @@ def format_summary(r: dict[str, Any]) -> str:
         else:
             lines.append(f"FAILED: {miss['count']:,} image(s) missing and {bad['count']:,} unreadable "
                          f"(exit status 1; use --metadata-only to check the metadata alone)")
+            if miss["count"] and r["images_found"]:
+                # A partial download (some images_0xx archives only) is still usable: prepare can
+                # leave the missing images out instead of stopping at the first one.
+                lines.append(f"  a partial download? `medattn prepare --allow-missing ...` prepares the "
+                             f"{r['images_found']:,} images present and leaves the missing ones out (counted)")
     else:
         lines.append("OK: metadata is well-formed (images not checked: --metadata-only)")
     return "\n".join(lines)

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 from collections.abc import Callable
 from pathlib import Path
@@ -48,8 +49,35 @@ def list_models() -> list[str]:
 
 
 def is_model(name: str) -> bool:
+    """A registered name, or a timm model name when timm is installed (``timm/NAME`` included)."""
     _ensure_builtin()
-    return name in _REGISTRY
+    if name in _REGISTRY:
+        return True
+    from medattn.models.timm_backbones import is_timm_model  # noqa: PLC0415
+
+    return is_timm_model(name)
+
+
+def check_backbone(name: str, key: str = "model.backbone") -> None:
+    """Raise the error :func:`create_model` gives for an unknown name, without building anything
+    (every config load checks its backbone names this way, so ``medattn configs`` refuses what
+    ``train`` refuses)."""
+    _ensure_builtin()
+    if name in _REGISTRY:
+        return
+    from medattn.models.timm_backbones import timm_arch  # noqa: PLC0415
+
+    try:
+        import timm  # noqa: PLC0415 (optional)
+    except ImportError:
+        timm = None
+    if timm is not None and timm.is_model(timm_arch(name)):
+        return
+    hint = difflib.get_close_matches(timm_arch(name), list(_REGISTRY) + (timm.list_models() if timm else []), n=1)
+    raise ConfigError(f"{key}={name!r} is not a known model" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                      + f"; built-in: {', '.join(sorted(_REGISTRY))}"
+                      + ("; or any timm model name (timm.list_models())" if timm else
+                         "; timm models need the timm package, not installed here: pip install 'medattn[timm]'"))
 
 
 def create_model(name: str, *, num_classes: int, in_chans: int = 1, weights: str | Path = "none",
@@ -57,7 +85,8 @@ def create_model(name: str, *, num_classes: int, in_chans: int = 1, weights: str
     """Build a registered model and load its weights.
 
     Args:
-        name: a registered name (:func:`list_models`), e.g. ``resnet50``.
+        name: a registered name (:func:`list_models`), e.g. ``resnet50``, or any timm model name
+            (``convnext_tiny``, ``pvt_v2_b2``, ``timm/resnet50``; :mod:`medattn.models.timm_backbones`).
         num_classes: head outputs (0 = no head: forward returns the pooled features).
         in_chans: 1 for the one-channel X-ray, 3 for RGB.
         weights: ``none`` (random init), ``imagenet`` / ``imagenet_v2`` (torchvision's ImageNet
@@ -70,13 +99,13 @@ def create_model(name: str, *, num_classes: int, in_chans: int = 1, weights: str
     Raises:
         ConfigError: unknown name or option, or weights that cannot be found or loaded.
     """
-    _ensure_builtin()
-    if name not in _REGISTRY:
-        hint = difflib.get_close_matches(name, list(_REGISTRY), n=1)
-        raise ConfigError(f"model.backbone={name!r} is not a known model"
-                          + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                          + f"; known: {', '.join(sorted(_REGISTRY))}")
-    builder = _REGISTRY[name]
+    check_backbone(name)
+    if name in _REGISTRY:
+        builder = _REGISTRY[name]
+    else:  # a timm model (medattn.models.timm_backbones)
+        from medattn.models.timm_backbones import build_timm  # noqa: PLC0415
+
+        builder = functools.partial(build_timm, name)
     # Builders declare their options explicitly, so a misspelt or foreign option is named here
     # instead of surfacing as a TypeError from deep inside torchvision.
     params = inspect.signature(builder).parameters
@@ -90,7 +119,11 @@ def create_model(name: str, *, num_classes: int, in_chans: int = 1, weights: str
     model = builder(num_classes=num_classes, in_chans=in_chans, pool=pool, drop_rate=drop_rate, **kw)
     model.arch = name
     w = str(weights)
-    if w != "none":
+    if w != "none" and name not in _REGISTRY:
+        from medattn.models.timm_backbones import load_timm_weights  # noqa: PLC0415
+
+        load_timm_weights(model, w)
+    elif w != "none":
         from medattn.models.weights import load_weights  # noqa: PLC0415 (weights imports this module)
         load_weights(model, w)
     return model

@@ -73,6 +73,33 @@ class ImagenetFile:
         return self.filename.rsplit("-", 1)[-1].split(".", 1)[0]
 
 
+@dataclass(frozen=True)
+class TimmFile(ImagenetFile):
+    """A timm model's pretrained file on the Hugging Face hub, saved as ``ARCH.TAG.safetensors``
+    (the name :func:`medattn.models.timm_backbones.find_timm_weights` looks for)."""
+
+    saved_as: str = ""
+
+    @property
+    def filename(self) -> str:
+        return self.saved_as
+
+    @property
+    def hash_prefix(self) -> str:
+        return ""  # the hub's files carry no hash in their names
+
+
+def timm_file(name: str) -> TimmFile:
+    """The pretrained file of timm model ``name`` (default tag, or the tag in the name)."""
+    from medattn.models.timm_backbones import pretrained_info, weights_filename  # noqa: PLC0415
+
+    base, tag, hub_id, _ = pretrained_info(name)
+    if not hub_id:
+        raise ConfigError(f"timm model {name!r} has no Hugging Face hub file to fetch")
+    return TimmFile(base, tag, hub_id, f"https://huggingface.co/{hub_id}/resolve/main/model.safetensors",
+                    saved_as=weights_filename(name))
+
+
 def imagenet_file(arch: str, variant: str = "imagenet") -> ImagenetFile:
     """The torchvision ImageNet file for ``arch`` (``variant``: imagenet | imagenet_v2).
 
@@ -292,6 +319,12 @@ def fetch(names: list[str], to: str | os.PathLike | None = None, *, variant: str
     variants = tuple(VARIANTS) if variant == "all" else (variant,)
     files: list[ImagenetFile] = []
     for name in names:
+        if name != "all" and name not in _ARCHS:
+            from medattn.models.registry import check_backbone  # noqa: PLC0415
+
+            check_backbone(name, "weights fetch")
+            files.append(timm_file(name))  # a timm model (never a built-in name: those are torchvision's)
+            continue
         archs = list(_ARCHS) if name == "all" else [name]
         for arch in archs:
             for v in variants:
@@ -319,7 +352,7 @@ def fetch(names: list[str], to: str | os.PathLike | None = None, *, variant: str
             try:
                 # Writes to a temporary file in `dest` and renames it when complete (and the hash
                 # matches), so an interrupted download never leaves a truncated .pth behind.
-                torch.hub.download_url_to_file(url, str(target), hash_prefix=f.hash_prefix if check_hash else None,
+                torch.hub.download_url_to_file(url, str(target), hash_prefix=f.hash_prefix if check_hash and f.hash_prefix else None,
                                                progress=sys.stderr.isatty())
             except urllib.error.HTTPError as e:
                 raise MedattnError(f"cannot download {url}: HTTP {e.code} {e.reason}") from None
@@ -346,7 +379,8 @@ def fetch(names: list[str], to: str | os.PathLike | None = None, *, variant: str
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     f = sub.add_parser("fetch", help="download torchvision ImageNet files (needs internet)")
-    f.add_argument("names", nargs="+", metavar="NAME", help=f"architecture(s): {', '.join(_ARCHS)}, or all")
+    f.add_argument("names", nargs="+", metavar="NAME", help=f"architecture(s): {', '.join(_ARCHS)}, all, or timm model names "
+                                                             "(e.g. pvt_v2_b2, convnext_tiny.fb_in1k)")
     f.add_argument("--to", metavar="DIR", help="destination folder (default: $MEDATTN_WEIGHTS_DIR, "
                                                 "else $TORCH_HOME/hub/checkpoints)")
     f.add_argument("--variant", default="imagenet", choices=[*VARIANTS, "all"],
