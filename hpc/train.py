@@ -387,6 +387,7 @@ def train_stage(ctx: Ctx, stage: str, previous: list[str], plan: TrainPlan) -> i
             model.load_state_dict(src["model"])
             method.load_extra_state(src.get("method", {}))
             logger.info(f"[{stage}] initialised from {init}")
+        method.init_stage(model, stage)
     logger.drop_epochs_from(stage, ts.epoch)
 
     step_module = StageStep(method, model, stage)

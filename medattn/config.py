@@ -102,7 +102,7 @@ class DataConfig:
     rotate_deg: float = 0.0
     brightness: float = 0.0
     contrast: float = 0.0
-    normalize: str = "imagenet"  # imagenet | half | none
+    normalize: str = "imagenet"  # imagenet | half | mean (ImageNet mean subtracted, std 1) | none
     loader: str = "auto"  # auto (DALI if installed) | dali | torch
     num_workers: int = 2  # DALI CPU threads / DataLoader workers per rank
     prefetch: int = 2
@@ -550,7 +550,7 @@ _CHOICES = {
     "runtime.precision": ("auto", "bf16", "fp16", "fp32"),
     "runtime.progress": ("auto", "bar", "log", "none"),
     "data.train_crop": ("random", "random_resized", "center", "none"),
-    "data.normalize": ("imagenet", "half", "none"),
+    "data.normalize": ("imagenet", "half", "mean", "none"),
     "data.loader": ("auto", "dali", "torch"),
     "model.pool": ("max", "avg"),
     "runtime.compile_mode": ("default", "reduce-overhead", "max-autotune"),

@@ -34,6 +34,30 @@ from medattn.methods.base import Method
 STAGES = ("global", "local", "fusion")
 
 
+@torch.no_grad()
+def init_fusion_head(model, how: str) -> None:
+    """Set ``model.fusion`` (Linear on [Pool5_g, Pool5_l]) from the branches' heads.
+
+    ``branches``: fusion logits = (logits_g + logits_l) / 2 before any fusion training (each
+    branch head is a Linear on its own Pool5, and dropout is off in evaluation); ``global``:
+    fusion logits = logits_g; ``random``: leave the default init (the paper's literal head).
+    """
+    if how == "random":
+        return
+    g, loc, f = model.global_branch.fc, model.local_branch.fc, model.fusion
+    cg = g.weight.shape[1]
+    if how == "branches":
+        f.weight[:, :cg] = g.weight / 2
+        f.weight[:, cg:] = loc.weight / 2
+        f.bias.copy_((g.bias + loc.bias) / 2)
+    elif how == "global":
+        f.weight[:, :cg] = g.weight
+        f.weight[:, cg:] = 0.0
+        f.bias.copy_(g.bias)
+    else:
+        raise ConfigError(f"config key 'agcnn.fusion_init': expected random, branches or global, got {how!r}")
+
+
 @dataclass
 class AGCNNConfig:
     """AG-CNN (Guan et al. 2018), methods.md section 0."""
@@ -46,6 +70,11 @@ class AGCNNConfig:
     heatmap_size: int = 0  # 0 = the input size (the paper resizes heat maps to the input)
     crop_source: str = "input"  # input (the 224 view) | prepared (the higher-resolution image)
     local_backbone: str = ""  # "" = model.backbone
+    # How the fusion head starts (docs/methods/agcnn.md, "Fusion below global"): random (the
+    # paper's literal FC on [Pool5_g, Pool5_l], PyTorch's default init) | branches (W = [W_g, W_l] / 2,
+    # b = (b_g + b_l) / 2: starts as the mean of the two branches' logits) | global (W = [W_g, 0],
+    # b = b_g: starts as the global branch). medattn's default: see FUSION_INIT_DEFAULT.
+    fusion_init: str = "branches"
 
 
 class AGCNNMethod(Method):
@@ -53,7 +82,8 @@ class AGCNNMethod(Method):
     stage_order = STAGES
     sections = {"agcnn": AGCNNConfig, "focal": losses.FocalConfig}
     choices = {"agcnn.heatmap": HEATMAP_MODES, "agcnn.scale": SCALES, "agcnn.threshold": THRESHOLDS,
-               "agcnn.component": COMPONENTS, "agcnn.crop_source": ("input", "prepared")}
+               "agcnn.component": COMPONENTS, "agcnn.crop_source": ("input", "prepared"),
+               "agcnn.fusion_init": ("random", "branches", "global")}
     sweep_aliases = {"tau": ("attention threshold tau", "AG-CNN's attention threshold (agcnn.tau)")}
 
     @classmethod
@@ -104,6 +134,11 @@ class AGCNNMethod(Method):
 
     def branches(self, stage: str) -> list[str]:
         return list(STAGES[: STAGES.index(stage) + 1])
+
+    def init_stage(self, model, stage: str) -> None:
+        """Fusion stage: start the fusion head from the trained branch heads (``agcnn.fusion_init``)."""
+        if stage == "fusion":
+            init_fusion_head(model, self.cfg.agcnn.fusion_init)
 
     def needs_hires(self, stage: str) -> bool:
         return self.cfg.agcnn.crop_source == "prepared" and stage != "global"

@@ -176,6 +176,10 @@ class Method:
                 params.append(p)
         return params
 
+    def init_stage(self, model: nn.Module, stage: str) -> None:
+        """Called once when ``stage`` starts fresh (not on resume), after the previous stage's best
+        weights are loaded: set up what this stage trains from them (default: nothing)."""
+
     def set_train_mode(self, model: nn.Module, stage: str) -> None:
         """Frozen parts run in eval mode (their BatchNorm statistics must not drift)."""
         model.eval()
