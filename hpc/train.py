@@ -420,9 +420,13 @@ def train_stage(ctx: Ctx, stage: str, previous: list[str], plan: TrainPlan) -> i
 
 def _select_key(ctx: Ctx, stage: str) -> str:
     """The metric that selects the stage's best checkpoint, with the branch it trains filled in."""
-    sel = ctx.cfg.stages[stage].select_metric
+    return _branch_key(ctx, stage, ctx.cfg.stages[stage].select_metric)
+
+
+def _branch_key(ctx: Ctx, stage: str, key: str) -> str:
+    """``val/<name>`` -> ``val/<the branch this stage trains>/<name>``; other keys unchanged."""
     branch = ctx.method.select_branch(stage)
-    return sel.replace("val/", f"val/{branch}/", 1) if sel.startswith("val/") and sel.count("/") == 1 else sel
+    return key.replace("val/", f"val/{branch}/", 1) if key.startswith("val/") and key.count("/") == 1 else key
 
 
 def _stop_agreed(device: torch.device) -> bool:
@@ -502,7 +506,8 @@ def _run_epochs(ctx: Ctx, stage: str, ts: TrainState, step_module, loader: Train
         if (epoch + 1) % cfg.runtime.val_every == 0 or epoch + 1 == st.epochs:
             val_metrics = _validate(ctx, stage, val_loader)
         metric = _metric_value(val_metrics, sel_key) if val_metrics else None
-        ts.scheduler.end_epoch(metric)
+        mon_key = _branch_key(ctx, stage, st.scheduler.monitor) if st.scheduler.monitor else sel_key
+        ts.scheduler.end_epoch(_metric_value(val_metrics, mon_key) if val_metrics else None)
         improved = False
         if metric is not None and not math.isnan(metric):
             improved = ts.best is None or (metric > ts.best if st.select_mode == "max" else metric < ts.best)

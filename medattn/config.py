@@ -61,6 +61,10 @@ class SchedulerConfig:
     warmup_epochs: int = 0
     pct_start: float = 0.3  # onecycle
     div_factor: float = 25.0  # onecycle
+    # plateau: the validation metric it watches ("" = the stage's select_metric, e.g. "val/loss": the
+    # trained branch's validation loss) and whether lower or higher is better ("" = select_mode).
+    monitor: str = ""
+    monitor_mode: str = ""  # "" | min | max
 
 
 @dataclass
@@ -559,6 +563,7 @@ _STAGE_CHOICES = {
     "optimizer.name": ("sgd", "adam", "adamw"),
     "scheduler.name": ("none", "step", "multistep", "plateau", "cosine", "onecycle"),
     "select_mode": ("max", "min"),
+    "scheduler.monitor_mode": ("", "min", "max"),
 }
 
 

@@ -114,3 +114,57 @@ def test_dualattendmed_presets():
              "target": torch.full((4,), -1), "view_box": torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(4, 4)}
     loss, logs = meth.training_loss(model, batch, "main", 0)
     assert loss.item() == pytest.approx((logs["cls"] + logs["center"]).item(), rel=1e-6)
+
+
+@pytest.mark.slow  # two 138M-parameter VGG16s: ~20 s on a quiet core
+def test_gradcam_vgg16_published_head_scheduler_and_imagenet_file(tmp_path):
+    """The paper's VGG16: no BN, torchvision's 4096-4096 classifier loaded from the ImageNet file,
+    only the last Linear new; the plateau watches the validation loss (lower is better)."""
+    import torchvision
+
+    from medattn.models import create_model
+    from medattn.models.weights import load_weights
+
+    cfg = load_config("gradcam_vgg16_published")
+    assert (cfg.model.backbone, cfg.gradcam_loss.variant, cfg.gradcam_loss.target) == ("vgg16", "published", "predicted")
+    st = cfg.stages["train"]
+    assert (st.scheduler.name, st.scheduler.monitor, st.scheduler.monitor_mode) == ("plateau", "val/loss", "min")
+    assert (st.select_metric, st.select_mode, st.optimizer.name, st.optimizer.lr) == ("val/accuracy", "max", "adam", 1e-5)
+    torch.manual_seed(0)
+    tv = torchvision.models.vgg16(num_classes=1000)
+    path = tmp_path / "vgg16-397923af.pth"  # torchvision's file name: loaded like `imagenet`
+    torch.save(tv.state_dict(), path)
+    model = create_model("vgg16", num_classes=2, in_chans=1, drop_rate=0.5)
+    load_weights(model, str(path))
+    sd = model.state_dict()
+    torch.testing.assert_close(sd["classifier.0.weight"], tv.classifier[0].weight)
+    torch.testing.assert_close(sd["classifier.3.weight"], tv.classifier[3].weight)
+    torch.testing.assert_close(sd["features.28.weight"], tv.features[28].weight)
+    torch.testing.assert_close(sd["features.0.weight"], tv.features[0].weight.sum(1, keepdim=True))
+    assert sd["fc.weight"].shape == (2, 4096) and not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    # Same parameters as torchvision's vgg16 with a 2-class last layer, less the 2 summed stem channels.
+    n_tv = sum(p.numel() for p in tv.parameters()) - (4096 * 1000 + 1000) + (4096 * 2 + 2)
+    assert sum(p.numel() for p in model.parameters()) == n_tv - 64 * 2 * 9
+    # The 1-channel model on a gray image = torchvision's on the image replicated to RGB, up to the
+    # 4096-d vector before the last Linear (eval mode: dropout off; the summed stem is exact).
+    model.eval()
+    tv.eval()
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        ours = model.forward_head(model.forward_features(x), pre_logits=True)
+        ref = tv.classifier[:6](torch.flatten(tv.avgpool(tv.features(x.repeat(1, 3, 1, 1))), 1))
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+    assert model.gradcam_layer() is model.features[28]
+
+
+def test_plateau_watches_its_monitor():
+    from hpc.schedule import LRSchedule
+
+    st = load_config("gradcam_vgg16_published", ["stages.train.scheduler.patience=1"]).stages["train"]
+    s = LRSchedule(st, 10)
+    for loss in (1.0, 0.9, 0.8, 0.7):  # falling loss: never reduced (it would be, read as "max")
+        s.end_epoch(loss)
+    assert s.lr(4) == pytest.approx(1e-5)
+    for loss in (0.75, 0.76):  # two epochs without a new minimum, patience 1: x 0.1
+        s.end_epoch(loss)
+    assert s.lr(6) == pytest.approx(1e-6)
