@@ -251,9 +251,13 @@ class _Builder:
         same = self._comparable_columns()
         cols = "; ".join(f"{c.name}: {P.PROTOCOLS[c.protocol]}" for c in P.AUROC_TABLES)
         if same:
-            self.add(Banner("info", f"Split: {kind} — same protocol as {', '.join(c.name for c in same)}.", Text.of(
-                f"This run uses {what}.{leak} Comparable (same split protocol, different test images): "
-                f"{', '.join(c.name for c in same)}. Protocols of the published columns: {cols}.")))
+            names = ", ".join(c.name for c in same)
+            verdict = (f"Comparable (same split protocol, different test images): {names}."
+                       if a.data_kind == "nih" else
+                       f"Same split protocol as {names}, but the data are not (known to be) ChestX-ray14, so "
+                       "nothing here is comparable with them.")
+            self.add(Banner("info", f"Split: {kind} — same protocol as {names}.", Text.of(
+                f"This run uses {what}.{leak} {verdict} Protocols of the published columns: {cols}.")))
         else:
             self.add(Banner("warn", f"Split: {kind} — not comparable with the papers below.", Text.of(
                 f"This run uses {what}.{leak} No published column below used this protocol ({cols}); "
