@@ -395,6 +395,8 @@ def train_stage(ctx: Ctx, stage: str, previous: list[str], plan: TrainPlan) -> i
     loader = TrainLoader(ctx.ds, cfg.data, plan, world.rank, device, cfg.seed + 7 * len(previous),
                          hires=method.needs_hires(stage))
     val_loader = _eval_loader(ctx, stage, cfg.data.val_split)
+    if not last_path.is_file() and method.select_initial(stage):
+        _select_initial(ctx, stage, ts, val_loader)
     try:
         status = _run_epochs(ctx, stage, ts, step_module, loader, val_loader, params, plan)
     finally:
@@ -416,6 +418,20 @@ def train_stage(ctx: Ctx, stage: str, previous: list[str], plan: TrainPlan) -> i
     model.load_state_dict(best_state["model"])
     method.load_extra_state(best_state.get("method", {}))
     return 0
+
+
+def _select_initial(ctx: Ctx, stage: str, ts: TrainState, val_loader: EvalLoader) -> None:
+    """Validate the stage's starting weights and make them the first best candidate (epoch 0), so
+    the stage ends no worse on validation than where it started (``Method.select_initial``)."""
+    sel_key = _select_key(ctx, stage)
+    metric = _metric_value(_validate(ctx, stage, val_loader), sel_key)
+    if math.isnan(metric):
+        return
+    ts.best, ts.best_epoch = metric, -1  # reported as epoch 0
+    if ctx.world.is_primary:
+        ctx.run.save_checkpoint(stage, "best", weights_payload(stage, ctx.model, ctx.method, epoch=0, metric=metric,
+                                                               metric_name=sel_key, config=ctx.cfg.to_dict()))
+    ctx.logger.info(f"[{stage}] starting weights: {sel_key} {metric:.4f} (epoch 0, the first best candidate)")
 
 
 def _select_key(ctx: Ctx, stage: str) -> str:

@@ -50,7 +50,7 @@ def test_agcnn_paper_presets_follow_the_text():
     # The patient-disjoint default keeps its own settings (and medattn's fusion head init).
     default = load_config("agcnn_resnet50")
     assert default.data.train_crop == "random" and default.data.normalize == "imagenet"
-    assert default.agcnn.fusion_init == "branches"
+    assert default.agcnn.fusion_init == "global"
     # Mean subtraction only: (x - mean) with std 1, on the 0..1 scale.
     v = ViewSpec.from_config(load_config("agcnn_resnet50_paper").data, 256, 1, train=False)
     assert v.std == (1.0,) and v.mean == pytest.approx(((0.485 + 0.456 + 0.406) / 3,))

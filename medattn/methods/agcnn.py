@@ -73,8 +73,9 @@ class AGCNNConfig:
     # How the fusion head starts (docs/methods/agcnn.md, "Fusion below global"): random (the
     # paper's literal FC on [Pool5_g, Pool5_l], PyTorch's default init) | branches (W = [W_g, W_l] / 2,
     # b = (b_g + b_l) / 2: starts as the mean of the two branches' logits) | global (W = [W_g, 0],
-    # b = b_g: starts as the global branch). medattn's default: see FUSION_INIT_DEFAULT.
-    fusion_init: str = "branches"
+    # b = b_g: starts as the global branch, medattn's default). With branches/global the starting
+    # head is validated first and kept unless a fusion epoch beats it (select_initial).
+    fusion_init: str = "global"
 
 
 class AGCNNMethod(Method):
@@ -139,6 +140,11 @@ class AGCNNMethod(Method):
         """Fusion stage: start the fusion head from the trained branch heads (``agcnn.fusion_init``)."""
         if stage == "fusion":
             init_fusion_head(model, self.cfg.agcnn.fusion_init)
+
+    def select_initial(self, stage: str) -> bool:
+        # A fusion head that starts as a branch (or the branches' mean) is a model in its own right:
+        # the stage keeps it unless an epoch beats it on validation. The paper's random head is not.
+        return stage == "fusion" and self.cfg.agcnn.fusion_init != "random"
 
     def needs_hires(self, stage: str) -> bool:
         return self.cfg.agcnn.crop_source == "prepared" and stage != "global"
