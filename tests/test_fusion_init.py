@@ -50,3 +50,32 @@ def test_fusion_init_errors():
     meth = _method("branches")
     with pytest.raises(ConfigError, match="expected random, branches or global"):
         init_fusion_head(meth.build_model(), "average")
+
+
+def test_fusion_stage_keeps_its_starting_head_unless_an_epoch_beats_it(tmp_path):
+    """With fusion_init=global and a fusion learning rate of 0 no epoch can beat the starting head
+    on validation, so the stage's best checkpoint is epoch 0 and the fusion branch's test
+    predictions are the global branch's, exactly."""
+    import json
+
+    import pandas as pd
+
+    from hpc import evaluate as evaluate_mod
+    from hpc import train as train_mod
+    from tests_prep import make_multilabel
+
+    prep = make_multilabel(tmp_path / "prep")
+    run = tmp_path / "run"
+    fast = ["data.image_size=32", "data.resize=32", "stages.*.epochs=1", "stages.*.batch_size=16",
+            "data.num_workers=0", "data.loader=torch", "runtime.tensorboard=false", "runtime.progress=none",
+            "agcnn.crop_source=input", "agcnn.fusion_init=global", "stages.fusion.optimizer.lr=0"]
+    assert train_mod.main(["--config", "demo", "--data", str(prep), "--out", str(run), *fast]) == 0
+    state = json.loads((run / "state.json").read_text())["stages"]["fusion"]
+    assert state["best_epoch"] == 0 and state["done"]
+    assert evaluate_mod.main(["--run", str(run), "--split", "test", "--bootstrap", "0"]) == 0
+    preds = pd.read_csv(run / "eval" / "preds.csv")
+    g = preds[preds["branch"] == "global"].filter(like="p_").to_numpy()
+    f = preds[preds["branch"] == "fusion"].filter(like="p_").to_numpy()
+    assert abs(g - f).max() < 1e-5
+    m = json.loads((run / "eval" / "metrics.json").read_text())
+    assert m["auroc"]["fusion"]["mean"] == pytest.approx(m["auroc"]["global"]["mean"], abs=1e-6)
