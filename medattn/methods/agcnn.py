@@ -106,6 +106,9 @@ class AGCNNMethod(Method):
     def key_effect(cls, cfg, key, focal_stages=None):
         # The global stage never looks at the attention settings; the local branch's backbone is
         # built (and trained nowhere else) from the global stage on, so that key affects all.
+        if key == "agcnn.fusion_init":
+            return (["fusion"], "") if "fusion" in cfg.stage_names() else (
+                [], f"{key} only acts in the fusion stage; this config has only {', '.join(cfg.stage_names())}")
         if key.startswith("agcnn.") and key != "agcnn.local_backbone":
             later = [s for s in cfg.stage_names() if s != "global"]
             if not later:
