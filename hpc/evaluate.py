@@ -117,15 +117,25 @@ def summarize(preds, ds, spec, cfg, split: str, stage: str, ckpt: str, bootstrap
     }
     if bootstrap > 0:
         y = labels[preds.index]
-        cis = {}
+        # Patient-clustered: a patient's images are resampled together (medattn/metrics/bootstrap.py).
+        groups = ds.manifest["patient"].astype(str).to_numpy()[preds.index]
+        cis, too_few = {}, {}
+        ci = None
         for branch, p in preds.probs.items():
             ci = M.bootstrap_auroc_ci(p, y, list(spec.label_names), list(spec.eval_labels), n_boot=bootstrap,
-                                      seed=cfg.seed)
+                                      seed=cfg.seed, groups=groups)
             entry = {k: [float(v[0]), float(v[1])] for k, v in ci.per_class.items()}
             entry["mean"] = [float(ci.mean[0]), float(ci.mean[1])]
             cis[branch] = entry
+            too_few[branch] = list(ci.too_few)
         result["auroc_ci"] = cis
         result["bootstrap"] = bootstrap
+        if ci is not None:
+            result["bootstrap_method"] = ci.method
+            result["bootstrap_units"] = ci.n_units
+            result["bootstrap_min_positives"] = ci.min_positives
+            result["bootstrap_positive_patients"] = ci.positives
+            result["auroc_ci_too_few"] = too_few
     loc = localization_metrics(preds, ds)
     if loc is not None:
         result["localization"] = loc
@@ -202,6 +212,12 @@ def print_summary(result: dict[str, Any], out: Path) -> None:
         print(f"\nAUROC on the {result['split']} split ({result['n_images']} images, split '{result['split_kind']}', "
               f"stage {result['stage']}):\n")
         print(auroc_table(result))
+        if result.get("bootstrap_method"):
+            few = sorted({c for v in (result.get("auroc_ci_too_few") or {}).values() for c in v})
+            print(f"\n95% intervals: {result['bootstrap_method']}, {result['bootstrap']} resamples of "
+                  f"{result['bootstrap_units']} patients"
+                  + (f"; too few positive patients (< {result['bootstrap_min_positives']}) for an interval: "
+                     f"{', '.join(few)}" if few else ""))
     binary = result.get("binary")
     if binary:
         for branch, rep in binary.items():

@@ -23,7 +23,7 @@ class LRSchedule:
         self.plateau_scale = 1.0
         self.best: float | None = None
         self.bad_epochs = 0
-        self.mode = stage.select_mode
+        self.mode = stage.scheduler.monitor_mode or stage.select_mode
 
     def lr(self, epoch: int, step: int = 0) -> float:
         c = self.cfg
@@ -68,7 +68,7 @@ class LRSchedule:
         return lr
 
     def end_epoch(self, metric: float | None) -> None:
-        """ReduceLROnPlateau on the stage's selection metric."""
+        """ReduceLROnPlateau on the watched metric (``scheduler.monitor``, default the selection metric)."""
         if self.cfg.name != "plateau" or metric is None or math.isnan(metric):
             return
         better = self.best is None or (metric > self.best if self.mode == "max" else metric < self.best)

@@ -501,6 +501,7 @@ def train_stage(ctx: Ctx, stage: str, previous: list[str], plan: TrainPlan) -> i
             model.load_state_dict(src["model"])
             method.load_extra_state(src.get("method", {}))
             logger.info(f"[{stage}] initialised from {init}")
+        method.init_stage(model, stage)
     logger.drop_epochs_from(stage, ts.epoch)
 
     step_module = StageStep(method, model, stage)
@@ -508,6 +509,8 @@ def train_stage(ctx: Ctx, stage: str, previous: list[str], plan: TrainPlan) -> i
     loader = TrainLoader(ctx.ds, cfg.data, plan, world.rank, device, cfg.seed + 7 * len(previous),
                          hires=method.needs_hires(stage))
     val_loader = _eval_loader(ctx, stage, cfg.data.val_split)
+    if not last_path.is_file() and method.select_initial(stage):
+        _select_initial(ctx, stage, ts, val_loader)
     try:
         status = _run_epochs(ctx, stage, ts, step_module, loader, val_loader, params, plan)
     finally:
@@ -531,11 +534,29 @@ def train_stage(ctx: Ctx, stage: str, previous: list[str], plan: TrainPlan) -> i
     return 0
 
 
+def _select_initial(ctx: Ctx, stage: str, ts: TrainState, val_loader: EvalLoader) -> None:
+    """Validate the stage's starting weights and make them the first best candidate (epoch 0), so
+    the stage ends no worse on validation than where it started (``Method.select_initial``)."""
+    sel_key = _select_key(ctx, stage)
+    metric = _metric_value(_validate(ctx, stage, val_loader), sel_key)
+    if math.isnan(metric):
+        return
+    ts.best, ts.best_epoch = metric, -1  # reported as epoch 0
+    if ctx.world.is_primary:
+        ctx.run.save_checkpoint(stage, "best", weights_payload(stage, ctx.model, ctx.method, epoch=0, metric=metric,
+                                                               metric_name=sel_key, config=ctx.cfg.to_dict()))
+    ctx.logger.info(f"[{stage}] starting weights: {sel_key} {metric:.4f} (epoch 0, the first best candidate)")
+
+
 def _select_key(ctx: Ctx, stage: str) -> str:
     """The metric that selects the stage's best checkpoint, with the branch it trains filled in."""
-    sel = ctx.cfg.stages[stage].select_metric
+    return _branch_key(ctx, stage, ctx.cfg.stages[stage].select_metric)
+
+
+def _branch_key(ctx: Ctx, stage: str, key: str) -> str:
+    """``val/<name>`` -> ``val/<the branch this stage trains>/<name>``; other keys unchanged."""
     branch = ctx.method.select_branch(stage)
-    return sel.replace("val/", f"val/{branch}/", 1) if sel.startswith("val/") and sel.count("/") == 1 else sel
+    return key.replace("val/", f"val/{branch}/", 1) if key.startswith("val/") and key.count("/") == 1 else key
 
 
 def _stop_agreed(device: torch.device) -> bool:
@@ -616,7 +637,8 @@ def _run_epochs(ctx: Ctx, stage: str, ts: TrainState, step_module, loader: Train
             logger.global_step_hint = ts.global_step
             val_metrics = _validate(ctx, stage, val_loader)
         metric = _metric_value(val_metrics, sel_key) if val_metrics else None
-        ts.scheduler.end_epoch(metric)
+        mon_key = _branch_key(ctx, stage, st.scheduler.monitor) if st.scheduler.monitor else sel_key
+        ts.scheduler.end_epoch(_metric_value(val_metrics, mon_key) if val_metrics else None)
         improved = False
         if metric is not None and not math.isnan(metric):
             improved = ts.best is None or (metric > ts.best if st.select_mode == "max" else metric < ts.best)

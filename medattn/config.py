@@ -61,6 +61,10 @@ class SchedulerConfig:
     warmup_epochs: int = 0
     pct_start: float = 0.3  # onecycle
     div_factor: float = 25.0  # onecycle
+    # plateau: the validation metric it watches ("" = the stage's select_metric, e.g. "val/loss": the
+    # trained branch's validation loss) and whether lower or higher is better ("" = select_mode).
+    monitor: str = ""
+    monitor_mode: str = ""  # "" | min | max
 
 
 @dataclass
@@ -102,7 +106,7 @@ class DataConfig:
     rotate_deg: float = 0.0
     brightness: float = 0.0
     contrast: float = 0.0
-    normalize: str = "imagenet"  # imagenet | half | none
+    normalize: str = "imagenet"  # imagenet | half | mean (ImageNet mean subtracted, std 1) | none
     loader: str = "auto"  # auto (DALI if installed) | dali | torch
     num_workers: int = 2  # DALI CPU threads / DataLoader workers per rank
     prefetch: int = 2
@@ -550,7 +554,7 @@ _CHOICES = {
     "runtime.precision": ("auto", "bf16", "fp16", "fp32"),
     "runtime.progress": ("auto", "bar", "log", "none"),
     "data.train_crop": ("random", "random_resized", "center", "none"),
-    "data.normalize": ("imagenet", "half", "none"),
+    "data.normalize": ("imagenet", "half", "mean", "none"),
     "data.loader": ("auto", "dali", "torch"),
     "model.pool": ("max", "avg"),
     "runtime.compile_mode": ("default", "reduce-overhead", "max-autotune"),
@@ -559,6 +563,7 @@ _STAGE_CHOICES = {
     "optimizer.name": ("sgd", "adam", "adamw"),
     "scheduler.name": ("none", "step", "multistep", "plateau", "cosine", "onecycle"),
     "select_mode": ("max", "min"),
+    "scheduler.monitor_mode": ("", "min", "max"),
 }
 
 

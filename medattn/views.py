@@ -51,6 +51,10 @@ class ViewSpec:
             std = _IMAGENET_STD if channels == 3 else (sum(_IMAGENET_STD) / 3,)
         elif data.normalize == "half":
             mean, std = (0.5,) * channels, (0.5,) * channels
+        elif data.normalize == "mean":
+            # AG-CNN's "subtract the ImageNet mean" only, read on the 0..1 pixel scale (std 1).
+            mean = _IMAGENET_MEAN if channels == 3 else (sum(_IMAGENET_MEAN) / 3,)
+            std = (1.0,) * channels
         else:
             mean, std = (0.0,) * channels, (1.0,) * channels
         c = crop or data.image_size

@@ -188,7 +188,11 @@ def test_bootstrap_rare_class_resamples_without_positives_are_left_out():
     ci = M.bootstrap_auroc_ci(p, y, ["rare"], n_boot=200, seed=0)
     frac_nan = np.isnan(ci.samples).mean()
     assert 0.25 < frac_nan < 0.5
-    assert not any(math.isnan(v) for v in ci.per_class["rare"])
+    # Fewer than MIN_POSITIVES (5) positives: marked too few, no (conditional, too narrow) interval.
+    assert ci.too_few == ("rare",) and ci.positives == {"rare": 1}
+    assert all(math.isnan(v) for v in ci.per_class["rare"])
+    ci = M.bootstrap_auroc_ci(p, y, ["rare"], n_boot=200, seed=0, min_positives=1)
+    assert ci.too_few == () and not any(math.isnan(v) for v in ci.per_class["rare"])
 
 
 def test_bootstrap_bad_arguments():

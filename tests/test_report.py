@@ -136,7 +136,9 @@ def test_caveats_are_prominent(report):
     first_banner = html.index('class="banner')
     assert html.index("Synthetic data — do not compare with papers.") < html.index("<table")
     assert 'class="banner danger"' in html[first_banner:first_banner + 40]
-    assert "Split: random." in html and "Mean AUROC over 4 classes, not the 14 diseases." in html
+    assert "Split: random — same protocol as CheXNet." in html
+    assert "Mean AUROC over 4 classes, not the 14 diseases." in html
+    assert "CheXNet (random 70/10/20 by patient: not comparable)" in html  # synthetic data: never comparable
     assert "Not comparable: the data are synthetic" in html
     assert "⛔ **Synthetic data" in md
 
@@ -431,6 +433,34 @@ def test_report_renders_in_chromium(chromium, report, tmp_path):
     imgs, tables = m.group(1).split("|tables=")
     assert imgs.split(",") == ["ok"] * len(res.figures)
     assert int(tables) == html.count("<table>")
+
+
+def test_split_protocol_decides_comparable(trained, tmp_path):
+    """image-random matches AG-CNN's and Wang et al.'s protocol, not CheXNet's; patient-clustered
+    intervals are named with their resamples and patients; a too-few class has no interval."""
+    _, run = trained
+    other = _link_run(run, tmp_path / "ir")
+    (other / "eval").mkdir()
+    m = json.loads((run / "eval" / "metrics.json").read_text())
+    assert m["bootstrap_method"] == "patient-clustered percentile bootstrap" and m["bootstrap"] == 50
+    assert m["bootstrap_units"] > 0 and m["bootstrap_min_positives"] == 5
+    m["split_kind"] = "image-random"
+    cls = m["eval_labels"][0]
+    m["auroc_ci_too_few"] = {b: [cls] for b in m["auroc"]}
+    for b in m["auroc"]:
+        m["auroc_ci"][b][cls] = [float("nan"), float("nan")]
+    (other / "eval" / "metrics.json").write_text(json.dumps(m))
+    html = build_report(other, samples=0, log=lambda *a: None).html.read_text()
+    assert "Split: image-random — same protocol as AG-CNN ResNet-50, AG-CNN DenseNet-121, Wang et al." in html
+    assert "It leaks patients" in html
+    assert "CheXNet (random 70/10/20 by patient: not comparable)" in html
+    assert f"patient-clustered percentile bootstrap (50 resamples of {m['bootstrap_units']} patients" in html
+    assert "(too few)" in html
+    from hpc.report import published as P
+
+    assert P.protocol_matches("image-random", "image-random") and not P.protocol_matches("random", "image-random")
+    assert P.protocol_matches("chexnet", P.CHEXNET.protocol) and not P.protocol_matches("official", P.YAO.protocol)
+    assert not P.protocol_matches(None, "unstated") and P.YAO.protocol == "unstated"
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ def test_official_split_sizes_and_disjoint():
     assert summary["train"]["patients"] + summary["val"]["patients"] == 28_008
     assert summary["train"]["images"] + summary["val"]["images"] == 86_524
     assert set(split[split == "test"].index) == set(meta.test)
-    assert split.attrs == {"kind": "official", "seed": 0, "unlisted": 0}
+    assert split.attrs == {"kind": "official", "seed": 0, "unlisted": 0, "patients_crossing": 0}
     check_patient_disjoint(meta.entries, split)
     # val_fraction 0: no validation part at all.
     assert set(make_split(meta, "official", val_fraction=0.0).unique()) == {"train", "test"}

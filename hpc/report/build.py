@@ -29,7 +29,6 @@ from hpc.report.doc import (Banner, Bullets, Code, Document, Heading, Image, Par
                                 text)
 
 CHANCE = 0.5
-RANDOM_LIKE = ("random", "chexnet")
 
 
 @dataclass
@@ -224,25 +223,50 @@ class _Builder:
                 f"{src.get('variant', '?')}).")))
 
     def split_banner(self) -> None:
+        """The run's split protocol, and which published columns share it (only those are called
+        comparable; hpc/report/published.py PROTOCOLS)."""
         a = self.art
         kind = a.split_kind
-        seed = (a.dataset_info or {}).get("split_seed")
+        info = a.dataset_info or {}
+        seed = info.get("split_seed")
         if kind is None:
             self.add(Banner("warn", "Split unknown.", Text.of(
-                "Neither the evaluation nor the prepared data say which split this run used; AG-CNN and CheXNet "
-                f"used {P.PAPER_SPLIT} splits, so a comparison is only meaningful on a random split.")))
-        elif kind in RANDOM_LIKE:
-            what = ("the CheXNet re-implementation's 70/10/20 patient split (arnoweng/CheXNet files)"
-                    if kind == "chexnet" else f"a random patient split (seed {seed})")
-            self.add(Banner("info", f"Split: {kind}.", Text.of(
-                f"This run uses {what}. AG-CNN, CheXNet, Yao et al. and Wang et al. also reported on random "
-                "70/10/20 splits, but each on its own: same kind of split, different test images.")))
+                "Neither the evaluation nor the prepared data say which split this run used, so no published "
+                "column below is comparable with it.")))
+            return
+        proto = P.run_protocol(kind)
+        what = {"chexnet": "the CheXNet re-implementation's 70/10/20 patient split (arnoweng/CheXNet files)",
+                "random": f"a random 70/10/20 patient split (seed {seed})",
+                "image-random": f"a random 70/10/20 split by image (seed {seed})",
+                "official": "the official train_val/test lists"}.get(kind, f"the '{kind}' split")
+        sp = info.get("split_protocol") or {}
+        leak = ""
+        if proto == "image-random":
+            leak = (" It leaks patients: a patient's images can be in training and in test"
+                    + (f" ({sp['patients_crossing']} of {sp['patients']} patients of the prepared data have images "
+                       "in more than one part)" if "patients_crossing" in sp else "")
+                    + ", which raises test AUROC.")
+        elif proto is not None:
+            leak = " No patient has images in two parts."
+        same = self._comparable_columns()
+        cols = "; ".join(f"{c.name}: {P.PROTOCOLS[c.protocol]}" for c in P.AUROC_TABLES)
+        if same:
+            names = ", ".join(c.name for c in same)
+            verdict = (f"Comparable (same split protocol, different test images): {names}."
+                       if a.data_kind == "nih" else
+                       f"Same split protocol as {names}, but the data are not (known to be) ChestX-ray14, so "
+                       "nothing here is comparable with them.")
+            self.add(Banner("info", f"Split: {kind} — same protocol as {names}.", Text.of(
+                f"This run uses {what}.{leak} {verdict} Protocols of the published columns: {cols}.")))
         else:
             self.add(Banner("warn", f"Split: {kind} — not comparable with the papers below.", Text.of(
-                f"This run uses the '{kind}' split. AG-CNN and CheXNet (and the Yao and Wang et al. columns) used "
-                f"{P.PAPER_SPLIT} splits; official-split results run about 0.80–0.83 mean AUROC for single "
-                "models (chestxray14.md §4). Differences between this run and those columns are mostly the split. "
+                f"This run uses {what}.{leak} No published column below used this protocol ({cols}); "
+                "official-split results run about 0.80–0.83 mean AUROC for single models (chestxray14.md §4). "
                 + ("Official-split references are listed under Classification." if kind == "official" else ""))))
+
+    def _comparable_columns(self) -> list[Any]:
+        """The published columns whose split protocol is this run's (data and classes aside)."""
+        return [c for c in P.AUROC_TABLES if P.protocol_matches(self.art.split_kind, c.protocol)]
 
     def eval_banners(self) -> None:
         a, m = self.art, self.m
@@ -337,12 +361,19 @@ class _Builder:
         elif self.art.data_kind != "nih":
             caveats.append("the data are not (known to be) ChestX-ray14")
         kind = self.art.split_kind
-        if kind not in RANDOM_LIKE:
-            caveats.append(f"the split is '{kind}', the papers used random 70/10/20 splits")
+        same = self._comparable_columns()
+        if not same:
+            caveats.append(f"the split is '{kind}' ({P.PROTOCOLS.get(P.run_protocol(kind) or '', 'unknown protocol')}), "
+                           "a protocol none of these papers used")
         if list(cls) != list(DISEASES):
             caveats.append(f"the mean is over {len(cls)} classes, not 14")
         if caveats:
             txt += " Not comparable: " + "; ".join(caveats) + "."
+        else:
+            others = [c.name for c in P.AUROC_TABLES if c not in same]
+            txt += (f" Comparable (same split protocol, {P.PROTOCOLS[same[0].protocol]}): "
+                    f"{', '.join(c.name for c in same)}"
+                    + (f"; not comparable (other protocol): {', '.join(others)}" if others else "") + ".")
         return txt
 
     def _where_text(self) -> str:
@@ -375,17 +406,29 @@ class _Builder:
             f"Per-class AUROC on the {m.get('split')} split ('{self.art.split_kind}' split, "
             f"{m.get('n_images')} images) "
             f"for each branch of the model of stage '{m.get('stage')}'"
-            + (f", with bootstrap 95% intervals over images ({nboot} resamples)" if nboot else
+            + (f", with 95% intervals from a {m.get('bootstrap_method', 'image-level percentile bootstrap')} "
+               f"({nboot} resamples" + (f" of {m['bootstrap_units']} patients, a patient's images resampled together"
+                                        if m.get("bootstrap_units") and "patient" in str(m.get("bootstrap_method"))
+                                        else "") + ")" if nboot else
                " (no bootstrap intervals: the evaluation ran with --bootstrap 0)")
-            + f". Published columns: {', '.join(c.name for c in P.AUROC_TABLES)}, each on its own "
-              f"{P.PAPER_SPLIT} split (see Sources).")))
+            + (f"; 'too few' = fewer than {m.get('bootstrap_min_positives')} positive patients, no interval"
+               if m.get("bootstrap_min_positives") else "")
+            + ". Published columns and their split protocols: "
+            + "; ".join(f"{c.name} ({P.PROTOCOLS[c.protocol]}: "
+                        + ("comparable" if c in self._comparable_columns() and self.art.data_kind == "nih"
+                           else "not comparable") + ")" for c in P.AUROC_TABLES)
+            + " (see Sources).")))
+        few = m.get("auroc_ci_too_few") or {}
         npos = self._positives()
         header = ["class", "n+"] + [f"{b} (this run)" for b in branches] + [c.name for c in P.AUROC_TABLES]
         rows = []
         for c in self.classes:
             row = [c, str(npos.get(c, "?"))]
             for b in branches:
-                row.append(fmt_ci(m["auroc"][b].get(c), ci.get(b, {}).get(c)))
+                cell = fmt_ci(m["auroc"][b].get(c), ci.get(b, {}).get(c))
+                if c in few.get(b, ()) and finite(m["auroc"][b].get(c)):
+                    cell += " (too few)"
+                row.append(cell)
             row += [fmt(col.per_class.get(c)) if c in col.per_class else "—" for col in P.AUROC_TABLES]
             rows.append(row)
         mean_row = [f"mean over these {len(self.classes)} classes", ""]
@@ -409,7 +452,11 @@ class _Builder:
                 rows.append([b, run_v] + [fmt(P.AGCNN_BRANCH_MEANS[k][b]) for k in P.AGCNN_BRANCH_MEANS])
             self.add(Table(["branch", f"this run ({len(self.classes)} classes)"]
                            + [f"AG-CNN {k} (14 diseases)" for k in P.AGCNN_BRANCH_MEANS], rows,
-                           numeric={1, 2, 3}, caption=f"{P.AGCNN_SOURCE}; {P.PAPER_SPLIT} split."))
+                           numeric={1, 2, 3}, caption=f"{P.AGCNN_SOURCE}; {P.PROTOCOLS[P.AGCNN_PROTOCOL]}; this run: "
+                           + (f"'{self.art.split_kind}' split, comparable protocol."
+                              if P.protocol_matches(self.art.split_kind, P.AGCNN_PROTOCOL)
+                              and self.art.data_kind == "nih" else
+                              f"'{self.art.split_kind}' split, not comparable (other protocol or data).")))
         self._binary_table()
         if self.art.split_kind == "official":
             self.add(Heading(3, "Official-split references"))

@@ -16,11 +16,38 @@ from dataclasses import dataclass
 from medattn.data.labels import DISEASES
 
 __all__ = ["PublishedAUROC", "AUROC_TABLES", "AGCNN_BRANCH_MEANS", "WANG_TIOBB", "WANG_TIOBB_THRESHOLDS",
-           "OFFICIAL_SPLIT_MEANS", "PAPER_SPLIT", "published_mean"]
+           "OFFICIAL_SPLIT_MEANS", "PAPER_SPLIT", "PROTOCOLS", "AGCNN_PROTOCOL", "run_protocol",
+           "protocol_matches", "published_mean"]
 
 # How every AUROC column below was split (chestxray14.md §4): AG-CNN Sec. IV-A says random
 # 70/10/20 (methods.md §0); CheXNet re-implementations used random 70/10/20 patient splits.
 PAPER_SPLIT = "random 70/10/20"
+
+# The split protocols a published column or a run can have. A run's number is called comparable
+# with a column only when the two protocols are the same (the test images still differ: each
+# random split is its own). ``unstated``: the source does not say, so nothing is comparable.
+PROTOCOLS: dict[str, str] = {
+    "image-random": "random 70/10/20 by image (patients leak across parts)",
+    "patient-random": "random 70/10/20 by patient",
+    "official": "the official train_val/test lists",
+    "unstated": "random, unit not stated",
+}
+# AG-CNN Sec. IV-A: "randomly shuffle the dataset" into 70/10/20, with no word on patients: read
+# as by image (the sentence shuffles the dataset, i.e. images; the author later contrasted it with
+# the official split; chestxray14.md §4).
+AGCNN_PROTOCOL = "image-random"
+
+
+def run_protocol(split_kind: str | None) -> str | None:
+    """The protocol of a run's split kind (``prepare --split``): image-random, patient-random
+    (random, chexnet), official; None when unknown or not a ChestX-ray14 split."""
+    return {"image-random": "image-random", "random": "patient-random", "chexnet": "patient-random",
+            "official": "official"}.get(str(split_kind)) if split_kind else None
+
+
+def protocol_matches(split_kind: str | None, protocol: str) -> bool:
+    """Whether a run on ``split_kind`` follows a column's ``protocol`` (never for ``unstated``)."""
+    return protocol != "unstated" and run_protocol(split_kind) == protocol
 
 
 @dataclass(frozen=True)
@@ -33,6 +60,7 @@ class PublishedAUROC:
         per_class: AUROC per disease (canonical NIH spelling, e.g. ``Pleural_Thickening``).
         mean: the mean the source reports over its 14 diseases (None: computed from per_class).
         split: how its test set was drawn.
+        protocol: the split protocol (a key of :data:`PROTOCOLS`); decides "comparable".
         source: where the numbers were read.
         note: a caveat to print with the column.
     """
@@ -44,6 +72,7 @@ class PublishedAUROC:
     split: str
     source: str
     note: str = ""
+    protocol: str = "unstated"
 
     def reported_mean(self) -> float:
         if self.mean is not None:
@@ -62,13 +91,13 @@ AGCNN_R50 = PublishedAUROC(
     key="agcnn_r50", name="AG-CNN ResNet-50",
     per_class=_col((0.844, 0.937, 0.904, 0.753, 0.893, 0.827, 0.776, 0.919, 0.842, 0.919, 0.941,
                     0.857, 0.836, 0.903)),
-    mean=0.868, split=PAPER_SPLIT,
+    mean=0.868, split=PAPER_SPLIT, protocol=AGCNN_PROTOCOL,
     source="Guan et al. 2018, arXiv 1801.09927v1, Table I (AG-CNN, fusion branch)")
 AGCNN_D121 = PublishedAUROC(
     key="agcnn_d121", name="AG-CNN DenseNet-121",
     per_class=_col((0.853, 0.939, 0.903, 0.754, 0.902, 0.828, 0.774, 0.921, 0.842, 0.924, 0.932,
                     0.864, 0.837, 0.921)),
-    mean=0.871, split=PAPER_SPLIT,
+    mean=0.871, split=PAPER_SPLIT, protocol=AGCNN_PROTOCOL,
     source="Guan et al. 2018, arXiv 1801.09927v1, Table I (AG-CNN, fusion branch)")
 # The 14-class comparison table quoted by CheXNet re-implementations, verbatim from the
 # arnoweng/CheXNet README (chestxray14.md §5.2); the means are computed from the 14 values.
@@ -76,13 +105,16 @@ CHEXNET = PublishedAUROC(
     key="chexnet", name="CheXNet",
     per_class=_col((0.8094, 0.9248, 0.8638, 0.7345, 0.8676, 0.7802, 0.7680, 0.8887, 0.7901, 0.8878,
                     0.9371, 0.8047, 0.8062, 0.9164)),
-    mean=None, split=PAPER_SPLIT,
+    # Patient-level as its re-implementations (arnoweng's lists, jrzech) drew it; the paper's own
+    # split was not released (chestxray14.md §4).
+    mean=None, split=PAPER_SPLIT, protocol="patient-random",
     source="Rajpurkar et al. 2017, arXiv 1711.05225, as tabulated in the arnoweng/CheXNet README")
 WANG14 = PublishedAUROC(
     key="wang", name="Wang et al.",
     per_class=_col((0.716, 0.807, 0.784, 0.609, 0.706, 0.671, 0.633, 0.806, 0.708, 0.835, 0.815,
                     0.769, 0.708, 0.767)),
-    mean=None, split="random",
+    # "we randomly shuffled the entire dataset into three subgroups" (Wang et al. CVPR 2017): images.
+    mean=None, split="random", protocol="image-random",
     source="Wang et al. 2017, arXiv 1705.02315 (14-class version), as tabulated in the arnoweng/CheXNet README",
     note="the 14-class result of a later arXiv version of the ChestX-ray8 paper")
 YAO = PublishedAUROC(

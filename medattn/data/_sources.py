@@ -72,6 +72,8 @@ class SourceTable:
     skipped_missing: int = 0
     has_masks: bool = False
     settings: dict[str, Any] = field(default_factory=dict)
+    # Facts of the split made on the whole metadata (make_split's attrs), not part of the resume check.
+    split_attrs: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -87,6 +89,20 @@ class SourceTable:
     def counts(self) -> dict[str, int]:
         vc = self.records["split"].value_counts()
         return {s: int(vc.get(s, 0)) for s in SPLITS}
+
+    def split_protocol(self) -> dict[str, Any]:
+        """How the stored split was drawn, for dataset.json and the report: ``kind``, ``seed``,
+        ``unit`` (``patient``: no patient in two parts; ``image``: image-level, leaks patients),
+        ``patients`` and ``patients_crossing`` (patients with images in more than one part, counted
+        on the stored images)."""
+        from medattn.data.splits import split_unit
+
+        parts = self.records.groupby("patient")["split"].nunique()
+        out = {"kind": self.split, "seed": self.split_seed, "unit": split_unit(self.split),
+               "patients": int(len(parts)), "patients_crossing": int((parts > 1).sum())}
+        if "patients_crossing" in self.split_attrs:
+            out["patients_crossing_in_metadata"] = int(self.split_attrs["patients_crossing"])
+        return out
 
     def check(self, require_splits: bool = True) -> None:
         """Raise DataError when the table cannot be prepared (empty, bad split names, ...)."""
@@ -166,7 +182,7 @@ def nih_table(root: str | Path, *, split: str = "official", split_seed: int = 0,
     """
     from medattn.data.labels import DISEASES, NIH_LABELS
     from medattn.data.nih import find_images, load_nih
-    from medattn.data.splits import check_patient_disjoint, make_split
+    from medattn.data.splits import PATIENT_DISJOINT, check_patient_disjoint, make_split
 
     root = Path(root)
     kwargs: dict[str, Any] = {}
@@ -178,7 +194,7 @@ def nih_table(root: str | Path, *, split: str = "official", split_seed: int = 0,
         upper = 1.0 if split == "official" else 1.0 - RANDOM_TEST
         if not 0.0 <= val_fraction < upper:
             raise ConfigError(f"--val-fraction {val_fraction}: must be in [0, {upper:g}) for --split {split}")
-        if split == "random":
+        if split in ("random", "image-random"):
             # Keep the random split's test share; val comes out of train.
             kwargs["fractions"] = (1.0 - RANDOM_TEST - val_fraction, val_fraction, RANDOM_TEST)
         else:
@@ -246,9 +262,10 @@ def nih_table(root: str | Path, *, split: str = "official", split_seed: int = 0,
         "ref": [f"{meta_file} row {int(r)}" for r in e["source_row"]],
     })
     records = order_records(records)
-    # Patient-disjointness is the splitter's promise; re-check it on what is actually stored.
-    check_patient_disjoint(e, pd.Series(split_values.to_numpy(), index=e["image"].to_numpy()),
-                           source=f"split {split!r}")
+    stored = pd.Series(split_values.to_numpy(), index=e["image"].to_numpy())
+    if split in PATIENT_DISJOINT:
+        # Patient-disjointness is the splitter's promise; re-check it on what is actually stored.
+        check_patient_disjoint(e, stored, source=f"split {split!r}")
 
     return SourceTable(
         records=records,
@@ -265,6 +282,7 @@ def nih_table(root: str | Path, *, split: str = "official", split_seed: int = 0,
         has_masks=mask_dir is not None,
         settings={"val_fraction": val_fraction, "masks": None if mask_dir is None else str(mask_dir.resolve()),
                   "limit": limit},
+        split_attrs=dict(split_of.attrs),
     )
 
 

@@ -192,6 +192,7 @@ def inspect_root(root: Path, *, metadata_only: bool = False, verify: str = "head
         "boxes": len(meta.boxes),
         "boxed_images": int(meta.boxes["image"].nunique()),
         "per_class": meta.per_class_counts(),
+        "image_random": _image_random(meta),
     }
     if meta.train_val is not None and meta.test is not None:
         out["unlisted"] = len(e) - len(meta.train_val) - len(meta.test)
@@ -218,6 +219,17 @@ def inspect_root(root: Path, *, metadata_only: bool = False, verify: str = "head
     return out
 
 
+def _image_random(meta) -> dict[str, Any]:
+    """What ``prepare --split image-random`` (70/10/20 of the images, seed 0) would do to patients."""
+    from medattn.data.splits import make_split, split_summary
+
+    split = make_split(meta, "image-random", seed=0)
+    summary = split_summary(meta.entries, split)
+    return {"seed": 0, "images": {p: v["images"] for p, v in summary.items()},
+            "patients": int(meta.entries["patient"].nunique()),
+            "patients_crossing": int(split.attrs["patients_crossing"])}
+
+
 def _n(x: int | None) -> str:
     return "absent" if x is None else f"{x:,}"
 
@@ -238,6 +250,13 @@ def format_summary(r: dict[str, Any]) -> str:
     if r["chexnet"]:
         c = r["chexnet"]
         lines.append(f"chexnet split: train {c['train']:,}, val {c['val']:,}, test {c['test']:,}")
+    ir = r.get("image_random")
+    if ir:
+        im = ir["images"]
+        lines.append(f"image-random split (70/10/20 of images, seed {ir['seed']}): train {im.get('train', 0):,}, "
+                     f"val {im.get('val', 0):,}, test {im.get('test', 0):,} images; "
+                     f"{ir['patients_crossing']:,} of {ir['patients']:,} patients would have images in more than "
+                     "one part (patient leakage)")
     lines.append(f"boxes {r['boxes']:,} on {r['boxed_images']:,} images")
     lines.append("images per class:")
     width = max(map(len, r["per_class"]))

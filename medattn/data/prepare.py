@@ -102,7 +102,7 @@ def prepare(nih_root: str | Path, out: str | Path, *, size: int = DEFAULT_SIZE, 
         out: the prepared directory to write (must be empty, absent, or an interrupted run of
             the same command).
         size: output side S in pixels.
-        split: ``official``, ``chexnet`` or ``random``.
+        split: ``official``, ``chexnet``, ``random`` or ``image-random`` (image-level, leaks patients).
         split_seed: seed for the validation carve-out / random split.
         val_fraction: validation share of patients (None: the splitter's default).
         workers: worker processes (None: all usable cores).
@@ -271,13 +271,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="PREP", help="prepared directory to write")
     p.add_argument("--size", type=int, default=DEFAULT_SIZE, metavar="S",
                    help=f"output side in pixels (default {DEFAULT_SIZE})")
-    p.add_argument("--split", choices=("official", "chexnet", "random"), default=None,
-                   help="official lists (+ val carved by patient), CheXNet 70/10/20 files, or a "
-                        "seeded random patient split (default official)")
+    p.add_argument("--split", choices=("official", "chexnet", "random", "image-random"), default=None,
+                   help="official lists (+ val carved by patient), CheXNet 70/10/20 files, a "
+                        "seeded random patient split (default official), or image-random: 70/10/20 of "
+                        "the images (AG-CNN's and Wang et al.'s protocol; leaks patients, reported)")
     p.add_argument("--split-seed", type=int, default=0, metavar="K", help="split seed (default 0)")
     p.add_argument("--val-fraction", type=float, default=None, metavar="F",
                    help="validation share of patients (default 0.1): official, of the train_val "
-                        "patients; random, of all patients (test stays 0.2); not for chexnet")
+                        "patients; random, of all patients (test stays 0.2); image-random, of all "
+                        "images (test stays 0.2); not for chexnet")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="worker processes (default: all usable cores)")
     p.add_argument("--allow-missing", action="store_true",
@@ -607,6 +609,7 @@ def _finish(table: SourceTable, out: Path, settings: dict[str, Any],
         "split": table.split,
         "split_seed": table.split_seed,
         "counts": table.counts(),
+        "split_protocol": table.split_protocol(),
         "image_size": size,
         "channels": table.channels,
         "pixel_format": pixel_format,
@@ -671,6 +674,14 @@ def _summary(r: PrepareResult) -> str:
     if r.resumed_shards:
         s += f", {r.resumed_shards} kept from an interrupted run"
     s += f"; conversions: {conv}"
+    sp = r.info.get("split_protocol") or {}
+    if sp.get("unit") == "image":
+        s += (f"; split {sp.get('kind')} is image-level and leaks patients: {sp.get('patients_crossing')} of "
+              f"{sp.get('patients')} patients have images in more than one part"
+              + (f" ({sp['patients_crossing_in_metadata']} in the split of the whole metadata)"
+                 if "patients_crossing_in_metadata" in sp else ""))
+    elif sp:
+        s += f"; split {sp.get('kind')} is patient-disjoint ({sp.get('patients')} patients, none in two parts)"
     if r.skipped_missing:
         s += f"; skipped {r.skipped_missing} metadata rows whose image is missing"
     if r.processed and r.seconds > 0:

@@ -1,12 +1,18 @@
-"""Train/val/test splits of NIH ChestX-ray14, always patient-disjoint.
+"""Train/val/test splits of NIH ChestX-ray14: three patient-disjoint kinds and one that leaks.
 
-Three kinds (docs/data-format.md section 1):
+Four kinds (docs/data-format.md section 1):
 
 * ``official``: ``test_list.txt`` is the test set; validation patients are drawn from
   ``train_val_list.txt`` (``val_fraction`` of its *patients*, seeded), the rest is train.
 * ``chexnet``: the 70/10/20 files of the CheXNet re-implementations (``chexnet_split/``).
 * ``random``: patients shuffled with the seed and cut at ``fractions`` (of patients, so the image
   fractions are close to, not exactly, the same).
+* ``image-random``: *images* shuffled with the seed and cut at ``fractions`` (70/10/20 exactly,
+  up to rounding). This is the protocol of the AG-CNN paper ("randomly shuffle the dataset",
+  Sec. IV-A) and of Wang et al. 2017, read as image-level: **it leaks patients** (a patient's
+  follow-up films land in train and test), which inflates test AUROC. It exists to reproduce
+  those tables and to measure how much of their gain is leakage; the number of patients that
+  cross parts is in ``attrs["patients_crossing"]`` and reported by prepare and inspect.
 
 A split is a ``pd.Series`` indexed by image id (in metadata order) with values ``train``,
 ``val`` or ``test``. Randomness comes only from ``numpy.random.default_rng(seed)`` applied to the
@@ -31,8 +37,15 @@ import pandas as pd
 from medattn.data.nih import CHEXNET_DIRS, TEST_NAME, TRAIN_VAL_NAME, NIHMetadata, chexnet_files
 from medattn.errors import ConfigError, DataError
 
-SPLIT_KINDS = ("official", "chexnet", "random")
+SPLIT_KINDS = ("official", "chexnet", "random", "image-random")
+# The kinds that keep every patient in one part (make_split checks it); image-random does not.
+PATIENT_DISJOINT = ("official", "chexnet", "random")
 PARTS = ("train", "val", "test")
+
+
+def split_unit(kind: str) -> str:
+    """``"patient"`` for the patient-disjoint kinds, ``"image"`` for image-random."""
+    return "image" if kind == "image-random" else "patient"
 
 
 def _round_half_up(x: float) -> int:
@@ -51,18 +64,20 @@ def make_split(meta: NIHMetadata, kind: str, seed: int = 0, val_fraction: float 
 
     Args:
         meta: from :func:`medattn.data.nih.load_nih`.
-        kind: ``official``, ``chexnet`` or ``random``.
+        kind: ``official``, ``chexnet``, ``random`` or ``image-random`` (leaks patients).
         seed: seeds the patient shuffle (official validation carve-out, random).
         val_fraction: official only: fraction of train_val *patients* that become val
             (0 gives no val part).
-        fractions: random only: train/val/test fractions of patients, summing to 1.
+        fractions: random / image-random: train/val/test fractions of patients / images, summing to 1.
         allow_unlisted: official/chexnet: images in the metadata but in none of the lists are
             left out of the result (their number is in ``result.attrs["unlisted"]``) instead
             of raising.
 
     Returns:
         Series named ``split``, index = image ids (metadata order), values ``train|val|test``;
-        ``attrs`` holds ``kind``, ``seed`` and ``unlisted`` (count of images left out).
+        ``attrs`` holds ``kind``, ``seed``, ``unlisted`` (count of images left out) and
+        ``patients_crossing`` (patients with images in more than one part: 0 except for
+        image-random).
 
     Raises:
         DataError: a needed list file is missing (named), images are unlisted and not allowed,
@@ -76,11 +91,23 @@ def make_split(meta: NIHMetadata, kind: str, seed: int = 0, val_fraction: float 
     patients = entries["patient"].to_numpy()
     source: Path | None = None
 
-    if kind == "random":
+    if kind in ("random", "image-random"):
         fr = [float(x) for x in fractions]
         if len(fr) != 3 or min(fr) < 0 or abs(sum(fr) - 1.0) > 1e-6:
             raise ConfigError(f"split fractions must be three non-negative numbers (train, val, test) "
                               f"summing to 1, got {tuple(fractions)}")
+    if kind == "image-random":
+        # Sorted image ids, then a seeded permutation: independent of the row order of the file.
+        uniq = np.unique(images.astype(str))
+        order = uniq[np.random.default_rng(seed).permutation(len(uniq))]
+        n = len(order)
+        n_train = _round_half_up(fr[0] * n)
+        n_val = min(_round_half_up(fr[1] * n), n - n_train)
+        part_of = {im: ("train" if i < n_train else "val" if i < n_train + n_val else "test")
+                   for i, im in enumerate(order.tolist())}
+        values = np.array([part_of[str(im)] for im in images], dtype=object)
+        unlisted = 0
+    elif kind == "random":
         order = _shuffled_patients(patients, seed)
         n = len(order)
         n_train = _round_half_up(fr[0] * n)
@@ -107,9 +134,26 @@ def make_split(meta: NIHMetadata, kind: str, seed: int = 0, val_fraction: float 
             images, values = images[keep], values[keep]
     split = pd.Series(pd.array(values.tolist(), dtype="str"), index=pd.Index(images.tolist(), dtype="str", name="image"),
                       name="split")
-    check_patient_disjoint(entries, split, source=source)
-    split.attrs.update({"kind": kind, "seed": int(seed), "unlisted": int(unlisted)})
+    if kind in PATIENT_DISJOINT:
+        check_patient_disjoint(entries, split, source=source)
+        crossing = 0
+    else:
+        crossing = patients_crossing(entries, split)
+    split.attrs.update({"kind": kind, "seed": int(seed), "unlisted": int(unlisted),
+                        "patients_crossing": int(crossing)})
     return split
+
+
+def patients_crossing(entries: pd.DataFrame, split: pd.Series) -> int:
+    """How many patients have images in more than one part of ``split`` (0 for a patient-level
+    split). ``entries`` needs ``image`` and ``patient``; images of ``split`` not in it raise."""
+    patient_of = dict(zip(entries["image"].astype(str).tolist(), entries["patient"].astype(str).tolist()))
+    missing = [im for im in split.index.tolist() if str(im) not in patient_of]
+    if missing:
+        raise DataError(None, f"{len(missing)} split image(s) are not in the metadata (first: {missing[0]})")
+    df = pd.DataFrame({"patient": [patient_of[str(im)] for im in split.index.tolist()],
+                       "part": split.astype(str).tolist()})
+    return int((df.groupby("patient")["part"].nunique() > 1).sum())
 
 
 def _official(meta: NIHMetadata, patients: np.ndarray, images: np.ndarray, seed: int,

@@ -34,6 +34,30 @@ from medattn.methods.base import Method
 STAGES = ("global", "local", "fusion")
 
 
+@torch.no_grad()
+def init_fusion_head(model, how: str) -> None:
+    """Set ``model.fusion`` (Linear on [Pool5_g, Pool5_l]) from the branches' heads.
+
+    ``branches``: fusion logits = (logits_g + logits_l) / 2 before any fusion training (each
+    branch head is a Linear on its own Pool5, and dropout is off in evaluation); ``global``:
+    fusion logits = logits_g; ``random``: leave the default init (the paper's literal head).
+    """
+    if how == "random":
+        return
+    g, loc, f = model.global_branch.fc, model.local_branch.fc, model.fusion
+    cg = g.weight.shape[1]
+    if how == "branches":
+        f.weight[:, :cg] = g.weight / 2
+        f.weight[:, cg:] = loc.weight / 2
+        f.bias.copy_((g.bias + loc.bias) / 2)
+    elif how == "global":
+        f.weight[:, :cg] = g.weight
+        f.weight[:, cg:] = 0.0
+        f.bias.copy_(g.bias)
+    else:
+        raise ConfigError(f"config key 'agcnn.fusion_init': expected random, branches or global, got {how!r}")
+
+
 @dataclass
 class AGCNNConfig:
     """AG-CNN (Guan et al. 2018), methods.md section 0."""
@@ -46,6 +70,12 @@ class AGCNNConfig:
     heatmap_size: int = 0  # 0 = the input size (the paper resizes heat maps to the input)
     crop_source: str = "input"  # input (the 224 view) | prepared (the higher-resolution image)
     local_backbone: str = ""  # "" = model.backbone
+    # How the fusion head starts (docs/methods/agcnn.md, "Fusion below global"): random (the
+    # paper's literal FC on [Pool5_g, Pool5_l], PyTorch's default init) | branches (W = [W_g, W_l] / 2,
+    # b = (b_g + b_l) / 2: starts as the mean of the two branches' logits) | global (W = [W_g, 0],
+    # b = b_g: starts as the global branch, medattn's default). With branches/global the starting
+    # head is validated first and kept unless a fusion epoch beats it (select_initial).
+    fusion_init: str = "global"
 
 
 class AGCNNMethod(Method):
@@ -53,7 +83,8 @@ class AGCNNMethod(Method):
     stage_order = STAGES
     sections = {"agcnn": AGCNNConfig, "focal": losses.FocalConfig}
     choices = {"agcnn.heatmap": HEATMAP_MODES, "agcnn.scale": SCALES, "agcnn.threshold": THRESHOLDS,
-               "agcnn.component": COMPONENTS, "agcnn.crop_source": ("input", "prepared")}
+               "agcnn.component": COMPONENTS, "agcnn.crop_source": ("input", "prepared"),
+               "agcnn.fusion_init": ("random", "branches", "global")}
     sweep_aliases = {"tau": ("attention threshold tau", "AG-CNN's attention threshold (agcnn.tau)")}
 
     @classmethod
@@ -79,6 +110,9 @@ class AGCNNMethod(Method):
     def key_effect(cls, cfg, key, focal_stages=None):
         # The global stage never looks at the attention settings; the local branch's backbone is
         # built (and trained nowhere else) from the global stage on, so that key affects all.
+        if key == "agcnn.fusion_init":
+            return (["fusion"], "") if "fusion" in cfg.stage_names() else (
+                [], f"{key} only acts in the fusion stage; this config has only {', '.join(cfg.stage_names())}")
         if key.startswith("agcnn.") and key != "agcnn.local_backbone":
             later = [s for s in cfg.stage_names() if s != "global"]
             if not later:
@@ -108,6 +142,16 @@ class AGCNNMethod(Method):
 
     def branches(self, stage: str) -> list[str]:
         return list(STAGES[: STAGES.index(stage) + 1])
+
+    def init_stage(self, model, stage: str) -> None:
+        """Fusion stage: start the fusion head from the trained branch heads (``agcnn.fusion_init``)."""
+        if stage == "fusion":
+            init_fusion_head(model, self.cfg.agcnn.fusion_init)
+
+    def select_initial(self, stage: str) -> bool:
+        # A fusion head that starts as a branch (or the branches' mean) is a model in its own right:
+        # the stage keeps it unless an epoch beats it on validation. The paper's random head is not.
+        return stage == "fusion" and self.cfg.agcnn.fusion_init != "random"
 
     def needs_hires(self, stage: str) -> bool:
         return self.cfg.agcnn.crop_source == "prepared" and stage != "global"

@@ -182,6 +182,15 @@ class Method:
                 params.append(p)
         return params
 
+    def init_stage(self, model: nn.Module, stage: str) -> None:
+        """Called once when ``stage`` starts fresh (not on resume), after the previous stage's best
+        weights are loaded: set up what this stage trains from them (default: nothing)."""
+
+    def select_initial(self, stage: str) -> bool:
+        """Whether ``stage``'s starting weights (after :meth:`init_stage`) are a candidate for its
+        best checkpoint, validated before the first epoch (default: no)."""
+        return False
+
     def set_train_mode(self, model: nn.Module, stage: str) -> None:
         """Frozen parts run in eval mode (their BatchNorm statistics must not drift)."""
         model.eval()

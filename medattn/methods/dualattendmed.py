@@ -157,6 +157,17 @@ def update_centres(centres: torch.Tensor, sums: torch.Tensor, counts: torch.Tens
     return torch.where(present.unsqueeze(1), new, centres)
 
 
+def combine_cls(variant: str, l_raw: torch.Tensor, l_aug: torch.Tensor, l_aux: torch.Tensor) -> torch.Tensor:
+    """The classification loss from its three terms (raw B, augmented 2B, aux 3B images).
+
+    corrected / cal: CAL's L_raw/3 + L_aux + 2/3 L_aug (CAL train_distributed.py L237-240);
+    published: DualAttendMed's (L_raw + 2 L_aug + 3 L_aux) / 6.
+    """
+    if variant == "published":
+        return (l_raw + 2.0 * l_aug + 3.0 * l_aux) / 6.0
+    return l_raw / 3.0 + l_aux + l_aug * (2.0 / 3.0)
+
+
 def _sq_distances(features: torch.Tensor, c_hat: torch.Tensor) -> torch.Tensor:
     """(B, D), (K, D) -> (B, K) squared distances ||X_i - c_hat_k||^2 (no (B, K, D) tensor)."""
     x = features.float()
@@ -344,10 +355,7 @@ class DualAttendMedMethod(Method):
         l_raw = self.cls_loss(raw.logits, batch)
         l_aug = self.cls_loss(aug.logits, batch, 2)
         l_aux = self.cls_loss(torch.cat([raw.aux_logits, aug.aux_logits], dim=0), batch, 3)
-        if s.variant == "published":
-            l_cls = (l_raw + 2.0 * l_aug + 3.0 * l_aux) / 6.0
-        else:
-            l_cls = l_raw / 3.0 + l_aux + l_aug * (2.0 / 3.0)
+        l_cls = combine_cls(s.variant, l_raw, l_aug, l_aux)
 
         pos = self.positives(batch)
         feats = raw.features

@@ -172,3 +172,56 @@ class VGG(ClassifierModel):
 def vgg16_bn(*, num_classes: int, in_chans: int = 1, pool: str = "max", drop_rate: float = 0.0) -> VGG:
     return VGG(num_classes=num_classes, in_chans=in_chans, pool=pool, drop_rate=drop_rate)
 
+
+
+# --------------------------------------------------------------------------------------------
+# VGG16 (no BN) with torchvision's 4096-4096 classifier: seed 002's published VGG16
+# --------------------------------------------------------------------------------------------
+class VGG16MLP(ClassifierModel):
+    """torchvision's ``vgg16`` as seed 002 uses it (``VGG16_Weights.DEFAULT``, ``classifier[-1]``
+    replaced): conv trunk without BatchNorm -> AdaptiveAvgPool(7) -> flatten -> Linear(25088, 4096)
+    -> ReLU -> Dropout(0.5) -> Linear(4096, 4096) -> ReLU -> Dropout(0.5) -> Linear(4096, K).
+
+    The two hidden Linear layers are ``classifier.0`` and ``classifier.3`` (torchvision's names, so
+    the ImageNet file initialises them); the last Linear is medattn's head ``fc`` (fresh). The
+    "pooled" vector of the contract is the 4096-d output of the second hidden layer. The ReLUs are
+    not in-place, so the last conv's output (``features.28``, seed 002's Grad-CAM layer) survives.
+    ``pool`` is ignored: the MLP needs torchvision's 7x7 average pool.
+    """
+
+    def __init__(self, *, num_classes: int, in_chans: int = 1, pool: str = "avg", drop_rate: float = 0.5):
+        super().__init__(num_features=4096, num_classes=num_classes, in_chans=in_chans, pool="avg", drop_rate=0.0)
+        layers: list[nn.Module] = []
+        c = in_chans
+        for v in _VGG16:
+            if v == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            else:
+                conv = nn.Conv2d(c, v, kernel_size=3, padding=1)
+                nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(conv.bias)
+                layers += [conv, nn.ReLU()]
+                c = v
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(7)
+        self.classifier = nn.Sequential(nn.Linear(512 * 49, 4096), nn.ReLU(), nn.Dropout(drop_rate),
+                                        nn.Linear(4096, 4096), nn.ReLU(), nn.Dropout(drop_rate))
+        for m in self.classifier:
+            if isinstance(m, nn.Linear):  # torchvision's init of its VGG classifier
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        pooled = self.classifier(torch.flatten(self.avgpool(features), 1))
+        return pooled if pre_logits else self.logits_from_pooled(pooled)
+
+    def gradcam_layer(self) -> nn.Module:
+        return [m for m in self.features if isinstance(m, nn.Conv2d)][-1]  # features.28
+
+
+@register_model("vgg16")
+def vgg16(*, num_classes: int, in_chans: int = 1, pool: str = "avg", drop_rate: float = 0.5) -> VGG16MLP:
+    return VGG16MLP(num_classes=num_classes, in_chans=in_chans, pool=pool, drop_rate=drop_rate)

@@ -45,6 +45,8 @@ _ARCHS: dict[str, tuple[str, str, str]] = {
     "resnet152": ("ResNet152_Weights", "conv1.weight", "fc."),
     "densenet121": ("DenseNet121_Weights", "features.conv0.weight", "classifier."),
     "vgg16_bn": ("VGG16_BN_Weights", "features.0.weight", "classifier."),
+    # seed 002 keeps the 4096-4096 MLP (classifier.0, .3); only the last Linear is replaced
+    "vgg16": ("VGG16_Weights", "features.0.weight", "classifier.6."),
 }
 VARIANTS = {"imagenet": "IMAGENET1K_V1", "imagenet_v2": "IMAGENET1K_V2"}
 
