@@ -105,3 +105,22 @@ def test_each_command_starts(name, tiny, tmp_path):
                          "--stages", first, *args.overrides, *fast])
     assert rc == 0
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count(f'"stage": "{first}"') >= 1
+
+
+@pytest.mark.slow  # PVT-v2 (b0, random init) built and stepped once: ~20 s on one core
+def test_the_pvt_config_starts_with_the_published_term(tiny, tmp_path):
+    """gradcam_pvt: the released best backbone (timm) under the published term and plateau on the
+    validation loss; b0 stands in for b2_li (same family and target layer) to keep the test small."""
+    pytest.importorskip("timm")
+    from hpc import train as train_mod
+
+    cfg = load_config("gradcam_pvt", [])
+    assert (cfg.gradcam_loss.variant, cfg.gradcam_loss.target) == ("published", "predicted")
+    assert cfg.stages["train"].scheduler.monitor == "val/loss"
+    fast = ["model.backbone=pvt_v2_b0", "model.weights=none", "data.image_size=32", "data.resize=32",
+            "data.max_samples=8", "stages.train.epochs=1", "stages.train.batch_size=8", "runtime.progress=none",
+            "runtime.tensorboard=false", "data.loader=torch", "data.num_workers=0"]
+    rc = train_mod.main(["--config", "gradcam_pvt", "--data", str(tiny["single"]), "--out", str(tmp_path / "run"),
+                         *fast])
+    assert rc == 0
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count('"stage": "train"') >= 1
