@@ -18,7 +18,18 @@ K = 5  # classes
 SIZE = 64  # input pixels: small enough to keep the registry-wide test fast
 
 EXPECTED_FEATURES = {"resnet18": 512, "resnet50": 2048, "resnet152": 2048, "densenet121": 1024, "vgg16_bn": 512,
-                     "vgg16_bn_lka": 512}
+                     "vgg16_bn_lka": 512, "vgg16": 4096}
+# Channels of the feature map where they differ from the pooled vector: seed 002's VGG16 keeps
+# torchvision's 4096-4096 MLP, whose output is its "pooled" vector (medattn.models.backbones.VGG16MLP).
+MAP_CHANNELS = {"vgg16": 512}
+
+
+def test_a_backbone_ending_in_an_mlp_is_refused_by_dualattendmed():
+    from medattn.errors import ConfigError
+    from medattn.models.wsdan import WSDAN
+
+    with pytest.raises(ConfigError, match="vgg16.*MLP"):
+        WSDAN(create_model("vgg16", num_classes=0, in_chans=1, weights="none"), num_classes=3, num_maps=4)
 
 
 def test_registry_lists_the_backbones():
@@ -38,7 +49,7 @@ def test_contract(name):
     model.train()
     feats = model.forward_features(x)
     side = SIZE // model.feature_stride
-    assert feats.shape == (2, model.num_features, side, side)
+    assert feats.shape == (2, MAP_CHANNELS.get(name, model.num_features), side, side) == (2, model.map_channels, side, side)
     out = model.forward_head(feats)
     assert out.shape == (2, K) and torch.isfinite(out).all()
     out.square().sum().backward()
@@ -57,7 +68,10 @@ def test_contract(name):
         assert len(seen) == 1 and len(seen[0]) == 4 and seen[0][0] == 2  # (B, C, h, w)
         torch.testing.assert_close(model(x), model.forward_head(feats))
         pooled = model.forward_head(feats, pre_logits=True)
-        torch.testing.assert_close(pooled, feats.amax(dim=(2, 3)))  # pool="max" is Pool5
+        if name in MAP_CHANNELS:  # the MLP's hidden output, not a pooled map
+            assert pooled.shape == (2, model.num_features)
+        else:
+            torch.testing.assert_close(pooled, feats.amax(dim=(2, 3)))  # pool="max" is Pool5
         maps = model.attention_maps(feats)
         assert maps.shape == (2, 1, side, side) and (maps >= 0).all()
         torch.testing.assert_close(maps[:, 0], feats.abs().amax(dim=1))

@@ -211,6 +211,10 @@ class VGG16MLP(ClassifierModel):
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.zeros_(m.bias)
 
+    @property
+    def map_channels(self) -> int:
+        return 512
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
 

@@ -49,7 +49,10 @@ class ClassifierModel(nn.Module):
     Attributes:
         arch: the registry name (``resnet50``, ...).
         num_classes: outputs of the head; 0 after ``reset_classifier(0)`` (forward = pooled features).
-        num_features: channels C of the last feature map (= size of the pooled vector).
+        num_features: size of the pooled vector; for every backbone but ``vgg16`` (whose pooled
+            vector is its 4096-d MLP output) also the channels C of the last feature map.
+        map_channels: channels of the last feature map (a property; = num_features unless a
+            subclass says otherwise).
         in_chans: input channels (1 for X-rays, 3 for RGB).
         feature_stride: input pixels per feature-map cell (32, or 16 with ``layer4_stride=1``).
         global_pool, drop, fc: the head.
@@ -80,6 +83,10 @@ class ClassifierModel(nn.Module):
         self.fc: nn.Module = nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     # ------------------------------------------------------------------ the contract
+    @property
+    def map_channels(self) -> int:
+        return self.num_features
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> (B, num_features, h, w), the last conv feature map."""
         raise NotImplementedError

@@ -85,6 +85,11 @@ class WSDAN(nn.Module):
             raise ConfigError(f"DualAttendMed needs num_classes >= 1, got {num_classes}")
         if num_maps < 1:
             raise ConfigError(f"dualattendmed.num_maps={num_maps} must be >= 1")
+        if getattr(backbone, "map_channels", backbone.num_features) != backbone.num_features:
+            # BAP pools the feature map itself: a backbone whose pooled vector is an MLP's output
+            # (seed 002's vgg16) has no map of num_features channels
+            raise ConfigError(f"DualAttendMed needs a backbone whose pooled vector is its pooled feature map; "
+                              f"{getattr(backbone, 'arch', type(backbone).__name__)!r} ends in an MLP (use vgg16_bn)")
         self.backbone = backbone
         c = backbone.num_features
         self.num_features = c
