@@ -97,7 +97,10 @@ def make_plan(args: argparse.Namespace, *, need_cluster: bool) -> Plan:
     for s in wanted:
         if s not in all_stages:
             raise ConfigError(f"--stages: {s!r} is not a stage of this config ({', '.join(all_stages)})")
-    done = run.done_stages(all_stages)
+    # Raised stages.<stage>.epochs continue a run: the stages the trainer will reopen
+    # (Run.reopen_plan: the lengthened one, and every trained stage after it) are not done.
+    continued, restarted = run.reopen_plan(cfg, all_stages) if run.exists() else ([], [])
+    done = [s for s in run.done_stages(all_stages) if s not in continued + restarted]
     todo = [s for s in all_stages if s in wanted and s not in done]
     if todo:
         missing = [s for s in all_stages[:all_stages.index(todo[0])] if s not in done and s not in todo]

@@ -354,5 +354,14 @@ def test_resubmitting_skips_done_stages(chain, prep, capsys):
     rc, cap = _cli(capsys, "submit", *TWO_NODES, "--config", "demo", "--data", prep, "--out", run, *BASE)
     assert rc == 0 and "nothing to submit: stages global, local, fusion" in cap.out
     rc, cap = _cli(capsys, "submit", *TWO_NODES, "--config", "demo", "--data", prep, "--out", run, *BASE,
-                   "stages.fusion.epochs=3")
+                   "stages.fusion.grad_clip=0.5")
     assert rc == 2 and "different config (sections differ: stages)" in cap.err
+    # more epochs continue the run: only the lengthened stage (and those after it) are submitted
+    rc, cap = _cli(capsys, "submit", *TWO_NODES, "--config", "demo", "--data", prep, "--out", run, *BASE,
+                   "stages.fusion.epochs=3", "--dry-run")
+    assert rc == 0, cap.err
+    assert [s.split(":")[0] for s in cap.out.split("# ---- stage ")[1:]] == ["fusion"]
+    rc, cap = _cli(capsys, "submit", *TWO_NODES, "--config", "demo", "--data", prep, "--out", run, *BASE,
+                   "stages.local.epochs=3", "--dry-run")
+    assert rc == 0, cap.err
+    assert [s.split(":")[0] for s in cap.out.split("# ---- stage ")[1:]] == ["local", "fusion"]
