@@ -56,7 +56,7 @@ def test_file_names_come_from_torchvision_enums():
     assert imagenet_file("resnet18").hash_prefix == tvm.ResNet18_Weights.IMAGENET1K_V1.url.split("-")[-1][:8]
     with pytest.raises(ConfigError, match="no DenseNet121_Weights.IMAGENET1K_V2"):
         imagenet_file("densenet121", "imagenet_v2")
-    assert {f.arch for f in imagenet_files()} == {"resnet18", "resnet50", "resnet152", "densenet121", "vgg16_bn"}
+    assert {f.arch for f in imagenet_files()} == {"resnet18", "resnet50", "resnet152", "densenet121", "vgg16_bn", "vgg16"}
 
 
 def test_imagenet_loads_from_torch_home_one_channel_summed(torch_home, no_network):
