@@ -136,6 +136,26 @@ def densenet121(*, num_classes: int, in_chans: int = 1, pool: str = "max", drop_
 _VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
 
+def _vgg16_layers(in_chans: int, batch_norm: bool) -> list[nn.Module]:
+    """VGG16's conv trunk with torchvision's layer indices (so its ImageNet files load), He init.
+
+    ``batch_norm``: vgg16_bn's Conv-BN-ReLU blocks (in-place ReLU). Without it, plain VGG16's
+    Conv-ReLU with ReLUs that are *not* in-place, so the last conv's output (seed 002's Grad-CAM
+    layer, ``features.28``) survives the forward."""
+    layers: list[nn.Module] = []
+    c = in_chans
+    for v in _VGG16:
+        if v == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            continue
+        conv = nn.Conv2d(c, v, kernel_size=3, padding=1)
+        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(conv.bias)
+        layers += [conv, nn.BatchNorm2d(v), nn.ReLU(inplace=True)] if batch_norm else [conv, nn.ReLU()]
+        c = v
+    return layers
+
+
 class VGG(ClassifierModel):
     """VGG16-BN trunk (``features``, torchvision's layer indices, ending with pool5).
 
@@ -147,17 +167,7 @@ class VGG(ClassifierModel):
     def __init__(self, *, num_classes: int, in_chans: int = 1, pool: str = "max", drop_rate: float = 0.0):
         super().__init__(num_features=512, num_classes=num_classes, in_chans=in_chans, pool=pool,
                          drop_rate=drop_rate)
-        layers: list[nn.Module] = []
-        c = in_chans
-        for v in _VGG16:
-            if v == "M":
-                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-            else:
-                conv = nn.Conv2d(c, v, kernel_size=3, padding=1)
-                nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(conv.bias)
-                layers += [conv, nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
-                c = v
+        layers = _vgg16_layers(in_chans, batch_norm=True)
         self.features = nn.Sequential(*layers)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,17 +201,7 @@ class VGG16MLP(ClassifierModel):
 
     def __init__(self, *, num_classes: int, in_chans: int = 1, pool: str = "avg", drop_rate: float = 0.5):
         super().__init__(num_features=4096, num_classes=num_classes, in_chans=in_chans, pool="avg", drop_rate=0.0)
-        layers: list[nn.Module] = []
-        c = in_chans
-        for v in _VGG16:
-            if v == "M":
-                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-            else:
-                conv = nn.Conv2d(c, v, kernel_size=3, padding=1)
-                nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(conv.bias)
-                layers += [conv, nn.ReLU()]
-                c = v
+        layers = _vgg16_layers(in_chans, batch_norm=False)
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(7)
         self.classifier = nn.Sequential(nn.Linear(512 * 49, 4096), nn.ReLU(), nn.Dropout(drop_rate),
