@@ -436,6 +436,7 @@ def fit_init_weights(model: Any, state: dict[str, Any], where: str | os.PathLike
     import torch
 
     from medattn.errors import ConfigError
+    from medattn.models.weights import key_problems
 
     own = model.state_dict()
     heads = set()
@@ -450,12 +451,8 @@ def fit_init_weights(model: Any, state: dict[str, Any], where: str | os.PathLike
                 k if k in heads and same_inputs else f"{k} (checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)})")
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
-    problems = []
-    for what, keys in (("shape mismatch", shapes), ("missing from the checkpoint", missing),
-                       ("not in the model", unexpected)):
-        if keys:
-            more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
-            problems.append(f"{len(keys)} {what}: {', '.join(keys[:5])}{more}")
+    problems = key_problems((("shape mismatch", shapes), ("missing from the checkpoint", missing),
+                             ("not in the model", unexpected)))
     if problems:
         raise ConfigError(f"init_from {where}: the checkpoint does not fit this run's model (same method and "
                           "backbone needed; only a head for another number of classes may differ): "

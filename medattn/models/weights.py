@@ -266,6 +266,17 @@ def load_weights(model: nn.Module, weights: str, *, arch: str | None = None) -> 
         _load_into(model, sd, path, allow_missing_head=False)
 
 
+def key_problems(groups) -> list[str]:
+    """``[(what, keys), ...]`` -> one phrase per non-empty group, naming at most 5 keys: the
+    message of a state dict that does not fit a model (weight files here, ``init_from`` in hpc)."""
+    parts = []
+    for what, keys in groups:
+        if keys:
+            more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
+            parts.append(f"{len(keys)} {what}: {', '.join(keys[:5])}{more}")
+    return parts
+
+
 def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], path: Path, *, allow_missing_head: bool) -> None:
     own = model.state_dict()
     shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
@@ -275,13 +286,9 @@ def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], path: Path, *, all
         head = set(model.head_parameter_names()) if hasattr(model, "head_parameter_names") else set()
         missing = [k for k in missing if k not in head]
     unexpected = [k for k in sd if k not in own]
-    if shapes or missing or unexpected:
-        parts = []
-        for what, keys in (("shape mismatch", shapes), ("missing from the file", missing),
-                           ("not in the model", unexpected)):
-            if keys:
-                more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
-                parts.append(f"{len(keys)} {what}: {', '.join(keys[:5])}{more}")
+    parts = key_problems((("shape mismatch", shapes), ("missing from the file", missing),
+                          ("not in the model", unexpected)))
+    if parts:
         arch = getattr(model, "arch", type(model).__name__)
         raise ConfigError(f"model.weights={str(path)!r} does not fit model {arch} "
                           f"(in_chans={getattr(model, 'in_chans', '?')}, "
