@@ -3,6 +3,7 @@
   medattn bench prepare   preparing shards vs decoding the original PNGs, and reading shards
   medattn bench loader    DALI (GPU/CPU operators) vs the PyTorch DataLoader fallback
   medattn bench train     trainer images/s per stage vs a bare PyTorch loop on the same model
+  medattn bench scale     every phase (inspect ... predict) at N films: time and peak memory against the count
 
 Results go to bench-out/ by default; docs/benchmarks.md keeps the history.
 """
@@ -15,6 +16,7 @@ BENCHES = {
     "prepare": "hpc.benchmarks.prepare",
     "loader": "hpc.benchmarks.loader",
     "train": "hpc.benchmarks.train",
+    "scale": "hpc.benchmarks.scale",
 }
 
 
