@@ -91,3 +91,51 @@ def test_labels_follow_the_index_with_worker_processes(ds):
     b = next(iter(TrainLoader(ds, data, plan, 0, torch.device("cpu"), 0, kind="dali").epoch(0)))
     expect = torch.from_numpy(ds.labels_matrix())[b["index"]]
     assert torch.equal(b["labels"], expect)
+
+
+def _children() -> set[int]:
+    import multiprocessing
+
+    return {p.pid for p in multiprocessing.active_children()}
+
+
+@pytest.mark.parametrize("kind", ["torch", "dali"])
+def test_workers_persist_across_epochs_and_validations(ds, kind):
+    """With workers on, epoch 2 and the second validation reuse the processes of the first (no
+    respawn per epoch) and yield exactly the samples a worker-less loader yields; close() ends
+    them."""
+    plan = TrainPlan(ds.indices("train"), 8, 1, seed=2)
+    ref = _collect(TrainLoader(ds, _cfg(), plan, 0, torch.device("cpu"), 0, kind="torch"), 3)[0]
+    data = _cfg("data.num_workers=2")
+    before = _children()
+    loader = TrainLoader(ds, data, plan, 0, torch.device("cpu"), 0, kind=kind)
+    val = EvalLoader(ds, data, ds.indices("val"), 8, 0, 1, torch.device("cpu"), kind=kind)
+    got, workers = [], []
+    for e in range(3):
+        got += [b["index"].clone() for b in loader.epoch(e)]
+        seen = sorted(int(i) for b in val for i in b["index"][b["valid"]])
+        assert seen == sorted(ds.indices("val").tolist())
+        workers.append(_children() - before)
+    assert workers[0] and workers[0] == workers[1] == workers[2]  # the same processes every epoch
+    assert torch.equal(torch.cat(got), ref)
+    loader.close()
+    val.close()
+    import time
+
+    deadline = time.time() + 10
+    while _children() - before and time.time() < deadline:
+        time.sleep(0.1)
+    assert not (_children() - before)
+
+
+@pytest.mark.parametrize("kind", ["torch", "dali"])
+def test_an_epoch_left_half_way_does_not_upset_the_next(ds, kind):
+    plan = TrainPlan(ds.indices("train"), 8, 1, seed=3)
+    ref = _collect(TrainLoader(ds, _cfg(), plan, 0, torch.device("cpu"), 0, kind="torch"), 2)[0]
+    loader = TrainLoader(ds, _cfg("data.num_workers=1"), plan, 0, torch.device("cpu"), 0, kind=kind)
+    for k, b in enumerate(loader.epoch(0)):
+        if k == 2:
+            break
+    got = torch.cat([b["index"].clone() for b in loader.epoch(1)])
+    loader.close()
+    assert torch.equal(got, ref[plan.steps_per_epoch * 8:])

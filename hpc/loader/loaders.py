@@ -85,6 +85,7 @@ class TrainLoader(_Base):
         self.spec = ViewSpec.from_config(data, ds.image_size, ds.channels, train=True, crop=view_size)
         self._source: BatchSource | None = None
         self._next = 0
+        self._whole = True
 
     @property
     def steps_per_epoch(self) -> int:
@@ -92,7 +93,10 @@ class TrainLoader(_Base):
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         src = self._source
-        reusable = (src is not None and epoch == src.start_epoch + self._next and
+        # The backend (its workers, DALI's pipeline) carries on into the next epoch when that
+        # epoch follows a whole one; after an epoch left half-way, or for another start, it
+        # is rebuilt (DALI cannot drop what it has prefetched).
+        reusable = (src is not None and self._whole and epoch == src.start_epoch + self._next and
                     start_step == src.first_step(self._next))
         if not reusable:
             self.close()
@@ -101,8 +105,10 @@ class TrainLoader(_Base):
             self._backend = self._make_backend(src)
             self._next = 0
         idx, self._next = self._next, self._next + 1
+        self._whole = False
         for batch in self._backend.epoch(idx):
             yield self._finish(batch)
+        self._whole = True
 
 
 class EvalLoader(_Base):
