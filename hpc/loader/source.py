@@ -7,6 +7,8 @@ parallel external-source workers and DataLoader workers can each hold a copy.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from hpc.loader.plan import EvalPlan, TrainPlan
@@ -25,7 +27,7 @@ class BatchSource:
         self.start_epoch = start_epoch
         self.start_step = start_step
         self.train = isinstance(plan, TrainPlan)
-        self._cache: tuple[int, np.ndarray] | None = None
+        self._cache: tuple[int, Any] | None = None  # (epoch, its batches); (-1, samples) in evaluation
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -73,10 +75,13 @@ class BatchSource:
             views = sample_views(self.spec, self.plan.global_batch, view_rng(self.seed, epoch, step, 0))
             views = {k: v[self.rank * b:(self.rank + 1) * b] for k, v in views.items()}
         else:
-            batches = self.plan.rank_batches(self.rank)
-            if iteration >= len(batches):
+            if iteration >= self.plan.steps:
                 return None
-            idx, valid = batches[iteration]
+            if self._cache is None:  # this rank's samples, once (not per batch: that is quadratic)
+                self._cache = (-1, self.plan.rank_samples(self.rank))
+            own, own_valid = self._cache[1]
+            b = self.plan.batch_size
+            idx, valid = own[iteration * b:(iteration + 1) * b], own_valid[iteration * b:(iteration + 1) * b]
             views = sample_views(self.spec, len(idx), None)
         images = self.reader.read_batch(idx)
         # Where each view sits in the prepared image (flipped like the view), computed here on the
