@@ -490,7 +490,45 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def table(records: Sequence[dict[str, Any]]) -> str:
+    """Markdown: seconds, CPU-seconds and peak PSS/RSS per phase at each count, and the growth
+    exponents between the two largest counts (docs/benchmarks.md)."""
+    recs = sorted(records, key=lambda r: r["images"])
+    names = [p for p in PHASES if any(p in r["phases"] for r in recs)]
+    counts = [r["images"] for r in recs]
+    head = ["phase"] + [f"{c:,}: s / CPU-s / PSS / RSS MiB" for c in counts]
+    if len(recs) >= 2:
+        head += [f"exponent {counts[-2]:,} -> {counts[-1]:,}: time (CPU) / PSS"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in names:
+        cells = [name]
+        for r in recs:
+            ph = r["phases"].get(name)
+            if ph is None:
+                cells.append("")
+            elif "peak_pss_mib" in ph:
+                cells.append(f"{ph['seconds']:.1f} / {ph['cpu_seconds']:.1f} / {ph['peak_pss_mib']:.0f} / "
+                             f"{ph['peak_rss_mib']:.0f}")
+            else:
+                cells.append(f"{ph['seconds']:.1f}")
+        if len(recs) >= 2:
+            a, b = recs[-2]["phases"].get(name), recs[-1]["phases"].get(name)
+            if a and b:
+                fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+                t = exponent(counts[-2], a["seconds"], counts[-1], b["seconds"])
+                cpu = exponent(counts[-2], a.get("cpu_seconds", 0), counts[-1], b.get("cpu_seconds", 0))
+                mem = exponent(counts[-2], a.get("peak_pss_mib", 0), counts[-1], b.get("peak_pss_mib", 0))
+                cells.append(f"{fmt(t)} ({fmt(cpu)}) / {fmt(mem)}")
+            else:
+                cells.append("")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "table":
+        print(table([json.loads(Path(f).read_text()) for f in sys.argv[2:]]))
+        sys.exit(0)
     if len(sys.argv) > 1 and sys.argv[1] == "loader":
         sys.exit(_loader_main(sys.argv[2:]))
     sys.exit("usage: python -m hpc.benchmarks.scale loader ...  (the benchmark is `medattn bench scale`)")
