@@ -249,6 +249,8 @@ def run_phase(name: str, argv: Sequence[str], env: dict[str, str], log: Path, in
         tail = log.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"phase {name} failed (exit {rc}); last lines of {log}:\n{tail}")
     return {"seconds": round(wall, 2), "cpu_seconds": round(_cpu_of_children() - c0, 2),
+            # the machine's 1-minute load at the end: a shared machine's wall times read with it
+            "load_avg_1min": round(os.getloadavg()[0], 2),
             "peak_rss_mib": round(mon.peak_rss / 2**20, 1), "peak_pss_mib": round(mon.peak_pss / 2**20, 1),
             "peak_processes": mon.peak_procs}
 
