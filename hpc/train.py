@@ -270,11 +270,9 @@ def train(config: str, data: str, out: str, overrides: list[str] | None = None, 
             torch.backends.cudnn.benchmark = cfg.runtime.cudnn_benchmark and not cfg.runtime.deterministic
             if cfg.runtime.channels_last:
                 model = model.to(memory_format=torch.channels_last)
-        if cfg.runtime.sync_bn and world.distributed:
-            if device.type == "cuda":
-                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            else:  # PyTorch's SyncBatchNorm is CUDA-only
-                logger.info("runtime.sync_bn ignored on CPU (PyTorch supports SyncBatchNorm on CUDA only)")
+        model, bn_messages = apply_sync_bn(model, cfg, world, device, to_run)
+        for level, text in bn_messages:
+            getattr(logger, level)(text)
         ctx = Ctx(cfg, run, ds, spec, method, model, world, device, logger, _precision(cfg, device))
         logger.set_plan({s: (cfg.stages[s].epochs, plans[s].steps_per_epoch) for s in to_run})
         for warning in data_warnings(cfg, ds, spec, method, to_run):
@@ -306,6 +304,20 @@ def train(config: str, data: str, out: str, overrides: list[str] | None = None, 
         if logger is not None:
             logger.close()
         distributed.shutdown()
+
+
+def apply_sync_bn(model: torch.nn.Module, cfg: Config, world: distributed.World, device: torch.device,
+                  stages: list[str]) -> tuple[torch.nn.Module, list[tuple[str, str]]]:
+    """The model with SyncBatchNorm where ``runtime.sync_bn`` and the run call for it
+    (:func:`hpc.distributed.sync_bn_plan`), and the lines to log. The converted modules keep the
+    parameter and buffer names of BatchNorm, so checkpoints load into a plain model (eval,
+    predict, export build one)."""
+    per_gpu = {s: cfg.stages[s].batch_size // max(1, world.world_size) for s in stages}
+    convert, msgs = distributed.sync_bn_plan(cfg.runtime.sync_bn, world.world_size, device.type,
+                                             distributed.has_batch_norm(model), per_gpu)
+    if convert:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model, msgs
 
 
 def _check_init_from(run: Run, cfg: Config, model: torch.nn.Module, to_run: list[str]) -> None:
