@@ -25,7 +25,7 @@ import numpy as np
 
 from hpc import distributed
 from hpc.checkpoint import atomic_write_text
-from hpc.run import Run, load_run
+from hpc.run import Run, load_run, stage_selections
 from hpc.inference import run_inference
 from medattn.errors import DataError, MedattnError
 from medattn.metrics import binary_metrics, classification_metrics, extras_means, localization_metrics
@@ -95,6 +95,8 @@ def evaluate(run_dir: str, split: str = "test", data: str | None = None, stage: 
         if world.is_primary:
             out = Path(out_dir) if out_dir else run.eval_dir(split)
             result = summarize(preds, ds, spec, cfg, split, stage, str(ckpt), bootstrap)
+            # What each stage started from and which epoch it kept (AG-CNN: the fusion head).
+            result["stages"] = stage_selections(run, cfg.stage_names(), method, stage, checkpoint)
             result["time_s"] = elapsed
             result["images_per_s"] = len(preds.index) / max(elapsed, 1e-9)
             write_outputs(out, result, preds, ds, spec)

@@ -550,7 +550,18 @@ def _select_initial(ctx: Ctx, stage: str, ts: TrainState, val_loader: EvalLoader
     """Validate the stage's starting weights and make them the first best candidate (epoch 0), so
     the stage ends no worse on validation than where it started (``Method.select_initial``)."""
     sel_key = _select_key(ctx, stage)
-    metric = _metric_value(_validate(ctx, stage, val_loader), sel_key)
+    t0 = time.time()
+    ctx.logger.global_step_hint = ts.global_step
+    val_metrics = _validate(ctx, stage, val_loader)
+    metric = _metric_value(val_metrics, sel_key)
+    # The starting weights' validation is a record of its own (epoch 0, before any training step),
+    # so the curves and the report show what the stage had to beat. A relaunch after a kill
+    # validates again: its earlier epoch-0 record is replaced, not repeated.
+    ctx.logger.drop_epochs_from(stage, -1)
+    ctx.logger.epoch_record({"stage": stage, "epoch": 0, "global_step": ts.global_step, "initial": True,
+                             "val/time_s": time.time() - t0, **val_metrics, "select/metric": sel_key,
+                             "select/best": None if math.isnan(metric) else metric, "select/best_epoch": 0,
+                             "world_size": ctx.world.world_size}, ts.global_step)
     if math.isnan(metric):
         return
     ts.best, ts.best_epoch = metric, -1  # reported as epoch 0

@@ -160,6 +160,34 @@ class _Builder:
     def classes(self) -> list[str]:
         return self.art.eval_labels
 
+    @property
+    def selections(self) -> dict[str, dict[str, Any]]:
+        """Per stage: its starting weights and the epoch it kept (hpc.run.stage_selections), from
+        the run's state and records, with what eval recorded of each stage's start."""
+        from hpc.run import stage_selections
+
+        if not hasattr(self, "_selections"):
+            sel = stage_selections(Run(self.art.root), self.art.stage_names, None)
+            # The state is the truth on which epoch was kept; eval recorded what the stage started from.
+            for s, rec in ((self.m or {}).get("stages") or {}).items():
+                if s in sel and "start" in rec:
+                    sel[s].update({k: rec[k] for k in ("fusion_init", "start") if k in rec})
+                    if sel[s].get("best_epoch") == 0:
+                        sel[s]["kept"] = f"{rec['start']}, kept: no {s} epoch beat it on validation"
+            self._selections = sel
+        return self._selections
+
+    def _kept_sentence(self, stage: str) -> str:
+        """The evaluated weights of ``stage`` in words; never credits an epoch that lost."""
+        e = self.selections.get(stage) or {}
+        if e.get("best_epoch") == 0 and e.get("best_metric") is not None:
+            how = f" (agcnn.fusion_init={e['fusion_init']})" if e.get("fusion_init") else ""
+            return (f"The {stage} output is the {e.get('start', 'starting weights')}{how} it started from, kept: "
+                    f"no {stage} epoch beat it on validation, so no {stage} epoch is credited.")
+        if isinstance(e.get("best_epoch"), int) and e.get("best_metric") is not None:
+            return f"Its weights are those of {stage} epoch {e['best_epoch']} (best on validation)."
+        return ""
+
     def _eval_cmd(self) -> str:
         cmd = f"medattn eval --run {self.art.root} --split {self.art.split}"
         if self.data_arg:
@@ -192,6 +220,9 @@ class _Builder:
                       Strong(f"'{a.split_kind or '?'}' split"),
                       f" ({m.get('n_images', '?')} images), model of stage {m.get('stage', '?')} "
                       f"({Path(str(m.get('checkpoint', '?'))).name}). "]
+            if Path(str(m.get("checkpoint", ""))).stem == "best":
+                kept = self._kept_sentence(str(m.get("stage")))
+                parts += [kept + " "] if kept else []
         parts.append(f"Report written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.")
         self.add(Para(Text(parts)))
         self.data_banner()
@@ -319,8 +350,17 @@ class _Builder:
                 continue
             good = [(e, v) for e, v in zip(ep, val) if not math.isnan(v)]
             part = f"{s}: "
-            if good:
+            sel = self.selections.get(s) or {}
+            if good and sel.get("best_epoch") == 0 and finite(sel.get("best_metric")):
+                bv = float(sel["best_metric"])
+                trained = [v for e, v in good if e > 0]
+                part += (f"val mean AUROC {bv:.3f} at the start (epoch 0, the {sel.get('start', 'starting weights')}); "
+                         f"no {s} epoch beat it" + (f" (best trained epoch {max(trained):.3f})" if trained else "")
+                         + f", so the {sel.get('start', 'starting weights')} was kept, {bv - CHANCE:+.3f} over chance (0.5)")
+            elif good:
                 be, bv = max(good, key=lambda t: t[1])
+                if isinstance(sel.get("best_epoch"), int) and finite(sel.get("best_metric")):
+                    be, bv = sel["best_epoch"], float(sel["best_metric"])
                 part += (f"val mean AUROC {good[0][1]:.3f} (epoch {good[0][0]}) → best {bv:.3f} (epoch {be}), "
                          f"{bv - CHANCE:+.3f} over chance (0.5)")
             else:
@@ -456,7 +496,12 @@ class _Builder:
                            + (f"'{self.art.split_kind}' split, comparable protocol."
                               if P.protocol_matches(self.art.split_kind, P.AGCNN_PROTOCOL)
                               and self.art.data_kind == "nih" else
-                              f"'{self.art.split_kind}' split, not comparable (other protocol or data).")))
+                              f"'{self.art.split_kind}' split, not comparable (other protocol or data).")
+                           + (" " + self._kept_sentence("fusion") + " Its column is therefore the global "
+                              "column's model, up to float rounding."
+                              if (self.selections.get("fusion") or {}).get("best_epoch") == 0
+                              and (self.selections.get("fusion") or {}).get("fusion_init") == "global"
+                              and "fusion" in m["auroc"] else "")))
         self._binary_table()
         if self.art.split_kind == "official":
             self.add(Heading(3, "Official-split references"))
@@ -563,15 +608,23 @@ class _Builder:
             st = self.art.state.get("stages", {}).get(s, {})
             good = [(e, v) for e, v in zip(ep, val) if not math.isnan(v)]
             best = max(good, key=lambda t: t[1]) if good else None
+            sel = self.selections.get(s) or {}
+            if isinstance(sel.get("best_epoch"), int) and finite(sel.get("best_metric")):
+                best = (sel["best_epoch"], float(sel["best_metric"]))  # the kept epoch, as selected
+            best_cell = "n/a" if best is None else (
+                f"{best[1]:.3f} (epoch 0: {sel.get('start', 'starting weights')} kept)" if best[0] == 0
+                else f"{best[1]:.3f} (epoch {best[0]})")
             fl = [v for v in loss if not math.isnan(v)]
-            rows.append([s, f"{len(ep)}/{planned}", "yes" if st.get("done") else "no",
+            rows.append([s, f"{len([e for e in ep if e > 0])}/{planned}", "yes" if st.get("done") else "no",
                          fmt(good[0][1]) if good else "n/a",
-                         f"{best[1]:.3f} (epoch {best[0]})" if best else "n/a",
+                         best_cell,
                          fmt(fl[0]) if fl else "n/a", fmt(fl[-1]) if fl else "n/a"])
         self.add(Table(["stage", "epochs", "finished", "first val AUROC", "best val AUROC", "first train loss",
                         "last train loss"], rows, numeric={3, 4, 5, 6},
                        caption="Validation AUROC = mean over the evaluated classes of the stage's branch. "
-                               "Chance = 0.5."))
+                               "Epoch 0 = the stage's starting weights, validated before any training step "
+                               "(AG-CNN's fusion head with agcnn.fusion_init global/branches); a best at epoch 0 "
+                               "means no trained epoch beat them and they were kept. Chance = 0.5."))
 
     # ------------------------------------------------------------------ localisation
     def localisation(self) -> None:

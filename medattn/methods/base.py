@@ -191,6 +191,12 @@ class Method:
         best checkpoint, validated before the first epoch (default: no)."""
         return False
 
+    def stage_start(self, stage: str) -> dict[str, Any]:
+        """What ``stage`` starts from, for the record (eval's metrics.json, the report): ``start``,
+        the starting weights in words (e.g. "global head"), and the config keys that chose them
+        (default: nothing to say)."""
+        return {}
+
     def set_train_mode(self, model: nn.Module, stage: str) -> None:
         """Frozen parts run in eval mode (their BatchNorm statistics must not drift)."""
         model.eval()
