@@ -50,7 +50,8 @@ class OptimizerConfig:
 
 @dataclass
 class SchedulerConfig:
-    # none | step (x gamma every step_epochs) | multistep (x gamma at milestones)
+    # none | step (x gamma every step_epochs) | exp (x gamma^((epoch + i/steps) / step_epochs), set per
+    # iteration: CAL's schedule) | multistep (x gamma at milestones)
     # | plateau (on the stage's select metric) | cosine | onecycle
     name: str = "step"
     step_epochs: int = 20
@@ -566,7 +567,7 @@ _CHOICES = {
 }
 _STAGE_CHOICES = {
     "optimizer.name": ("sgd", "adam", "adamw"),
-    "scheduler.name": ("none", "step", "multistep", "plateau", "cosine", "onecycle"),
+    "scheduler.name": ("none", "step", "exp", "multistep", "plateau", "cosine", "onecycle"),
     "select_mode": ("max", "min"),
     "scheduler.monitor_mode": ("", "min", "max"),
 }
