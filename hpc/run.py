@@ -520,6 +520,8 @@ class LoadedRun:
     note: str = ""
     data: str | None = None  # the prepared directory, when one was used
     info: dict | None = None  # the checkpoint's inference record (hpc.checkpoint.inference_record)
+    # The split the checkpoint was trained on ({name, seed, hash}; None: an older checkpoint).
+    trained_split: dict | None = None
 
 
 def load_run(run_dir: str | os.PathLike | Run, stage: str | None = None, checkpoint: str = "best",
@@ -569,4 +571,5 @@ def load_run(run_dir: str | os.PathLike | Run, stage: str | None = None, checkpo
         raise DataError(path, f"checkpoint does not fit the run's model: {str(e).splitlines()[0]}") from None
     method.load_extra_state(state.get("method", {}))
     model.eval()
-    return LoadedRun(run, cfg, spec, method, model, stage, path, dev, note, data_dir, state.get("inference"))
+    return LoadedRun(run, cfg, spec, method, model, stage, path, dev, note, data_dir, state.get("inference"),
+                     (state.get("spec") or {}).get("split"))

@@ -166,7 +166,8 @@ def _init_run_dir(run: Run, cfg: Config, world: distributed.World) -> None:
     distributed.barrier()
 
 
-def _write_provenance(run: Run, cfg: Config, data: str, world: distributed.World) -> None:
+def _write_provenance(run: Run, cfg: Config, data: str, world: distributed.World,
+                      split: dict[str, Any] | None = None) -> None:
     hosts = distributed.all_gather_object(socket.gethostname())
     if not world.is_primary:
         return
@@ -181,6 +182,7 @@ def _write_provenance(run: Run, cfg: Config, data: str, world: distributed.World
         "device": distributed.device_info(),
         "seed": cfg.seed,
         "data": str(Path(data).resolve()),
+        "split": split,  # name, seed and hash of the assignment (also in every checkpoint's spec)
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
     }
     run.append_provenance(rec)
@@ -260,7 +262,7 @@ def train(config: str, data: str, out: str, overrides: list[str] | None = None, 
         if world.is_primary and run.exists() and run.raised_epochs(cfg):
             run.reopen(cfg, all_stages)
         _init_run_dir(run, cfg, world)
-        _write_provenance(run, cfg, data, world)
+        _write_provenance(run, cfg, data, world, ds.split_record())
         distributed.log_device(log)
         logger = RunLogger(run, world.is_primary, cfg.runtime.progress, cfg.runtime.tensorboard,
                            cfg.runtime.log_every)

@@ -177,6 +177,29 @@ class _Builder:
             self._selections = sel
         return self._selections
 
+    def _mean_over(self) -> dict[str, Any]:
+        """Which evaluated classes the mean AUROC averages (eval's ``mean_over``; else all of them)."""
+        mo = (self.m or {}).get("mean_over")
+        if isinstance(mo, dict) and "n" in mo:
+            return mo
+        return {"n": len(self.classes), "of": len(self.classes), "classes": list(self.classes), "excluded": {}}
+
+    def _mean_over_text(self) -> str:
+        """"13 of 14 classes (Hernia has no positives in this split)" or "these 4 classes"."""
+        mo = self._mean_over()
+        if not mo.get("excluded"):
+            return f"these {mo['n']} classes"
+        why = "; ".join(f"{c} has {r}" for c, r in mo["excluded"].items())
+        return f"{mo['n']} of {mo['of']} classes ({why})"
+
+    def _mean_interval_note(self) -> str:
+        """Name the "too few" classes whose resamples the mean's interval still averages."""
+        few = sorted({c for v in ((self.m or {}).get("auroc_ci_too_few") or {}).values() for c in v})
+        if not few:
+            return ""
+        return (f" The mean's 95% interval averages every class of the mean in each resample, including the "
+                f"'too few' ones ({', '.join(few)}), whose own intervals are not given.")
+
     def _kept_sentence(self, stage: str) -> str:
         """The evaluated weights of ``stage`` in words; never credits an epoch that lost."""
         e = self.selections.get(stage) or {}
@@ -220,12 +243,27 @@ class _Builder:
                       Strong(f"'{a.split_kind or '?'}' split"),
                       f" ({m.get('n_images', '?')} images), model of stage {m.get('stage', '?')} "
                       f"({Path(str(m.get('checkpoint', '?'))).name}). "]
+            sp = m.get("split_provenance") or {}
+            if sp.get("hash"):
+                parts.append(f"Split '{sp.get('name')}', seed {sp.get('seed')}, assignment hash {sp['hash']}"
+                             + ("" if not sp.get("trained_on") else
+                                " (the split the model was trained on)" if sp.get("same_as_training") else
+                                f"; the model was trained on another split ('{sp['trained_on'].get('name')}', hash "
+                                f"{sp['trained_on'].get('hash')}): its test images may be training images")
+                             + ". ")
             if Path(str(m.get("checkpoint", ""))).stem == "best":
                 kept = self._kept_sentence(str(m.get("stage")))
                 parts += [kept + " "] if kept else []
         parts.append(f"Report written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.")
         self.add(Para(Text(parts)))
         self.data_banner()
+        sp = (m or {}).get("split_provenance") or {}
+        if sp.get("same_as_training") is False:
+            self.add(Banner("danger", "Evaluated on another split than the model was trained on.", Text.of(
+                f"Evaluated split '{sp.get('name')}' (hash {sp.get('hash')}), trained on '"
+                f"{(sp.get('trained_on') or {}).get('name')}' (hash {(sp.get('trained_on') or {}).get('hash')}); "
+                "eval ran with --allow-split-mismatch. Test images may be training images: these numbers "
+                "overstate the model.")))
         self.split_banner()
         self.eval_banners()
 
@@ -281,6 +319,11 @@ class _Builder:
             leak = " No patient has images in two parts."
         same = self._comparable_columns()
         cols = "; ".join(f"{c.name}: {P.PROTOCOLS[c.protocol]}" for c in P.AUROC_TABLES)
+        by_reading = [c for c in P.AUROC_TABLES if P.reading_matches(kind, c)]
+        reading = ("" if not by_reading else
+                   " Same split as medattn's reading of " + ", ".join(c.name for c in by_reading)
+                   + " (" + "; ".join(f"{c.name}: {c.reading_note}" for c in by_reading)
+                   + "): a comparison rests on that reading, not on the source.")
         if same:
             names = ", ".join(c.name for c in same)
             verdict = (f"Comparable (same split protocol, different test images): {names}."
@@ -291,7 +334,7 @@ class _Builder:
                 f"This run uses {what}.{leak} {verdict} Protocols of the published columns: {cols}.")))
         else:
             self.add(Banner("warn", f"Split: {kind} — not comparable with the papers below.", Text.of(
-                f"This run uses {what}.{leak} No published column below used this protocol ({cols}); "
+                f"This run uses {what}.{leak} No published column below states this protocol ({cols}).{reading} "
                 "official-split results run about 0.80–0.83 mean AUROC for single models (chestxray14.md §4). "
                 + ("Official-split references are listed under Classification." if kind == "official" else ""))))
 
@@ -318,6 +361,11 @@ class _Builder:
                 f"It evaluated stage '{m['stage']}', but stage '{last}' has finished since. Run ",
                 Code(self._eval_cmd()), " again (or report with --eval).")))
         cls = self.classes
+        mo = self._mean_over()
+        if mo.get("excluded"):
+            self.add(Banner("warn", f"Mean AUROC over {self._mean_over_text()}.", Text.of(
+                "A class without positives (or without negatives) in the evaluated split has no AUROC, so the "
+                f"mean averages the other {mo['n']}: {', '.join(mo['classes'])}.")))
         if cls and list(cls) != list(DISEASES):
             self.add(Banner("warn", f"Mean AUROC over {len(cls)} classes, not the 14 diseases.", Text.of(
                 f"This run's evaluated classes are {', '.join(cls)}; published means average the 14 ChestX-ray14 "
@@ -392,7 +440,7 @@ class _Builder:
         mean = self.m["auroc"][b].get("mean")
         cls = self.classes
         same = [f"{c.name} {fmt(P.published_mean(c, cls))}" for c in P.AUROC_TABLES[:3]]
-        txt = (f"{b} mean AUROC {fmt(mean)} over {len(cls)} classes; published over the same classes: "
+        txt = (f"{b} mean AUROC {fmt(mean)} over {self._mean_over_text()}; published over the same classes: "
                + ", ".join(same) + f" (AG-CNN reported means: ResNet-50 {P.AGCNN_R50.mean}, DenseNet-121 "
                f"{P.AGCNN_D121.mean}, over 14 diseases).")
         caveats = []
@@ -454,7 +502,8 @@ class _Builder:
             + (f"; 'too few' = fewer than {m.get('bootstrap_min_positives')} positive patients, no interval"
                if m.get("bootstrap_min_positives") else "")
             + ". Published columns and their split protocols: "
-            + "; ".join(f"{c.name} ({P.PROTOCOLS[c.protocol]}: "
+            + "; ".join(f"{c.name} ({P.PROTOCOLS[c.protocol]}"
+                        + (f", read as {P.PROTOCOLS[c.reading]}" if c.reading else "") + ": "
                         + ("comparable" if c in self._comparable_columns() and self.art.data_kind == "nih"
                            else "not comparable") + ")" for c in P.AUROC_TABLES)
             + " (see Sources).")))
@@ -471,7 +520,7 @@ class _Builder:
                 row.append(cell)
             row += [fmt(col.per_class.get(c)) if c in col.per_class else "—" for col in P.AUROC_TABLES]
             rows.append(row)
-        mean_row = [f"mean over these {len(self.classes)} classes", ""]
+        mean_row = [f"mean over {self._mean_over_text()}", ""]
         mean_row += [fmt_ci(m["auroc"][b].get("mean"), ci.get(b, {}).get("mean")) for b in branches]
         mean_row += [fmt(P.published_mean(col, self.classes)) for col in P.AUROC_TABLES]
         rows.append(mean_row)
@@ -482,7 +531,8 @@ class _Builder:
         nb = len(branches)
         self.add(Table(header, rows, numeric=set(range(1, 2 + nb + len(P.AUROC_TABLES))), strong_rows=strong,
                        caption="n+ = positive images of the class in the evaluated split. A class without positives "
-                               "has no AUROC (n/a). AG-CNN columns are the paper's AG-CNN (fusion) rows."))
+                               "has no AUROC (n/a) and is left out of the mean. AG-CNN columns are the paper's AG-CNN "
+                               "(fusion) rows." + self._mean_interval_note()))
         # Branch means against AG-CNN Table I.
         if m.get("method") == "agcnn" or set(branches) & {"global", "local", "fusion"}:
             self.add(Heading(3, "Branch means beside AG-CNN Table I"))
@@ -496,6 +546,8 @@ class _Builder:
                            + (f"'{self.art.split_kind}' split, comparable protocol."
                               if P.protocol_matches(self.art.split_kind, P.AGCNN_PROTOCOL)
                               and self.art.data_kind == "nih" else
+                              f"'{self.art.split_kind}' split, not comparable (the paper does not state image or "
+                              f"patient, or other data)." if P.AGCNN_PROTOCOL == "unstated" else
                               f"'{self.art.split_kind}' split, not comparable (other protocol or data).")
                            + (" " + self._kept_sentence("fusion") + " Its column is therefore the global "
                               "column's model, up to float rounding."
