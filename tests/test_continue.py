@@ -56,8 +56,8 @@ def test_more_epochs_continue_the_run(prep, finished, tmp_path, capsys):
     # fusion epoch 0: the validation of its starting head (fusion_init global), a record of its own
     assert [(r["stage"], r["epoch"]) for r in recs] == [("global", 1), ("local", 1), ("fusion", 0), ("fusion", 1),
                                                         ("fusion", 2)]
-    assert recs[:3] == before  # the trained epochs' records are kept as they were
-    assert recs[3]["global_step"] == 2 * spe  # the counter continues: one new epoch of steps
+    assert recs[:4] == before  # the trained epochs' records are kept as they were
+    assert recs[4]["global_step"] == 2 * spe  # the counter continues: one new epoch of steps
     assert "resuming at epoch 2" in capsys.readouterr().out
     g = torch.load(run / "ckpt" / "global" / "best.pt", weights_only=True)["model"]
     assert all(torch.equal(g[k], global_before[k]) for k in g)
@@ -76,7 +76,7 @@ def test_more_epochs_continue_the_run(prep, finished, tmp_path, capsys):
 
     # the same command again: nothing to do; fewer epochs: refused, nothing changed
     assert train_mod.main([*args, "stages.fusion.epochs=2", "stages.global.epochs=2"]) == 0
-    assert len(_records(run)) == 5
+    assert len(_records(run)) == 6
     assert train_mod.main([*args, "stages.fusion.epochs=2"]) == 2
     assert "stages.global.epochs=1 is lower than the run's 2" in capsys.readouterr().err
     # any other change is still refused
