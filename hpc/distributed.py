@@ -271,6 +271,45 @@ def set_rng_state(state: dict[str, Any]) -> None:
                           f"{torch.cuda.device_count()}: CUDA random streams are not restored")
 
 
+# Below this many images per GPU, per-GPU batch statistics are noisy enough to change the model
+# (CAL and WS-DAN train with 4 per GPU and synchronise; AG-CNN's 1-GPU batch is 64-128).
+SMALL_BN_BATCH = 16
+
+
+def has_batch_norm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def sync_bn_plan(setting: bool | str, world_size: int, device_type: str, has_bn: bool,
+                 per_gpu_batches: dict[str, int]) -> tuple[bool, list[tuple[str, str]]]:
+    """Whether to convert the model's batch norm to SyncBatchNorm, and what to tell the user.
+
+    ``setting`` is ``runtime.sync_bn`` (auto | true | false); ``per_gpu_batches``: each stage's
+    training images per process (its global batch / world size). Returns (convert, messages),
+    a message being (``"info"`` | ``"warning"``, text). Converts only a model with batch norm, in
+    a multi-process run, on CUDA (PyTorch's SyncBatchNorm synchronises CUDA tensors only)."""
+    msgs: list[tuple[str, str]] = []
+    if not has_bn or world_size <= 1:
+        return False, msgs  # nothing to synchronise: one process sees the whole global batch
+    small = {s: b for s, b in per_gpu_batches.items() if b < SMALL_BN_BATCH}
+    each = ", ".join(f"{s} {b}" for s, b in per_gpu_batches.items())
+    if setting is False:
+        if small:
+            msgs.append(("warning", "runtime.sync_bn=false: batch norm normalises over each GPU's own images, "
+                                    f"{', '.join(f'{b} per GPU in stage {s}' for s, b in small.items())} "
+                                    f"({world_size} processes), not over the global batch: a different model from "
+                                    "the 1-GPU run of this config. runtime.sync_bn=auto synchronises it."))
+        return False, msgs
+    if device_type != "cuda":
+        msgs.append(("info", f"runtime.sync_bn={'auto' if setting == 'auto' else 'true'}: batch norm cannot be "
+                              f"synchronised on {device_type} (PyTorch's SyncBatchNorm is CUDA-only): each of the "
+                              f"{world_size} processes normalises over its own images (per process: {each})"))
+        return False, msgs
+    msgs.append(("info", f"SyncBatchNorm: batch statistics over the global batch of all {world_size} processes "
+                         f"(runtime.sync_bn={'auto' if setting == 'auto' else 'true'}; per process: {each})"))
+    return True, msgs
+
+
 def wrap_step(module: torch.nn.Module, world: World, device: torch.device, compile: bool = False,
               compile_mode: str = "default") -> torch.nn.Module:
     """The training step module as the trainer (and ``medattn bench train``) runs it: DDP when

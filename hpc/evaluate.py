@@ -25,7 +25,7 @@ import numpy as np
 
 from hpc import distributed
 from hpc.checkpoint import atomic_write_text
-from hpc.run import Run, load_run
+from hpc.run import Run, load_run, stage_selections
 from hpc.inference import run_inference
 from medattn.errors import DataError, MedattnError
 from medattn.metrics import binary_metrics, classification_metrics, extras_means, localization_metrics
@@ -39,13 +39,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint of the stage")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals (0 = off)")
     p.add_argument("--out-dir", default=None, help="where to write (default RUN/eval or RUN/eval_<split>)")
+    p.add_argument("--allow-split-mismatch", action="store_true",
+                   help="evaluate on a prepared directory whose split assignment differs from the one the checkpoint "
+                        "was trained on (refused by default: its test images may have been trained on); both splits "
+                        "are recorded in metrics.json")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="runtime overrides only (e.g. runtime.device=cpu data.loader=torch)")
 
 
 def run(args: argparse.Namespace) -> int:
     return evaluate(args.run, split=args.split, data=args.data, stage=args.stage, checkpoint=args.checkpoint,
-                    bootstrap=args.bootstrap, out_dir=args.out_dir, overrides=args.overrides)
+                    bootstrap=args.bootstrap, out_dir=args.out_dir, overrides=args.overrides,
+                    allow_split_mismatch=args.allow_split_mismatch)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def evaluate(run_dir: str, split: str = "test", data: str | None = None, stage: str | None = None,
              checkpoint: str = "best", bootstrap: int = 1000, out_dir: str | None = None,
-             overrides: list[str] | None = None) -> int:
+             overrides: list[str] | None = None, allow_split_mismatch: bool = False) -> int:
     from medattn.data.prepared import PreparedDataset
     from hpc.loader import EvalLoader
 
@@ -79,6 +84,7 @@ def evaluate(run_dir: str, split: str = "test", data: str | None = None, stage: 
         ds = PreparedDataset.open(data)
         lr = load_run(run, stage, checkpoint, device, data=data, overrides=overrides)
         method, model, spec = lr.method, lr.model, lr.spec
+        split_rec = check_split(lr.trained_split, ds.split_record(), data, lr.checkpoint, allow_split_mismatch)
         scfg = cfg.stages[stage]
         per_rank = max(1, (scfg.eval_batch_size or scfg.batch_size) // world.world_size)
         loader = EvalLoader(ds, cfg.data, ds.indices(split), per_rank, world.rank, world.world_size, device,
@@ -95,6 +101,9 @@ def evaluate(run_dir: str, split: str = "test", data: str | None = None, stage: 
         if world.is_primary:
             out = Path(out_dir) if out_dir else run.eval_dir(split)
             result = summarize(preds, ds, spec, cfg, split, stage, str(ckpt), bootstrap)
+            # What each stage started from and which epoch it kept (AG-CNN: the fusion head).
+            result["stages"] = stage_selections(run, cfg.stage_names(), method, stage, checkpoint)
+            result["split_provenance"] = split_rec
             result["time_s"] = elapsed
             result["images_per_s"] = len(preds.index) / max(elapsed, 1e-9)
             write_outputs(out, result, preds, ds, spec)
@@ -103,6 +112,23 @@ def evaluate(run_dir: str, split: str = "test", data: str | None = None, stage: 
         return 0
     finally:
         distributed.shutdown()
+
+
+def check_split(trained: dict | None, evaluated: dict[str, Any], data: str, ckpt, allow: bool) -> dict[str, Any]:
+    """The split record for metrics.json: the evaluated directory's split (name, seed, hash), the
+    one the checkpoint was trained on, and whether they are the same assignment. A different
+    assignment is refused by name (its test images may be training images of this model) unless
+    ``allow`` (``--allow-split-mismatch``)."""
+    out = {**evaluated, "trained_on": trained,
+           "same_as_training": None if not trained else trained.get("hash") == evaluated["hash"]}
+    if trained and trained.get("hash") != evaluated["hash"] and not allow:
+        def name(r):
+            return f"'{r.get('name')}' (seed {r.get('seed')}, hash {r.get('hash')})"
+        raise DataError(Path(data), f"split {name(evaluated)} differs from the split {name(trained)} that "
+                                    f"{ckpt} was trained on: its test images may be training images of this model. "
+                                    "Evaluate on the prepared directory the run trained on, or pass "
+                                    "--allow-split-mismatch to evaluate anyway (both splits are recorded)")
+    return out
 
 
 def summarize(preds, ds, spec, cfg, split: str, stage: str, ckpt: str, bootstrap: int) -> dict[str, Any]:
@@ -115,6 +141,7 @@ def summarize(preds, ds, spec, cfg, split: str, stage: str, ckpt: str, bootstrap
         "eval_labels": list(spec.eval_labels), "label_names": list(spec.label_names),
         "auroc": classification_metrics(preds, labels, spec, ds.targets()),
     }
+    result["mean_over"] = mean_coverage(result["auroc"], labels[preds.index], spec)
     if bootstrap > 0:
         y = labels[preds.index]
         # Patient-clustered: a patient's images are resampled together (medattn/metrics/bootstrap.py).
@@ -147,6 +174,33 @@ def summarize(preds, ds, spec, cfg, split: str, stage: str, ckpt: str, bootstrap
             name: {"mean": mean, "n": int(np.isfinite(np.asarray(preds.extras[name], np.float64)).sum())}
             for name, mean in extras_means(preds).items()}
     return result
+
+
+def mean_coverage(auroc: dict[str, Any], y: np.ndarray, spec) -> dict[str, Any]:
+    """Which evaluated classes the mean AUROC averages, and why the others are left out ("no
+    positives in this split"): ``{"n", "of", "classes", "excluded": {class: reason}, "text"}``."""
+    names = list(spec.label_names)
+    evaluated = list(spec.eval_labels)
+    defined = [c for c in evaluated if auroc and all(_finite(auroc[b].get(c)) for b in auroc)]
+    excluded = {}
+    for c in evaluated:
+        if c in defined:
+            continue
+        j = names.index(c)
+        col = y[:, j] > 0 if spec.task != "singlelabel" and y.ndim == 2 else None
+        if col is not None and not col.any():
+            excluded[c] = "no positives in this split"
+        elif col is not None and col.all():
+            excluded[c] = "no negatives in this split"
+        else:
+            excluded[c] = "no AUROC"
+    text = (f"{len(defined)} of {len(evaluated)}"
+            + (": " + "; ".join(f"{c} has {r}" for c, r in excluded.items()) if excluded else ""))
+    return {"n": len(defined), "of": len(evaluated), "classes": defined, "excluded": excluded, "text": text}
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
 
 
 def write_outputs(out: Path, result: dict[str, Any], preds, ds, spec) -> None:
@@ -212,6 +266,8 @@ def print_summary(result: dict[str, Any], out: Path) -> None:
         print(f"\nAUROC on the {result['split']} split ({result['n_images']} images, split '{result['split_kind']}', "
               f"stage {result['stage']}):\n")
         print(auroc_table(result))
+        if (result.get("mean_over") or {}).get("excluded"):
+            print(f"\nmean over {result['mean_over']['text']}")
         if result.get("bootstrap_method"):
             few = sorted({c for v in (result.get("auroc_ci_too_few") or {}).values() for c in v})
             print(f"\n95% intervals: {result['bootstrap_method']}, {result['bootstrap']} resamples of "

@@ -183,7 +183,7 @@ class Run:
             for s in restarted:
                 for kind in CHECKPOINT_KINDS:
                     self.checkpoint(s, kind).unlink(missing_ok=True)
-                self.drop_records_from(s, 0)
+                self.drop_records_from(s, -1)  # its epoch-0 record too: the stage starts again
         self.save_config(cfg)
         return continued, restarted
 
@@ -272,7 +272,8 @@ class Run:
 
     def drop_records_from(self, stage: str, epoch: int) -> None:
         """Remove records of ``stage`` after ``epoch`` epochs (they are about to be retrained), so
-        each (stage, epoch) appears once."""
+        each (stage, epoch) appears once; ``epoch=-1`` removes the epoch-0 record (the validation of
+        the starting weights) too."""
         if not self.metrics_path.is_file():
             return
         keep = [json.dumps(r) for r in self.records() if not (r.get("stage") == stage and r.get("epoch", 0) > epoch)]
@@ -373,6 +374,47 @@ class Run:
             shutil.copy2(base.provenance_path, self.provenance_path)
         self.save_config(cfg)
         return True
+
+
+def stage_selections(run: Run, order: list[str], method, evaluated: str | None = None,
+                     checkpoint: str = "best") -> dict[str, dict[str, Any]]:
+    """Per stage of ``order``: what it started from and which of its epochs was kept, in data and in
+    words, from state.json and the epoch records (eval's metrics.json ``stages``; the report).
+
+    Each entry: ``epochs`` (trained), ``best_epoch`` (0 = the starting weights, validated before
+    any training step, were kept: no epoch beat them), ``best_metric``, ``select_metric``, the
+    method's :meth:`~medattn.methods.base.Method.stage_start` keys (AG-CNN fusion: ``fusion_init``,
+    ``start``) and ``kept``, e.g. "global head, kept: no fusion epoch beat it on validation" or
+    "fusion epoch 2". The ``evaluated`` stage also gets ``checkpoint`` and ``evaluated`` (the epoch
+    its ``checkpoint`` holds)."""
+    st = run.state()["stages"]
+    recs = run.records()
+    out: dict[str, dict[str, Any]] = {}
+    for s in order:
+        info = st.get(s, {})
+        mine = [r for r in recs if r.get("stage") == s]
+        if not info and not mine:
+            continue
+        last = mine[-1] if mine else {}
+        best_epoch = info.get("best_epoch", last.get("select/best_epoch"))
+        e: dict[str, Any] = {
+            "epochs": info.get("epochs", max((int(r.get("epoch", 0)) for r in mine), default=0)),
+            "done": bool(info.get("done")), "best_epoch": best_epoch,
+            "best_metric": info.get("best_metric", last.get("select/best")),
+            "select_metric": info.get("metric", last.get("select/metric")),
+            **(method.stage_start(s) if method is not None else {})}
+        start = e.get("start", "starting weights")
+        if e["best_metric"] is None:
+            e["kept"] = "no validated epoch (the final weights)"
+        elif best_epoch == 0:
+            e["kept"] = f"{start}, kept: no {s} epoch beat it on validation"
+        else:
+            e["kept"] = f"{s} epoch {best_epoch}"
+        if s == evaluated:
+            e["checkpoint"] = checkpoint
+            e["evaluated"] = e["kept"] if checkpoint == "best" else f"{s} epoch {e['epochs']} (last checkpoint)"
+        out[s] = e
+    return out
 
 
 def _without_raised_epochs(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -478,6 +520,8 @@ class LoadedRun:
     note: str = ""
     data: str | None = None  # the prepared directory, when one was used
     info: dict | None = None  # the checkpoint's inference record (hpc.checkpoint.inference_record)
+    # The split the checkpoint was trained on ({name, seed, hash}; None: an older checkpoint).
+    trained_split: dict | None = None
 
 
 def load_run(run_dir: str | os.PathLike | Run, stage: str | None = None, checkpoint: str = "best",
@@ -527,4 +571,5 @@ def load_run(run_dir: str | os.PathLike | Run, stage: str | None = None, checkpo
         raise DataError(path, f"checkpoint does not fit the run's model: {str(e).splitlines()[0]}") from None
     method.load_extra_state(state.get("method", {}))
     model.eval()
-    return LoadedRun(run, cfg, spec, method, model, stage, path, dev, note, data_dir, state.get("inference"))
+    return LoadedRun(run, cfg, spec, method, model, stage, path, dev, note, data_dir, state.get("inference"),
+                     (state.get("spec") or {}).get("split"))

@@ -36,6 +36,10 @@ class LRSchedule:
             f = 1.0
         elif c.name == "step":
             f = c.gamma ** (epoch // max(1, c.step_epochs))
+        elif c.name == "exp":
+            # CAL (fgvc/train_distributed.py adjust_learning): gamma^((epoch + i/len) / step_epochs),
+            # set at every iteration i of the epoch; not WS-DAN's StepLR, which holds it for step_epochs
+            f = c.gamma ** (t / max(1, c.step_epochs))
         elif c.name == "multistep":
             f = c.gamma ** sum(epoch >= m for m in c.milestones)
         elif c.name == "cosine":

@@ -166,7 +166,8 @@ def _init_run_dir(run: Run, cfg: Config, world: distributed.World) -> None:
     distributed.barrier()
 
 
-def _write_provenance(run: Run, cfg: Config, data: str, world: distributed.World) -> None:
+def _write_provenance(run: Run, cfg: Config, data: str, world: distributed.World,
+                      split: dict[str, Any] | None = None) -> None:
     hosts = distributed.all_gather_object(socket.gethostname())
     if not world.is_primary:
         return
@@ -181,6 +182,7 @@ def _write_provenance(run: Run, cfg: Config, data: str, world: distributed.World
         "device": distributed.device_info(),
         "seed": cfg.seed,
         "data": str(Path(data).resolve()),
+        "split": split,  # name, seed and hash of the assignment (also in every checkpoint's spec)
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
     }
     run.append_provenance(rec)
@@ -260,7 +262,7 @@ def train(config: str, data: str, out: str, overrides: list[str] | None = None, 
         if world.is_primary and run.exists() and run.raised_epochs(cfg):
             run.reopen(cfg, all_stages)
         _init_run_dir(run, cfg, world)
-        _write_provenance(run, cfg, data, world)
+        _write_provenance(run, cfg, data, world, ds.split_record())
         distributed.log_device(log)
         logger = RunLogger(run, world.is_primary, cfg.runtime.progress, cfg.runtime.tensorboard,
                            cfg.runtime.log_every)
@@ -270,11 +272,9 @@ def train(config: str, data: str, out: str, overrides: list[str] | None = None, 
             torch.backends.cudnn.benchmark = cfg.runtime.cudnn_benchmark and not cfg.runtime.deterministic
             if cfg.runtime.channels_last:
                 model = model.to(memory_format=torch.channels_last)
-        if cfg.runtime.sync_bn and world.distributed:
-            if device.type == "cuda":
-                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            else:  # PyTorch's SyncBatchNorm is CUDA-only
-                logger.info("runtime.sync_bn ignored on CPU (PyTorch supports SyncBatchNorm on CUDA only)")
+        model, bn_messages = apply_sync_bn(model, cfg, world, device, to_run)
+        for level, text in bn_messages:
+            getattr(logger, level)(text)
         ctx = Ctx(cfg, run, ds, spec, method, model, world, device, logger, _precision(cfg, device))
         logger.set_plan({s: (cfg.stages[s].epochs, plans[s].steps_per_epoch) for s in to_run})
         for warning in data_warnings(cfg, ds, spec, method, to_run):
@@ -306,6 +306,20 @@ def train(config: str, data: str, out: str, overrides: list[str] | None = None, 
         if logger is not None:
             logger.close()
         distributed.shutdown()
+
+
+def apply_sync_bn(model: torch.nn.Module, cfg: Config, world: distributed.World, device: torch.device,
+                  stages: list[str]) -> tuple[torch.nn.Module, list[tuple[str, str]]]:
+    """The model with SyncBatchNorm where ``runtime.sync_bn`` and the run call for it
+    (:func:`hpc.distributed.sync_bn_plan`), and the lines to log. The converted modules keep the
+    parameter and buffer names of BatchNorm, so checkpoints load into a plain model (eval,
+    predict, export build one)."""
+    per_gpu = {s: cfg.stages[s].batch_size // max(1, world.world_size) for s in stages}
+    convert, msgs = distributed.sync_bn_plan(cfg.runtime.sync_bn, world.world_size, device.type,
+                                             distributed.has_batch_norm(model), per_gpu)
+    if convert:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model, msgs
 
 
 def _check_init_from(run: Run, cfg: Config, model: torch.nn.Module, to_run: list[str]) -> None:
@@ -538,7 +552,18 @@ def _select_initial(ctx: Ctx, stage: str, ts: TrainState, val_loader: EvalLoader
     """Validate the stage's starting weights and make them the first best candidate (epoch 0), so
     the stage ends no worse on validation than where it started (``Method.select_initial``)."""
     sel_key = _select_key(ctx, stage)
-    metric = _metric_value(_validate(ctx, stage, val_loader), sel_key)
+    t0 = time.time()
+    ctx.logger.global_step_hint = ts.global_step
+    val_metrics = _validate(ctx, stage, val_loader)
+    metric = _metric_value(val_metrics, sel_key)
+    # The starting weights' validation is a record of its own (epoch 0, before any training step),
+    # so the curves and the report show what the stage had to beat. A relaunch after a kill
+    # validates again: its earlier epoch-0 record is replaced, not repeated.
+    ctx.logger.drop_epochs_from(stage, -1)
+    ctx.logger.epoch_record({"stage": stage, "epoch": 0, "global_step": ts.global_step, "initial": True,
+                             "val/time_s": time.time() - t0, **val_metrics, "select/metric": sel_key,
+                             "select/best": None if math.isnan(metric) else metric, "select/best_epoch": 0,
+                             "world_size": ctx.world.world_size}, ts.global_step)
     if math.isnan(metric):
         return
     ts.best, ts.best_epoch = metric, -1  # reported as epoch 0

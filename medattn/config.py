@@ -50,7 +50,8 @@ class OptimizerConfig:
 
 @dataclass
 class SchedulerConfig:
-    # none | step (x gamma every step_epochs) | multistep (x gamma at milestones)
+    # none | step (x gamma every step_epochs) | exp (x gamma^((epoch + i/steps) / step_epochs), set per
+    # iteration: CAL's schedule) | multistep (x gamma at milestones)
     # | plateau (on the stage's select metric) | cosine | onecycle
     name: str = "step"
     step_epochs: int = 20
@@ -131,7 +132,12 @@ class RuntimeConfig:
     # default | reduce-overhead (CUDA graphs: for small per-GPU batches, where launching ~300-1,000
     # kernels per step costs more than running them) | max-autotune
     compile_mode: str = "default"
-    sync_bn: bool = False
+    # Batch norm over the global batch: auto = SyncBatchNorm in every multi-process CUDA run of a
+    # model with batch norm (so a config means the same on 1 or 64 GPUs), off on one process;
+    # true = the same (kept for saved configs); false = each GPU normalises over its own slice
+    # (a warning names the per-GPU batch below 16). PyTorch's SyncBatchNorm is CUDA-only: on CPU
+    # (gloo) each process normalises over its own slice whatever this says (hpc/distributed.py).
+    sync_bn: bool | str = "auto"
     # Steps between reads of the running means from the device: the log line, the non-finite
     # check and the agreement on a stop signal (the training step itself never waits).
     log_every: int = 20
@@ -561,7 +567,7 @@ _CHOICES = {
 }
 _STAGE_CHOICES = {
     "optimizer.name": ("sgd", "adam", "adamw"),
-    "scheduler.name": ("none", "step", "multistep", "plateau", "cosine", "onecycle"),
+    "scheduler.name": ("none", "step", "exp", "multistep", "plateau", "cosine", "onecycle"),
     "select_mode": ("max", "min"),
     "scheduler.monitor_mode": ("", "min", "max"),
 }
@@ -580,6 +586,8 @@ def validate(cfg: Config) -> None:
     from medattn.methods import method_class
 
     check_choices(cfg, _CHOICES)
+    if cfg.runtime.sync_bn not in (True, False, "auto"):
+        raise ConfigError(f"config key 'runtime.sync_bn': {cfg.runtime.sync_bn!r} is not one of auto, true, false")
     if not cfg.stages:
         raise ConfigError("the config defines no stages (add a 'stages:' mapping)")
     for name, st in cfg.stages.items():

@@ -46,7 +46,7 @@ def trial_row(run_dir: Path, param_names: list[str], stages: list[str],
     for s in stages:
         row[f"best_auroc_{s}"] = best.get(s, math.nan)
     row["last_stage"] = last_stage or ""
-    row["epochs"] = len(recs)
+    row["epochs"] = sum(1 for r in recs if r.get("epoch", 0) > 0)  # epoch 0: the starting weights' validation
     # The run directory and ASHA's list are the truth; the ledger's status may lag behind a
     # driver that was killed between the trainer's exit and the ledger update.
     if Run(run_dir).stages_done(stages):

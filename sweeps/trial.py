@@ -141,7 +141,8 @@ class MetricsTail:
             except json.JSONDecodeError:
                 continue
             key = (rec.get("stage"), rec.get("epoch"))
-            if key[0] in self.stages and isinstance(key[1], int) and key not in self.seen:
+            # epoch 0 is the validation of a stage's starting weights, not a trained iteration
+            if key[0] in self.stages and isinstance(key[1], int) and key[1] > 0 and key not in self.seen:
                 self.seen.add(key)
                 out.append(rec)
         return out

@@ -53,9 +53,11 @@ def test_more_epochs_continue_the_run(prep, finished, tmp_path, capsys):
     global_before = torch.load(run / "ckpt" / "global" / "best.pt", weights_only=True)["model"]
     assert train_mod.main([*args, "stages.fusion.epochs=2"]) == 0
     recs = _records(run)
-    assert [(r["stage"], r["epoch"]) for r in recs] == [("global", 1), ("local", 1), ("fusion", 1), ("fusion", 2)]
-    assert recs[:3] == before  # the trained epochs' records are kept as they were
-    assert recs[3]["global_step"] == 2 * spe  # the counter continues: one new epoch of steps
+    # fusion epoch 0: the validation of its starting head (fusion_init global), a record of its own
+    assert [(r["stage"], r["epoch"]) for r in recs] == [("global", 1), ("local", 1), ("fusion", 0), ("fusion", 1),
+                                                        ("fusion", 2)]
+    assert recs[:4] == before  # the trained epochs' records are kept as they were
+    assert recs[4]["global_step"] == 2 * spe  # the counter continues: one new epoch of steps
     assert "resuming at epoch 2" in capsys.readouterr().out
     g = torch.load(run / "ckpt" / "global" / "best.pt", weights_only=True)["model"]
     assert all(torch.equal(g[k], global_before[k]) for k in g)
@@ -67,14 +69,14 @@ def test_more_epochs_continue_the_run(prep, finished, tmp_path, capsys):
     assert "continuing: stage global from epoch 1 to 2" in out and "trained again from their start: local, fusion" in out
     recs = _records(run)
     assert [(r["stage"], r["epoch"]) for r in recs] == [
-        ("global", 1), ("global", 2), ("local", 1), ("fusion", 1), ("fusion", 2)]
+        ("global", 1), ("global", 2), ("local", 1), ("fusion", 0), ("fusion", 1), ("fusion", 2)]
     assert recs[0] == before[0] and recs[1]["global_step"] == 2 * spe
     state = json.loads((run / "state.json").read_text())["stages"]
     assert all(state[s]["done"] for s in ("global", "local", "fusion")) and state["global"]["epochs"] == 2
 
     # the same command again: nothing to do; fewer epochs: refused, nothing changed
     assert train_mod.main([*args, "stages.fusion.epochs=2", "stages.global.epochs=2"]) == 0
-    assert len(_records(run)) == 5
+    assert len(_records(run)) == 6
     assert train_mod.main([*args, "stages.fusion.epochs=2"]) == 2
     assert "stages.global.epochs=1 is lower than the run's 2" in capsys.readouterr().err
     # any other change is still refused

@@ -79,3 +79,29 @@ def test_fusion_stage_keeps_its_starting_head_unless_an_epoch_beats_it(tmp_path)
     assert abs(g - f).max() < 1e-5
     m = json.loads((run / "eval" / "metrics.json").read_text())
     assert m["auroc"]["fusion"]["mean"] == pytest.approx(m["auroc"]["global"]["mean"], abs=1e-6)
+    # Provenance: eval records where the fusion stage started and which head/epoch it evaluated.
+    fus = m["stages"]["fusion"]
+    assert fus["fusion_init"] == "global" and fus["start"] == "global head"
+    assert fus["best_epoch"] == 0 and fus["checkpoint"] == "best"
+    assert fus["evaluated"] == "global head, kept: no fusion epoch beat it on validation"
+    assert m["stages"]["global"]["kept"] == "global epoch 1" and "evaluated" not in m["stages"]["global"]
+    # The starting head's validation is a record (epoch 0) and a point of the curve.
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    fusion_recs = [r for r in recs if r["stage"] == "fusion"]
+    assert [r["epoch"] for r in fusion_recs] == [0, 1] and fusion_recs[0]["initial"] is True
+    assert fusion_recs[0]["val/fusion/mean_auroc"] == pytest.approx(state["best_metric"])
+    assert [r["epoch"] for r in recs if r["stage"] == "global"] == [1]  # no epoch 0 where nothing was kept
+
+    # The report says it in words and credits no fusion epoch.
+    from hpc.report import build_report
+
+    res = build_report(run, samples=0, log=lambda *a: None)
+    for page in (res.markdown.read_text(), res.html.read_text()):
+        assert "The fusion output is the global head (agcnn.fusion_init=global) it started from, kept: no fusion " \
+               "epoch beat it on validation" in page
+        assert "epoch 0: global head kept" in page
+        assert "fusion epoch 1" not in page
+    md = res.markdown.read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| fusion | 1/1 |"))
+    assert "(epoch 0: global head kept)" in row and "(epoch 1)" not in row
+    assert "so the global head was kept" in md

@@ -168,3 +168,49 @@ def test_plateau_watches_its_monitor():
     for loss in (0.75, 0.76):  # two epochs without a new minimum, patience 1: x 0.1
         s.end_epoch(loss)
     assert s.lr(6) == pytest.approx(1e-6)
+
+
+def test_cal_preset_is_cal():
+    """dualattendmed_cal: no channel attention, 448 px from 512 (CAL's Resize(448 / 0.875) -> crop 448),
+    synchronised batch norm, CAL's batch (4 per GPU x 4 GPUs) and its per-iteration schedule."""
+    from hpc.schedule import LRSchedule
+
+    cal = load_config("dualattendmed_cal")
+    assert cal.dualattendmed.channel_attention is False and cal.runtime.sync_bn in ("auto", True)
+    assert (cal.data.image_size, cal.data.resize, cal.data.train_crop) == (448, 512, "random")
+    st = cal.stages["main"]
+    assert (st.batch_size, st.epochs, st.optimizer.lr) == (16, 160, 1e-3)
+    assert (st.scheduler.name, st.scheduler.gamma, st.scheduler.step_epochs) == ("exp", 0.9, 2)
+    # CAL adjust_learning(epoch, i / len): 1e-3 * 0.9 ** ((epoch + i / len) / 2), by hand with 4 steps an epoch.
+    sched = LRSchedule(st, steps_per_epoch=4)
+    for epoch, step, want in ((0, 0, 1e-3), (0, 2, 1e-3 * 0.9 ** 0.25), (1, 0, 1e-3 * 0.9 ** 0.5),
+                              (1, 3, 1e-3 * 0.9 ** 0.875), (2, 0, 9e-4), (3, 1, 1e-3 * 0.9 ** (13 / 8)),
+                              (159, 3, 1e-3 * 0.9 ** (159.75 / 2))):
+        assert sched.lr(epoch, step) == pytest.approx(want, rel=1e-12), (epoch, step)
+    assert sched.lr(1, 0) == pytest.approx(0.00094868329805051, rel=1e-12)  # 1e-3 * sqrt(0.9)
+    # WS-DAN's StepLR(2, 0.9) (the old form) is 0.9^-0.875 - 1 = 9.6 % above CAL's at epoch 1, step 3 of 4.
+    step_form = LRSchedule(load_config("dualattendmed_cal", ["stages.main.scheduler.name=step"]).stages["main"], 4)
+    assert step_form.lr(1, 3) / sched.lr(1, 3) == pytest.approx(0.9 ** -0.875)
+    # The others keep DualAttendMed's channel attention.
+    for name in ("dualattendmed_resnet152", "dualattendmed_published"):
+        assert load_config(name).dualattendmed.channel_attention is True
+
+
+def test_channel_attention_switch_builds_cal_network():
+    from medattn.models.wsdan import WSDAN
+
+    spec = DataSpec(tuple(f"c{i}" for i in range(3)), tuple(f"c{i}" for i in range(3)), "multilabel", 1, 32)
+    over = ["model.weights=none", "dualattendmed.num_maps=4", "data.image_size=32", "data.resize=32"]
+    torch.manual_seed(0)
+    off = create_method(load_config("dualattendmed_demo", over + ["dualattendmed.channel_attention=false"]),
+                        spec).build_model().eval()
+    on = create_method(load_config("dualattendmed_demo", over), spec).build_model().eval()
+    assert isinstance(off, WSDAN) and off.channel_attention is None and on.channel_attention is not None
+    assert not any("channel_attention" in k for k in off.state_dict())
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        out = off.forward_all(x)
+        f = off.backbone.forward_features(x)
+    assert torch.equal(out.channel_weights, torch.ones(2, off.num_features))
+    # With no channel attention the maps read the backbone features F themselves.
+    torch.testing.assert_close(out.maps, off.attentions(f))

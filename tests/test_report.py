@@ -136,9 +136,12 @@ def test_caveats_are_prominent(report):
     first_banner = html.index('class="banner')
     assert html.index("Synthetic data — do not compare with papers.") < html.index("<table")
     assert 'class="banner danger"' in html[first_banner:first_banner + 40]
-    assert "Split: random — same protocol as CheXNet." in html
+    # No source states its split's unit, so no column is comparable; medattn's reading is said as such.
+    assert "Split: random — not comparable with the papers below." in html
+    assert "Same split as medattn's reading of CheXNet (CheXNet: CheXNet's 14-class split was not released" in md
     assert "Mean AUROC over 4 classes, not the 14 diseases." in html
-    assert "CheXNet (random 70/10/20 by patient: not comparable)" in html  # synthetic data: never comparable
+    assert ("CheXNet (random 70/10/20, image or patient not stated by the source, read as random 70/10/20 by "
+            "patient: not comparable)") in html
     assert "Not comparable: the data are synthetic" in html
     assert "⛔ **Synthetic data" in md
 
@@ -267,11 +270,17 @@ def test_report_on_real_nih_images(trained, tmp_path, shared_nih):
     _, run = trained
     real, n_test_boxes = _prepare_real(shared_nih, tmp_path / "real")
     other = _link_run(run, tmp_path / "run", stages=("global", "local", "fusion"))
-    assert evaluate_mod.main(["--run", str(other), "--data", str(real), "--bootstrap", "0"]) == 0
+    # The model was trained on another split (synthetic images): eval refuses it unless asked.
+    assert evaluate_mod.main(["--run", str(other), "--data", str(real), "--bootstrap", "0"]) != 0
+    assert evaluate_mod.main(["--run", str(other), "--data", str(real), "--bootstrap", "0",
+                              "--allow-split-mismatch"]) == 0
     res = build_report(other, samples=3, data=str(real), log=lambda *a: None)
     html = res.html.read_text()
     assert "Data: NIH ChestX-ray14." in html and "Synthetic data" not in html
-    assert "Mean AUROC over" not in html  # all 14 diseases evaluated
+    assert "not the 14 diseases" not in html  # all 14 diseases evaluated
+    m = json.loads((other / "eval" / "metrics.json").read_text())
+    if m["mean_over"]["excluded"]:  # a class without positives among these few test images: named
+        assert f"Mean AUROC over {m['mean_over']['n']} of 14 classes (" in html
     assert "(no bootstrap intervals" in html
     m = json.loads((other / "eval" / "metrics.json").read_text())
     assert m["localization"]["n_boxes"] == n_test_boxes
@@ -451,16 +460,50 @@ def test_split_protocol_decides_comparable(trained, tmp_path):
         m["auroc_ci"][b][cls] = [float("nan"), float("nan")]
     (other / "eval" / "metrics.json").write_text(json.dumps(m))
     html = build_report(other, samples=0, log=lambda *a: None).html.read_text()
-    assert "Split: image-random — same protocol as AG-CNN ResNet-50, AG-CNN DenseNet-121, Wang et al." in html
+    assert "Split: image-random — not comparable with the papers below." in html
+    assert "Same split as medattn&#x27;s reading of AG-CNN ResNet-50, AG-CNN DenseNet-121, Wang et al." in html
     assert "It leaks patients" in html
-    assert "CheXNet (random 70/10/20 by patient: not comparable)" in html
+    assert "AG-CNN ResNet-50 (random 70/10/20, image or patient not stated by the source, read as random " \
+           "70/10/20 by image (patients leak across parts): not comparable)" in html
     assert f"patient-clustered percentile bootstrap (50 resamples of {m['bootstrap_units']} patients" in html
     assert "(too few)" in html
     from hpc.report import published as P
 
     assert P.protocol_matches("image-random", "image-random") and not P.protocol_matches("random", "image-random")
-    assert P.protocol_matches("chexnet", P.CHEXNET.protocol) and not P.protocol_matches("official", P.YAO.protocol)
-    assert not P.protocol_matches(None, "unstated") and P.YAO.protocol == "unstated"
+    # Protocols from the sources only: none of the columns' sources says image or patient.
+    assert all(c.protocol == "unstated" for c in P.AUROC_TABLES)
+    assert not P.protocol_matches("chexnet", P.CHEXNET.protocol) and P.reading_matches("chexnet", P.CHEXNET)
+    assert P.reading_matches("image-random", P.AGCNN_R50) and not P.reading_matches("random", P.AGCNN_R50)
+    assert not P.protocol_matches(None, "unstated") and not P.reading_matches("random", P.YAO)
+    # The 'too few' classes that the mean's interval still averages are named.
+    assert f"including the &#x27;too few&#x27; ones ({cls})" in html
+
+
+def test_mean_names_the_classes_it_averages(trained, tmp_path):
+    """A class without positives leaves the mean, and eval and the report say which and why."""
+    from types import SimpleNamespace
+
+    from medattn.data.labels import DISEASES
+
+    y = np.zeros((6, 14), np.int8)
+    y[:3, :13] = 1
+    auroc = {"main": {**{c: 0.7 for c in DISEASES[:13]}, "Hernia": None, "mean": 0.7}}
+    spec = SimpleNamespace(label_names=tuple(DISEASES), eval_labels=tuple(DISEASES), task="multilabel")
+    mo = evaluate_mod.mean_coverage(auroc, y, spec)
+    assert mo["text"] == "13 of 14: Hernia has no positives in this split"
+    assert mo["n"] == 13 and mo["classes"] == list(DISEASES[:13]) and mo["excluded"] == {
+        "Hernia": "no positives in this split"}
+    _, run = trained
+    m = json.loads((run / "eval" / "metrics.json").read_text())
+    assert m["mean_over"] == {"n": 4, "of": 4, "classes": CLASSES, "excluded": {}, "text": "4 of 4"}
+    other = _link_run(run, tmp_path / "few")
+    (other / "eval").mkdir()
+    m["mean_over"] = {"n": 3, "of": 4, "classes": CLASSES[:3], "excluded": {CLASSES[3]: "no positives in this split"},
+                      "text": f"3 of 4: {CLASSES[3]} has no positives in this split"}
+    (other / "eval" / "metrics.json").write_text(json.dumps(m))
+    md = build_report(other, samples=0, log=lambda *a: None).markdown.read_text()
+    assert f"Mean AUROC over 3 of 4 classes ({CLASSES[3]} has no positives in this split)" in md
+    assert f"mean over 3 of 4 classes ({CLASSES[3]} has no positives in this split)" in md
 
 
 # --------------------------------------------------------------------------------------------

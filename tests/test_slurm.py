@@ -93,7 +93,7 @@ def test_chain_runs_the_stages_in_order_on_two_nodes(chain):
     state = json.loads((run / "state.json").read_text())["stages"]
     assert all(state[s]["done"] for s in stages)
     assert [(x["stage"], x["epoch"]) for x in records(run)] == \
-        [("global", e) for e in range(1, 4)] + [("local", 1), ("local", 2), ("fusion", 1), ("fusion", 2)]
+        [("global", e) for e in range(1, 4)] + [("local", 1), ("local", 2), ("fusion", 0), ("fusion", 1), ("fusion", 2)]
     assert all(x["world_size"] == 2 for x in records(run))
     # SLURM's own record: each job started after the previous one ended, on both nodes, once
     info = [job_info(j) for j in ids]

@@ -97,6 +97,8 @@ def test_two_processes_match_one(prep, tmp_path):
         r = subprocess.run(_train_cmd(nproc, out, prep, "--stages", "global"), env=_env(),
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        # runtime.sync_bn=auto on gloo: said, not silently ignored (SyncBatchNorm is CUDA-only)
+        assert ("cannot be synchronised on cpu" in r.stdout + r.stderr) == (nproc == 2)
     g1, g2 = _final(one, "global"), _final(two, "global")
     assert g2["world_size"] == 2 and g1["global_step"] == g2["global_step"]
     assert abs(g1["train/loss"] - g2["train/loss"]) < 0.25 * g1["train/loss"]

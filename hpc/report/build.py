@@ -160,6 +160,57 @@ class _Builder:
     def classes(self) -> list[str]:
         return self.art.eval_labels
 
+    @property
+    def selections(self) -> dict[str, dict[str, Any]]:
+        """Per stage: its starting weights and the epoch it kept (hpc.run.stage_selections), from
+        the run's state and records, with what eval recorded of each stage's start."""
+        from hpc.run import stage_selections
+
+        if not hasattr(self, "_selections"):
+            sel = stage_selections(Run(self.art.root), self.art.stage_names, None)
+            # The state is the truth on which epoch was kept; eval recorded what the stage started from.
+            for s, rec in ((self.m or {}).get("stages") or {}).items():
+                if s in sel and "start" in rec:
+                    sel[s].update({k: rec[k] for k in ("fusion_init", "start") if k in rec})
+                    if sel[s].get("best_epoch") == 0:
+                        sel[s]["kept"] = f"{rec['start']}, kept: no {s} epoch beat it on validation"
+            self._selections = sel
+        return self._selections
+
+    def _mean_over(self) -> dict[str, Any]:
+        """Which evaluated classes the mean AUROC averages (eval's ``mean_over``; else all of them)."""
+        mo = (self.m or {}).get("mean_over")
+        if isinstance(mo, dict) and "n" in mo:
+            return mo
+        return {"n": len(self.classes), "of": len(self.classes), "classes": list(self.classes), "excluded": {}}
+
+    def _mean_over_text(self) -> str:
+        """"13 of 14 classes (Hernia has no positives in this split)" or "these 4 classes"."""
+        mo = self._mean_over()
+        if not mo.get("excluded"):
+            return f"these {mo['n']} classes"
+        why = "; ".join(f"{c} has {r}" for c, r in mo["excluded"].items())
+        return f"{mo['n']} of {mo['of']} classes ({why})"
+
+    def _mean_interval_note(self) -> str:
+        """Name the "too few" classes whose resamples the mean's interval still averages."""
+        few = sorted({c for v in ((self.m or {}).get("auroc_ci_too_few") or {}).values() for c in v})
+        if not few:
+            return ""
+        return (f" The mean's 95% interval averages every class of the mean in each resample, including the "
+                f"'too few' ones ({', '.join(few)}), whose own intervals are not given.")
+
+    def _kept_sentence(self, stage: str) -> str:
+        """The evaluated weights of ``stage`` in words; never credits an epoch that lost."""
+        e = self.selections.get(stage) or {}
+        if e.get("best_epoch") == 0 and e.get("best_metric") is not None:
+            how = f" (agcnn.fusion_init={e['fusion_init']})" if e.get("fusion_init") else ""
+            return (f"The {stage} output is the {e.get('start', 'starting weights')}{how} it started from, kept: "
+                    f"no {stage} epoch beat it on validation, so no {stage} epoch is credited.")
+        if isinstance(e.get("best_epoch"), int) and e.get("best_metric") is not None:
+            return f"Its weights are those of {stage} epoch {e['best_epoch']} (best on validation)."
+        return ""
+
     def _eval_cmd(self) -> str:
         cmd = f"medattn eval --run {self.art.root} --split {self.art.split}"
         if self.data_arg:
@@ -192,9 +243,27 @@ class _Builder:
                       Strong(f"'{a.split_kind or '?'}' split"),
                       f" ({m.get('n_images', '?')} images), model of stage {m.get('stage', '?')} "
                       f"({Path(str(m.get('checkpoint', '?'))).name}). "]
+            sp = m.get("split_provenance") or {}
+            if sp.get("hash"):
+                parts.append(f"Split '{sp.get('name')}', seed {sp.get('seed')}, assignment hash {sp['hash']}"
+                             + ("" if not sp.get("trained_on") else
+                                " (the split the model was trained on)" if sp.get("same_as_training") else
+                                f"; the model was trained on another split ('{sp['trained_on'].get('name')}', hash "
+                                f"{sp['trained_on'].get('hash')}): its test images may be training images")
+                             + ". ")
+            if Path(str(m.get("checkpoint", ""))).stem == "best":
+                kept = self._kept_sentence(str(m.get("stage")))
+                parts += [kept + " "] if kept else []
         parts.append(f"Report written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.")
         self.add(Para(Text(parts)))
         self.data_banner()
+        sp = (m or {}).get("split_provenance") or {}
+        if sp.get("same_as_training") is False:
+            self.add(Banner("danger", "Evaluated on another split than the model was trained on.", Text.of(
+                f"Evaluated split '{sp.get('name')}' (hash {sp.get('hash')}), trained on '"
+                f"{(sp.get('trained_on') or {}).get('name')}' (hash {(sp.get('trained_on') or {}).get('hash')}); "
+                "eval ran with --allow-split-mismatch. Test images may be training images: these numbers "
+                "overstate the model.")))
         self.split_banner()
         self.eval_banners()
 
@@ -250,6 +319,11 @@ class _Builder:
             leak = " No patient has images in two parts."
         same = self._comparable_columns()
         cols = "; ".join(f"{c.name}: {P.PROTOCOLS[c.protocol]}" for c in P.AUROC_TABLES)
+        by_reading = [c for c in P.AUROC_TABLES if P.reading_matches(kind, c)]
+        reading = ("" if not by_reading else
+                   " Same split as medattn's reading of " + ", ".join(c.name for c in by_reading)
+                   + " (" + "; ".join(f"{c.name}: {c.reading_note}" for c in by_reading)
+                   + "): a comparison rests on that reading, not on the source.")
         if same:
             names = ", ".join(c.name for c in same)
             verdict = (f"Comparable (same split protocol, different test images): {names}."
@@ -260,7 +334,7 @@ class _Builder:
                 f"This run uses {what}.{leak} {verdict} Protocols of the published columns: {cols}.")))
         else:
             self.add(Banner("warn", f"Split: {kind} — not comparable with the papers below.", Text.of(
-                f"This run uses {what}.{leak} No published column below used this protocol ({cols}); "
+                f"This run uses {what}.{leak} No published column below states this protocol ({cols}).{reading} "
                 "official-split results run about 0.80–0.83 mean AUROC for single models (chestxray14.md §4). "
                 + ("Official-split references are listed under Classification." if kind == "official" else ""))))
 
@@ -287,6 +361,11 @@ class _Builder:
                 f"It evaluated stage '{m['stage']}', but stage '{last}' has finished since. Run ",
                 Code(self._eval_cmd()), " again (or report with --eval).")))
         cls = self.classes
+        mo = self._mean_over()
+        if mo.get("excluded"):
+            self.add(Banner("warn", f"Mean AUROC over {self._mean_over_text()}.", Text.of(
+                "A class without positives (or without negatives) in the evaluated split has no AUROC, so the "
+                f"mean averages the other {mo['n']}: {', '.join(mo['classes'])}.")))
         if cls and list(cls) != list(DISEASES):
             self.add(Banner("warn", f"Mean AUROC over {len(cls)} classes, not the 14 diseases.", Text.of(
                 f"This run's evaluated classes are {', '.join(cls)}; published means average the 14 ChestX-ray14 "
@@ -319,8 +398,17 @@ class _Builder:
                 continue
             good = [(e, v) for e, v in zip(ep, val) if not math.isnan(v)]
             part = f"{s}: "
-            if good:
+            sel = self.selections.get(s) or {}
+            if good and sel.get("best_epoch") == 0 and finite(sel.get("best_metric")):
+                bv = float(sel["best_metric"])
+                trained = [v for e, v in good if e > 0]
+                part += (f"val mean AUROC {bv:.3f} at the start (epoch 0, the {sel.get('start', 'starting weights')}); "
+                         f"no {s} epoch beat it" + (f" (best trained epoch {max(trained):.3f})" if trained else "")
+                         + f", so the {sel.get('start', 'starting weights')} was kept, {bv - CHANCE:+.3f} over chance (0.5)")
+            elif good:
                 be, bv = max(good, key=lambda t: t[1])
+                if isinstance(sel.get("best_epoch"), int) and finite(sel.get("best_metric")):
+                    be, bv = sel["best_epoch"], float(sel["best_metric"])
                 part += (f"val mean AUROC {good[0][1]:.3f} (epoch {good[0][0]}) → best {bv:.3f} (epoch {be}), "
                          f"{bv - CHANCE:+.3f} over chance (0.5)")
             else:
@@ -352,7 +440,7 @@ class _Builder:
         mean = self.m["auroc"][b].get("mean")
         cls = self.classes
         same = [f"{c.name} {fmt(P.published_mean(c, cls))}" for c in P.AUROC_TABLES[:3]]
-        txt = (f"{b} mean AUROC {fmt(mean)} over {len(cls)} classes; published over the same classes: "
+        txt = (f"{b} mean AUROC {fmt(mean)} over {self._mean_over_text()}; published over the same classes: "
                + ", ".join(same) + f" (AG-CNN reported means: ResNet-50 {P.AGCNN_R50.mean}, DenseNet-121 "
                f"{P.AGCNN_D121.mean}, over 14 diseases).")
         caveats = []
@@ -414,7 +502,8 @@ class _Builder:
             + (f"; 'too few' = fewer than {m.get('bootstrap_min_positives')} positive patients, no interval"
                if m.get("bootstrap_min_positives") else "")
             + ". Published columns and their split protocols: "
-            + "; ".join(f"{c.name} ({P.PROTOCOLS[c.protocol]}: "
+            + "; ".join(f"{c.name} ({P.PROTOCOLS[c.protocol]}"
+                        + (f", read as {P.PROTOCOLS[c.reading]}" if c.reading else "") + ": "
                         + ("comparable" if c in self._comparable_columns() and self.art.data_kind == "nih"
                            else "not comparable") + ")" for c in P.AUROC_TABLES)
             + " (see Sources).")))
@@ -431,7 +520,7 @@ class _Builder:
                 row.append(cell)
             row += [fmt(col.per_class.get(c)) if c in col.per_class else "—" for col in P.AUROC_TABLES]
             rows.append(row)
-        mean_row = [f"mean over these {len(self.classes)} classes", ""]
+        mean_row = [f"mean over {self._mean_over_text()}", ""]
         mean_row += [fmt_ci(m["auroc"][b].get("mean"), ci.get(b, {}).get("mean")) for b in branches]
         mean_row += [fmt(P.published_mean(col, self.classes)) for col in P.AUROC_TABLES]
         rows.append(mean_row)
@@ -442,7 +531,8 @@ class _Builder:
         nb = len(branches)
         self.add(Table(header, rows, numeric=set(range(1, 2 + nb + len(P.AUROC_TABLES))), strong_rows=strong,
                        caption="n+ = positive images of the class in the evaluated split. A class without positives "
-                               "has no AUROC (n/a). AG-CNN columns are the paper's AG-CNN (fusion) rows."))
+                               "has no AUROC (n/a) and is left out of the mean. AG-CNN columns are the paper's AG-CNN "
+                               "(fusion) rows." + self._mean_interval_note()))
         # Branch means against AG-CNN Table I.
         if m.get("method") == "agcnn" or set(branches) & {"global", "local", "fusion"}:
             self.add(Heading(3, "Branch means beside AG-CNN Table I"))
@@ -456,7 +546,14 @@ class _Builder:
                            + (f"'{self.art.split_kind}' split, comparable protocol."
                               if P.protocol_matches(self.art.split_kind, P.AGCNN_PROTOCOL)
                               and self.art.data_kind == "nih" else
-                              f"'{self.art.split_kind}' split, not comparable (other protocol or data).")))
+                              f"'{self.art.split_kind}' split, not comparable (the paper does not state image or "
+                              f"patient, or other data)." if P.AGCNN_PROTOCOL == "unstated" else
+                              f"'{self.art.split_kind}' split, not comparable (other protocol or data).")
+                           + (" " + self._kept_sentence("fusion") + " Its column is therefore the global "
+                              "column's model, up to float rounding."
+                              if (self.selections.get("fusion") or {}).get("best_epoch") == 0
+                              and (self.selections.get("fusion") or {}).get("fusion_init") == "global"
+                              and "fusion" in m["auroc"] else "")))
         self._binary_table()
         if self.art.split_kind == "official":
             self.add(Heading(3, "Official-split references"))
@@ -563,15 +660,23 @@ class _Builder:
             st = self.art.state.get("stages", {}).get(s, {})
             good = [(e, v) for e, v in zip(ep, val) if not math.isnan(v)]
             best = max(good, key=lambda t: t[1]) if good else None
+            sel = self.selections.get(s) or {}
+            if isinstance(sel.get("best_epoch"), int) and finite(sel.get("best_metric")):
+                best = (sel["best_epoch"], float(sel["best_metric"]))  # the kept epoch, as selected
+            best_cell = "n/a" if best is None else (
+                f"{best[1]:.3f} (epoch 0: {sel.get('start', 'starting weights')} kept)" if best[0] == 0
+                else f"{best[1]:.3f} (epoch {best[0]})")
             fl = [v for v in loss if not math.isnan(v)]
-            rows.append([s, f"{len(ep)}/{planned}", "yes" if st.get("done") else "no",
+            rows.append([s, f"{len([e for e in ep if e > 0])}/{planned}", "yes" if st.get("done") else "no",
                          fmt(good[0][1]) if good else "n/a",
-                         f"{best[1]:.3f} (epoch {best[0]})" if best else "n/a",
+                         best_cell,
                          fmt(fl[0]) if fl else "n/a", fmt(fl[-1]) if fl else "n/a"])
         self.add(Table(["stage", "epochs", "finished", "first val AUROC", "best val AUROC", "first train loss",
                         "last train loss"], rows, numeric={3, 4, 5, 6},
                        caption="Validation AUROC = mean over the evaluated classes of the stage's branch. "
-                               "Chance = 0.5."))
+                               "Epoch 0 = the stage's starting weights, validated before any training step "
+                               "(AG-CNN's fusion head with agcnn.fusion_init global/branches); a best at epoch 0 "
+                               "means no trained epoch beat them and they were kept. Chance = 0.5."))
 
     # ------------------------------------------------------------------ localisation
     def localisation(self) -> None:

@@ -5,7 +5,8 @@ context: ``chestxray14.md`` §4 (splits), §5 (per-class AUROC) and §6.1 (local
 ``methods.md`` §0 (the AG-CNN paper, read from the PDF stored in ``Ien001/AG-CNN``).
 
 **Splits matter more than most method differences.** AG-CNN, CheXNet, Yao et al. and the
-14-class Wang et al. column were all measured on *random* 70/10/20 splits, each its own;
+14-class Wang et al. column were all measured on *random* 70/10/20 splits, each its own, and none
+of their sources says whether by image or by patient (protocol ``unstated``);
 official-split results (``train_val_list.txt`` / ``test_list.txt``) run about 0.80-0.83 for
 single models and are not comparable with them (chestxray14.md §4).
 """
@@ -17,11 +18,15 @@ from medattn.data.labels import DISEASES
 
 __all__ = ["PublishedAUROC", "AUROC_TABLES", "AGCNN_BRANCH_MEANS", "WANG_TIOBB", "WANG_TIOBB_THRESHOLDS",
            "OFFICIAL_SPLIT_MEANS", "PAPER_SPLIT", "PROTOCOLS", "AGCNN_PROTOCOL", "run_protocol",
-           "protocol_matches", "published_mean"]
+           "protocol_matches", "reading_matches", "published_mean"]
 
 # How every AUROC column below was split (chestxray14.md §4): AG-CNN Sec. IV-A says random
 # 70/10/20 (methods.md §0); CheXNet re-implementations used random 70/10/20 patient splits.
 PAPER_SPLIT = "random 70/10/20"
+
+# Protocol labels come from the sources only: a source that does not say whether its random split
+# was by image or by patient is ``unstated`` (never comparable), and medattn's reading of it is
+# kept apart (``PublishedAUROC.reading``, with the reason in ``reading_note``).
 
 # The split protocols a published column or a run can have. A run's number is called comparable
 # with a column only when the two protocols are the same (the test images still differ: each
@@ -30,12 +35,17 @@ PROTOCOLS: dict[str, str] = {
     "image-random": "random 70/10/20 by image (patients leak across parts)",
     "patient-random": "random 70/10/20 by patient",
     "official": "the official train_val/test lists",
-    "unstated": "random, unit not stated",
+    "unstated": "random 70/10/20, image or patient not stated by the source",
 }
-# AG-CNN Sec. IV-A: "randomly shuffle the dataset" into 70/10/20, with no word on patients: read
-# as by image (the sentence shuffles the dataset, i.e. images; the author later contrasted it with
-# the official split; chestxray14.md §4).
-AGCNN_PROTOCOL = "image-random"
+# AG-CNN Sec. IV-A: "randomly shuffle the dataset" into 70/10/20, with no word on patients:
+# unstated. The paper presets read it as by image (--split image-random); the research notes list
+# AG-CNN with the patient-level random splits (chestxray14.md §4; its author only says "not the
+# official split").
+AGCNN_PROTOCOL = "unstated"
+AGCNN_READING = "image-random"
+AGCNN_READING_NOTE = ("Sec. IV-A 'randomly shuffle the dataset' 70/10/20 does not say image or patient; the paper "
+                      "presets read it as by image, the research notes list AG-CNN with the patient-level random "
+                      "splits (chestxray14.md §4)")
 
 
 def run_protocol(split_kind: str | None) -> str | None:
@@ -48,6 +58,12 @@ def run_protocol(split_kind: str | None) -> str | None:
 def protocol_matches(split_kind: str | None, protocol: str) -> bool:
     """Whether a run on ``split_kind`` follows a column's ``protocol`` (never for ``unstated``)."""
     return protocol != "unstated" and run_protocol(split_kind) == protocol
+
+
+def reading_matches(split_kind: str | None, col: "PublishedAUROC") -> bool:
+    """Whether a run on ``split_kind`` follows medattn's *reading* of a column whose source does not
+    state its protocol (said as such in reports; never "comparable")."""
+    return col.protocol == "unstated" and bool(col.reading) and run_protocol(split_kind) == col.reading
 
 
 @dataclass(frozen=True)
@@ -63,6 +79,8 @@ class PublishedAUROC:
         protocol: the split protocol (a key of :data:`PROTOCOLS`); decides "comparable".
         source: where the numbers were read.
         note: a caveat to print with the column.
+        reading: medattn's reading of an ``unstated`` protocol (a key of :data:`PROTOCOLS`, or
+            ""), never used to call the column comparable; ``reading_note`` says why.
     """
 
     key: str
@@ -73,6 +91,8 @@ class PublishedAUROC:
     source: str
     note: str = ""
     protocol: str = "unstated"
+    reading: str = ""
+    reading_note: str = ""
 
     def reported_mean(self) -> float:
         if self.mean is not None:
@@ -91,13 +111,13 @@ AGCNN_R50 = PublishedAUROC(
     key="agcnn_r50", name="AG-CNN ResNet-50",
     per_class=_col((0.844, 0.937, 0.904, 0.753, 0.893, 0.827, 0.776, 0.919, 0.842, 0.919, 0.941,
                     0.857, 0.836, 0.903)),
-    mean=0.868, split=PAPER_SPLIT, protocol=AGCNN_PROTOCOL,
+    mean=0.868, split=PAPER_SPLIT, protocol=AGCNN_PROTOCOL, reading=AGCNN_READING, reading_note=AGCNN_READING_NOTE,
     source="Guan et al. 2018, arXiv 1801.09927v1, Table I (AG-CNN, fusion branch)")
 AGCNN_D121 = PublishedAUROC(
     key="agcnn_d121", name="AG-CNN DenseNet-121",
     per_class=_col((0.853, 0.939, 0.903, 0.754, 0.902, 0.828, 0.774, 0.921, 0.842, 0.924, 0.932,
                     0.864, 0.837, 0.921)),
-    mean=0.871, split=PAPER_SPLIT, protocol=AGCNN_PROTOCOL,
+    mean=0.871, split=PAPER_SPLIT, protocol=AGCNN_PROTOCOL, reading=AGCNN_READING, reading_note=AGCNN_READING_NOTE,
     source="Guan et al. 2018, arXiv 1801.09927v1, Table I (AG-CNN, fusion branch)")
 # The 14-class comparison table quoted by CheXNet re-implementations, verbatim from the
 # arnoweng/CheXNet README (chestxray14.md §5.2); the means are computed from the 14 values.
@@ -105,16 +125,21 @@ CHEXNET = PublishedAUROC(
     key="chexnet", name="CheXNet",
     per_class=_col((0.8094, 0.9248, 0.8638, 0.7345, 0.8676, 0.7802, 0.7680, 0.8887, 0.7901, 0.8878,
                     0.9371, 0.8047, 0.8062, 0.9164)),
-    # Patient-level as its re-implementations (arnoweng's lists, jrzech) drew it; the paper's own
-    # split was not released (chestxray14.md §4).
-    mean=None, split=PAPER_SPLIT, protocol="patient-random",
+    # The paper's own 14-class split was not released and its unit is not stated in the sources
+    # (jrzech issue #5, chestxray14.md §4); its re-implementations drew patient-level splits.
+    mean=None, split=PAPER_SPLIT, protocol="unstated", reading="patient-random",
+    reading_note="CheXNet's 14-class split was not released (jrzech issue #5); its re-implementations (arnoweng's "
+                 "lists, --split chexnet) split by patient",
     source="Rajpurkar et al. 2017, arXiv 1711.05225, as tabulated in the arnoweng/CheXNet README")
 WANG14 = PublishedAUROC(
     key="wang", name="Wang et al.",
     per_class=_col((0.716, 0.807, 0.784, 0.609, 0.706, 0.671, 0.633, 0.806, 0.708, 0.835, 0.815,
                     0.769, 0.708, 0.767)),
-    # "we randomly shuffled the entire dataset into three subgroups" (Wang et al. CVPR 2017): images.
-    mean=None, split="random", protocol="image-random",
+    # "we randomly shuffled the entire dataset into three subgroups" (Wang et al. CVPR 2017): image or
+    # patient not stated; the 14-class column is from a later arXiv version whose split is unverified.
+    mean=None, split="random", protocol="unstated", reading="image-random",
+    reading_note="CVPR 2017: 'we randomly shuffled the entire dataset into three subgroups', patients not stated; "
+                 "the 14-class column's own split (arXiv 1705.02315 later version) is unverified (chestxray14.md §4, §5)",
     source="Wang et al. 2017, arXiv 1705.02315 (14-class version), as tabulated in the arnoweng/CheXNet README",
     note="the 14-class result of a later arXiv version of the ChestX-ray8 paper")
 YAO = PublishedAUROC(

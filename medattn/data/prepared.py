@@ -126,6 +126,23 @@ class PreparedDataset:
     def split_name(self) -> str:
         return str(self.info.get("split", ""))
 
+    def split_record(self) -> dict[str, Any]:
+        """The split behind this directory, as every checkpoint, metrics.json and report records it:
+        ``name`` (``prepare --split``), ``seed`` (None where the split has none) and ``hash``, the first
+        16 hex digits of SHA-256 over the sorted "image<TAB>part" lines of the manifest, so two
+        directories with the same assignment of images to train/val/test agree whatever their order,
+        image size or shards."""
+        cached = self.__dict__.get("_split_record")
+        if cached is None:
+            import hashlib
+
+            pairs = sorted(zip(self.manifest["image"].astype(str), self.manifest["split"].astype(str)))
+            digest = hashlib.sha256("".join(f"{i}\t{p}\n" for i, p in pairs).encode()).hexdigest()[:16]
+            seed = self.info.get("split_seed")
+            cached = {"name": self.split_name or None, "seed": None if seed is None else int(seed), "hash": digest}
+            self.__dict__["_split_record"] = cached
+        return dict(cached)
+
     def indices(self, split: str) -> np.ndarray:
         """Sample indices of one split, ascending. Raises DataError when the split is empty."""
         if split == "all":

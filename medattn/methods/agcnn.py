@@ -153,6 +153,15 @@ class AGCNNMethod(Method):
         # the stage keeps it unless an epoch beats it on validation. The paper's random head is not.
         return stage == "fusion" and self.cfg.agcnn.fusion_init != "random"
 
+    FUSION_START = {"global": "global head", "branches": "mean of the global and local heads",
+                    "random": "randomly initialised fusion head"}
+
+    def stage_start(self, stage: str) -> dict[str, Any]:
+        if stage != "fusion":
+            return {}
+        how = self.cfg.agcnn.fusion_init
+        return {"fusion_init": how, "start": self.FUSION_START.get(how, how)}
+
     def needs_hires(self, stage: str) -> bool:
         return self.cfg.agcnn.crop_source == "prepared" and stage != "global"
 

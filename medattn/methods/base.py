@@ -44,6 +44,9 @@ class DataSpec:
     # Generated training images (medattn synth, test blobs): None = unknown (an older checkpoint).
     synthetic: bool | None = None
     source: str = ""  # dataset.json's source kind (nih, imagefolder, csv, ...)
+    # The split trained on: (name, seed, hash of the assignment) (PreparedDataset.split_record), kept
+    # in every checkpoint so released weights never lose it; () = unknown (an older checkpoint).
+    split: tuple = ()
 
     @property
     def num_classes(self) -> int:
@@ -59,22 +62,31 @@ class DataSpec:
 
         v = ViewSpec.from_config(cfg.data, ds.image_size, ds.channels, train=False)
         info = getattr(ds, "info", None) or {}
+        rec = ds.split_record() if hasattr(ds, "split_record") else None
         return cls(tuple(ds.label_names), tuple(ds.eval_labels), ds.task, ds.channels, ds.image_size,
                    tuple(v.mean), tuple(v.std), str(getattr(ds, "root", "")), getattr(ds, "synthetic", None),
-                   str((info.get("source") or {}).get("kind", "")))
+                   str((info.get("source") or {}).get("kind", "")),
+                   (rec["name"], rec["seed"], rec["hash"]) if rec else ())
+
+    @property
+    def split_record(self) -> dict[str, Any] | None:
+        """``{"name", "seed", "hash"}`` of the split trained on, None when not recorded."""
+        return dict(zip(("name", "seed", "hash"), self.split)) if self.split else None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, kept in every checkpoint: what a model needs to be used without the prepared
         directory it was trained on (labels, task, channels, preprocessing)."""
         return {"label_names": list(self.label_names), "eval_labels": list(self.eval_labels), "task": self.task,
                 "channels": self.channels, "prepared_size": self.prepared_size, "mean": list(self.mean),
-                "std": list(self.std), "synthetic": self.synthetic, "source": self.source}
+                "std": list(self.std), "synthetic": self.synthetic, "source": self.source,
+                "split": self.split_record}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DataSpec":
         return cls(tuple(d["label_names"]), tuple(d["eval_labels"]), d["task"], int(d["channels"]),
                    int(d["prepared_size"]), tuple(d["mean"]), tuple(d["std"]), synthetic=d.get("synthetic"),
-                   source=str(d.get("source") or ""))
+                   source=str(d.get("source") or ""),
+                   split=tuple((d.get("split") or {}).get(k) for k in ("name", "seed", "hash")) if d.get("split") else ())
 
 
 class Method:
@@ -190,6 +202,12 @@ class Method:
         """Whether ``stage``'s starting weights (after :meth:`init_stage`) are a candidate for its
         best checkpoint, validated before the first epoch (default: no)."""
         return False
+
+    def stage_start(self, stage: str) -> dict[str, Any]:
+        """What ``stage`` starts from, for the record (eval's metrics.json, the report): ``start``,
+        the starting weights in words (e.g. "global head"), and the config keys that chose them
+        (default: nothing to say)."""
+        return {}
 
     def set_train_mode(self, model: nn.Module, stage: str) -> None:
         """Frozen parts run in eval mode (their BatchNorm statistics must not drift)."""

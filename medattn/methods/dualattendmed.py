@@ -83,6 +83,9 @@ class DualAttendMedConfig:
     task: str = "auto"  # auto (the dataset's) | multilabel (sigmoid/BCE) | singlelabel (softmax/CE)
     num_maps: int = 32
     reduction: int = 16
+    # DualAttendMed's channel attention on the backbone features (its addition: CAL and WS-DAN have
+    # none; dualattendmed_cal sets it false)
+    channel_attention: bool = True
     layer4_stride: int = 1
     feature_scale: float = 100.0
     crop_theta: tuple[float, float] | None = None  # null: published (0.5, 0.5), corrected (0.4, 0.6)
@@ -284,7 +287,8 @@ class DualAttendMedMethod(Method):
         d = self.cfg.dualattendmed
         model = build_wsdan(self.cfg.model, num_classes=self.num_classes, in_chans=self.spec.channels,
                             num_maps=d.num_maps, reduction=d.reduction, attention=self.settings.attention,
-                            layer4_stride=d.layer4_stride, feature_scale=d.feature_scale)
+                            layer4_stride=d.layer4_stride, feature_scale=d.feature_scale,
+                            channel_attention=d.channel_attention)
         self.centres = self.initial_centres(model.feature_dim)
         return model
 

@@ -12,6 +12,9 @@ Two attention heads (``attention=``): ``conv`` is DualAttendMed's ``Conv2d(C, M,
 no normalisation or ReLU (maps are unbounded and can be negative); ``bn_relu`` is CAL/WS-DAN's
 BasicConv2d: 1x1 conv without bias, BatchNorm (eps 1e-3), ReLU.
 
+The channel attention is DualAttendMed's addition (CAL and WS-DAN have none): ``channel_attention=False``
+builds CAL's network, F' = F and channel weights of ones.
+
 ``model(x)`` returns the raw logits ``p`` (so a plain classifier loop can drive it);
 ``model.forward_all(x)`` returns everything a training step needs.
 """
@@ -74,10 +77,11 @@ class WSDAN(nn.Module):
         reduction: channel-attention reduction r.
         attention: ``conv`` (DualAttendMed) or ``bn_relu`` (CAL).
         feature_scale: X is multiplied by this before the classifier (100 in CAL/DualAttendMed).
+        channel_attention: DualAttendMed's channel attention on F (False: CAL, none).
     """
 
     def __init__(self, backbone: ClassifierModel, num_classes: int, *, num_maps: int = 32, reduction: int = 16,
-                 attention: str = "bn_relu", feature_scale: float = 100.0):
+                 attention: str = "bn_relu", feature_scale: float = 100.0, channel_attention: bool = True):
         super().__init__()
         if attention not in ATTENTIONS:
             raise ConfigError(f"attention head {attention!r} is not one of {', '.join(ATTENTIONS)}")
@@ -98,7 +102,7 @@ class WSDAN(nn.Module):
         self.in_chans = backbone.in_chans
         self.feature_scale = float(feature_scale)
         self.attention_kind = attention
-        self.channel_attention = ChannelAttention(c, reduction)
+        self.channel_attention = ChannelAttention(c, reduction) if channel_attention else None
         self.attentions = nn.Conv2d(c, num_maps, kernel_size=1) if attention == "conv" else BasicConv2d(c, num_maps)
         self.fc = nn.Linear(num_maps * c, num_classes, bias=False)
 
@@ -113,7 +117,10 @@ class WSDAN(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x -> (F' (B, C, h, w), channel weights (B, C))."""
-        return self.channel_attention(self.backbone.forward_features(x))
+        f = self.backbone.forward_features(x)
+        if self.channel_attention is None:  # CAL: the attention maps read F itself
+            return f, f.new_ones(f.shape[:2])
+        return self.channel_attention(f)
 
     def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
         """X (B, M*C) -> fc(feature_scale * X)."""
@@ -147,7 +154,7 @@ def _is_torchvision_file(weights: str, arch: str) -> bool:
 
 
 def build_wsdan(cfg_model, *, num_classes: int, in_chans: int, num_maps: int, reduction: int, attention: str,
-                layer4_stride: int = 1, feature_scale: float = 100.0) -> WSDAN:
+                layer4_stride: int = 1, feature_scale: float = 100.0, channel_attention: bool = True) -> WSDAN:
     """DualAttendMed's network from ``cfg.model`` (backbone, weights) and the method's options.
 
     ``model.weights``: ``imagenet``/``imagenet_v2``/``none`` or torchvision's ImageNet file
@@ -157,7 +164,7 @@ def build_wsdan(cfg_model, *, num_classes: int, in_chans: int, num_maps: int, re
     Args:
         cfg_model: ``cfg.model`` (ModelConfig).
         num_classes, in_chans: outputs and input channels.
-        num_maps, reduction, attention, feature_scale: see :class:`WSDAN`.
+        num_maps, reduction, attention, feature_scale, channel_attention: see :class:`WSDAN`.
         layer4_stride: passed to the backbone builder when it is not 2 (ResNets: 1 gives output
             stride 16, 14x14 features at 224, as DualAttendMed/CAL).
     """
@@ -168,7 +175,7 @@ def build_wsdan(cfg_model, *, num_classes: int, in_chans: int, num_maps: int, re
     kw = {"layer4_stride": layer4_stride} if layer4_stride != 2 else {}
     backbone = create_model(arch, num_classes=0, in_chans=in_chans, weights=backbone_weights, **kw)
     model = WSDAN(backbone, num_classes, num_maps=num_maps, reduction=reduction, attention=attention,
-                  feature_scale=feature_scale)
+                  feature_scale=feature_scale, channel_attention=channel_attention)
     if backbone_weights != weights:
         from medattn.models.weights import load_weights
 
