@@ -357,7 +357,7 @@ def _train_overrides(a: argparse.Namespace) -> list[str]:
 
 
 def _stage_seconds(run: Path) -> dict[str, dict[str, float]]:
-    """Training and validation seconds of each stage, from the run's metrics.jsonl."""
+    """Training and validation seconds of each stage, from the run's epoch records."""
     from hpc.run import Run
 
     out: dict[str, dict[str, float]] = {}
