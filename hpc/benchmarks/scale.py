@@ -200,6 +200,15 @@ def _rss_pss(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
+def _shm_used() -> int:
+    """Bytes in use on /dev/shm (loader workers hand batches over through it)."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return 0
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
 class TreeMonitor:
     """Samples the summed RSS/PSS and the process count of a process tree in a thread."""
 
@@ -207,6 +216,8 @@ class TreeMonitor:
         self.pid, self.interval = pid, interval
         self.peak_rss = self.peak_pss = 0
         self.peak_procs = 0
+        self.shm0 = _shm_used()
+        self.peak_shm = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="scale-monitor", daemon=True)
 
@@ -227,6 +238,7 @@ class TreeMonitor:
                 rss, pss = rss + r, pss + s
             self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
             self.peak_procs = max(self.peak_procs, len(pids))
+            self.peak_shm = max(self.peak_shm, _shm_used() - self.shm0)
             if self._stop.wait(self.interval):
                 return
 
@@ -258,7 +270,7 @@ def run_phase(name: str, argv: Sequence[str], env: dict[str, str], log: Path, in
             # the machine's 1-minute load at the end: a shared machine's wall times read with it
             "load_avg_1min": round(os.getloadavg()[0], 2),
             "peak_rss_mib": round(mon.peak_rss / 2**20, 1), "peak_pss_mib": round(mon.peak_pss / 2**20, 1),
-            "peak_processes": mon.peak_procs}
+            "peak_processes": mon.peak_procs, "peak_shm_mib": round(mon.peak_shm / 2**20, 1)}
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
