@@ -39,13 +39,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint of the stage")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals (0 = off)")
     p.add_argument("--out-dir", default=None, help="where to write (default RUN/eval or RUN/eval_<split>)")
+    p.add_argument("--calibration", action=argparse.BooleanOptionalAction, default=True,
+                   help="fit temperatures and operating-point thresholds on the val split and store them in the run "
+                        "(default on; docs/evaluation.md)")
+    from hpc.external_eval import add_external_arguments
+
+    add_external_arguments(p)
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="runtime overrides only (e.g. runtime.device=cpu data.loader=torch)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.dataset:  # an external dataset (hpc/external_eval.py)
+        from hpc.external_eval import run_external
+
+        return run_external(args)
     return evaluate(args.run, split=args.split, data=args.data, stage=args.stage, checkpoint=args.checkpoint,
-                    bootstrap=args.bootstrap, out_dir=args.out_dir, overrides=args.overrides)
+                    bootstrap=args.bootstrap, out_dir=args.out_dir, overrides=args.overrides,
+                    calibration=args.calibration)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def evaluate(run_dir: str, split: str = "test", data: str | None = None, stage: str | None = None,
              checkpoint: str = "best", bootstrap: int = 1000, out_dir: str | None = None,
-             overrides: list[str] | None = None) -> int:
+             overrides: list[str] | None = None, calibration: bool = True) -> int:
     from medattn.data.prepared import PreparedDataset
     from hpc.loader import EvalLoader
 
@@ -92,11 +103,22 @@ def evaluate(run_dir: str, split: str = "test", data: str | None = None, stage: 
         finally:
             loader.close()
         elapsed = time.time() - t0
+        from hpc import clinical_eval  # calibration, operating points, subgroups (issue 24)
+
+        val_preds = None
+        if calibration:
+            val_preds = preds if split == "val" else clinical_eval.validation_predictions(
+                ds, cfg, method, model, stage, device, world, precision)
         if world.is_primary:
             out = Path(out_dir) if out_dir else run.eval_dir(split)
             result = summarize(preds, ds, spec, cfg, split, stage, str(ckpt), bootstrap)
             result["time_s"] = elapsed
             result["images_per_s"] = len(preds.index) / max(elapsed, 1e-9)
+            extra, record = clinical_eval.beyond_auroc(preds, val_preds, ds, spec, method.select_branch(stage),
+                                                       n_boot=bootstrap, seed=cfg.seed)
+            result.update(extra)
+            if record is not None:
+                clinical_eval.save_calibration(run, record, stage, ckpt, data)
             write_outputs(out, result, preds, ds, spec)
             print_summary(result, out)
         distributed.barrier()
