@@ -177,3 +177,30 @@ def test_external_eval_bad_root_exit_2(evaluated, tmp_path):
     _, run, _, _ = evaluated
     assert cli_main(["eval", "--run", str(run), "--dataset", "chexpert", "--root", str(tmp_path)]) == 2
     assert not (run / "eval" / "external-chexpert").exists()
+
+
+def test_report_sections(evaluated, tmp_path):
+    """The report draws a reliability diagram per branch, the operating-point and subgroup tables,
+    and an external-validation section once an external evaluation exists."""
+    import shutil
+
+    from hpc.report import build_report
+
+    _, run, m, _ = evaluated
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, symlinks=True)
+    root = write_chexpert(tmp_path, n_patients=12, size=48, seed=9)
+    assert cli_main(["eval", "--run", str(copy), "--dataset", "chexpert", "--root", str(root), "--bootstrap", "20",
+                     "--device", "cpu"]) == 0
+    res = build_report(copy, samples=0, log=lambda *a: None)
+    html, md = res.html.read_text(), res.markdown.read_text()
+    names = {p.name for p in res.figures}
+    assert {f"reliability_{b}.png" for b in m["auroc"]} <= names
+    for h in ("Calibration", "Operating points", "Subgroups", "External validation"):
+        assert f">{h}<" in html and f"## {h}" in md
+    e = m["calibration"]["fusion"]
+    cell = f"{e['before']['ece_equal_width']['mean']:.3f} → {e['after']['ece_equal_width']['mean']:.3f}"
+    assert cell in html
+    assert "sex: F (n=" in html and "age: 40-60" in html and "view: PA" in html
+    ext = json.loads((copy / "eval" / "external-chexpert" / "metrics.json").read_text())
+    assert f"uncertain labels: {ext['uncertain_policy']}" in html
