@@ -170,3 +170,33 @@ def load_calibration(run, stage: str, checkpoint: str | Path) -> dict[str, Any]:
 def _f(v) -> float | None:
     v = float(v)
     return None if np.isnan(v) else v
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    """A few lines for the eval's printed summary: calibration before/after, subgroup gaps."""
+    lines = []
+    cal = result.get("calibration") or {}
+    branches = [b for b in result.get("auroc", {}) if b in cal]
+    for b in branches[-1:]:
+        e = cal[b]
+        bef, aft = e.get("before") or {}, e.get("after") or {}
+        s = (f"calibration ({b}, mean over labels): ECE equal-width {_fmt((bef.get('ece_equal_width') or {}).get('mean'))}"
+             f", equal-mass {_fmt((bef.get('ece_equal_mass') or {}).get('mean'))}, Brier "
+             f"{_fmt((bef.get('brier') or {}).get('mean'))}")
+        if aft:
+            s += (f"; after the validation temperature: {_fmt(aft['ece_equal_width'].get('mean'))}, "
+                  f"{_fmt(aft['ece_equal_mass'].get('mean'))}, {_fmt(aft['brier'].get('mean'))}")
+        lines.append(s)
+    gaps = (result.get("subgroups") or {}).get("largest_gap") or {}
+    big = [(k, g) for k, g in gaps.items() if g]
+    if big:
+        k, g = max(big, key=lambda kv: kv[1]["gap"])
+        lines.append(f"largest subgroup AUROC gap: {k}, {g['attribute']} {g['high']} vs {g['low']}: {g['gap']:.3f}")
+    if (result.get("operating_points") or {}).get("points"):
+        lines.append("operating points (youden, sens90, sens95; chosen on val) and subgroups: see metrics.json "
+                     "or the report; temperatures and thresholds stored in the run")
+    return lines
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"

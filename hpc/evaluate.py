@@ -257,5 +257,9 @@ def print_summary(result: dict[str, Any], out: Path) -> None:
         print(f"\nlocalisation ({loc['n_boxes']} boxes on {loc['n_images']} images): mean IoU "
               f"{loc['overall']['iou_mean']:.3f}, mean IoBB {loc['overall']['iobb_mean']:.3f}, "
               + ", ".join(f"T(IoBB)>{t}: {acc[t]:.3f}" for t in ("0.1", "0.25", "0.5") if t in acc))
+    from hpc.clinical_eval import summary_lines
+
+    for line in summary_lines(result):
+        print(f"\n{line}")
     written = [out / "metrics.json"] + [out / n for n in ("preds.csv", "per_image.csv") if (out / n).is_file()]
     print(f"\nwrote {', '.join(map(str, written))}")
