@@ -124,7 +124,7 @@ def beyond_auroc(preds, val_preds, ds, spec, branch: str, *, n_boot: int, seed: 
         if masks:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", MetricWarning)
-                sg = M.subgroup_auroc(p, y, names, evl, masks, groups, n_boot=max(n_boot, 1), seed=seed)
+                sg = M.subgroup_auroc(p, y, names, evl, masks, groups, n_boot=n_boot, seed=seed)
             sg["branch"] = branch
             out["subgroups"] = sg
         else:

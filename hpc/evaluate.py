@@ -106,7 +106,7 @@ def evaluate(run_dir: str, split: str = "test", data: str | None = None, stage: 
         from hpc import clinical_eval  # calibration, operating points, subgroups (issue 24)
 
         val_preds = None
-        if calibration:
+        if calibration and spec.task in ("multilabel", "singlelabel"):  # segmentation: nothing to calibrate
             val_preds = preds if split == "val" else clinical_eval.validation_predictions(
                 ds, cfg, method, model, stage, device, world, precision)
         if world.is_primary:
