@@ -43,14 +43,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="evaluate on a prepared directory whose split assignment differs from the one the checkpoint "
                         "was trained on (refused by default: its test images may have been trained on); both splits "
                         "are recorded in metrics.json")
+    p.add_argument("--calibration", action=argparse.BooleanOptionalAction, default=True,
+                   help="fit temperatures and operating-point thresholds on the val split and store them in the run "
+                        "(default on; docs/evaluation.md)")
+    from hpc.external_eval import add_external_arguments
+
+    add_external_arguments(p)
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="runtime overrides only (e.g. runtime.device=cpu data.loader=torch)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.dataset:  # an external dataset (hpc/external_eval.py)
+        from hpc.external_eval import run_external
+
+        return run_external(args)
     return evaluate(args.run, split=args.split, data=args.data, stage=args.stage, checkpoint=args.checkpoint,
                     bootstrap=args.bootstrap, out_dir=args.out_dir, overrides=args.overrides,
-                    allow_split_mismatch=args.allow_split_mismatch)
+                    allow_split_mismatch=args.allow_split_mismatch, calibration=args.calibration)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def evaluate(run_dir: str, split: str = "test", data: str | None = None, stage: str | None = None,
              checkpoint: str = "best", bootstrap: int = 1000, out_dir: str | None = None,
-             overrides: list[str] | None = None, allow_split_mismatch: bool = False) -> int:
+             overrides: list[str] | None = None, allow_split_mismatch: bool = False,
+             calibration: bool = True) -> int:
     from medattn.data.prepared import PreparedDataset
     from hpc.loader import EvalLoader
 
@@ -98,6 +109,12 @@ def evaluate(run_dir: str, split: str = "test", data: str | None = None, stage: 
         finally:
             loader.close()
         elapsed = time.time() - t0
+        from hpc import clinical_eval  # calibration, operating points, subgroups (issue 24)
+
+        val_preds = None
+        if calibration and spec.task in ("multilabel", "singlelabel"):  # segmentation: nothing to calibrate
+            val_preds = preds if split == "val" else clinical_eval.validation_predictions(
+                ds, cfg, method, model, stage, device, world, precision)
         if world.is_primary:
             out = Path(out_dir) if out_dir else run.eval_dir(split)
             result = summarize(preds, ds, spec, cfg, split, stage, str(ckpt), bootstrap)
@@ -106,6 +123,11 @@ def evaluate(run_dir: str, split: str = "test", data: str | None = None, stage: 
             result["split_provenance"] = split_rec
             result["time_s"] = elapsed
             result["images_per_s"] = len(preds.index) / max(elapsed, 1e-9)
+            extra, record = clinical_eval.beyond_auroc(preds, val_preds, ds, spec, method.select_branch(stage),
+                                                       n_boot=bootstrap, seed=cfg.seed)
+            result.update(extra)
+            if record is not None:
+                clinical_eval.save_calibration(run, record, stage, ckpt, data)
             write_outputs(out, result, preds, ds, spec)
             print_summary(result, out)
         distributed.barrier()
@@ -291,5 +313,9 @@ def print_summary(result: dict[str, Any], out: Path) -> None:
         print(f"\nlocalisation ({loc['n_boxes']} boxes on {loc['n_images']} images): mean IoU "
               f"{loc['overall']['iou_mean']:.3f}, mean IoBB {loc['overall']['iobb_mean']:.3f}, "
               + ", ".join(f"T(IoBB)>{t}: {acc[t]:.3f}" for t in ("0.1", "0.25", "0.5") if t in acc))
+    from hpc.clinical_eval import summary_lines
+
+    for line in summary_lines(result):
+        print(f"\n{line}")
     written = [out / "metrics.json"] + [out / n for n in ("preds.csv", "per_image.csv") if (out / n).is_file()]
     print(f"\nwrote {', '.join(map(str, written))}")

@@ -183,7 +183,8 @@ class Predictor:
         if pending:
             yield from flush()
 
-    def predict(self, inputs, heatmaps: bool = False, batch_size: int = 16, errors: str = "raise"):
+    def predict(self, inputs, heatmaps: bool = False, batch_size: int = 16, errors: str = "raise",
+                calibrated: bool = False, operating_point: str | None = None):
         """Probabilities for images.
 
         Args:
@@ -196,6 +197,10 @@ class Predictor:
             batch_size: images per forward pass.
             errors: ``raise`` or ``skip`` an unreadable file; skipped files are listed in
                 ``df.attrs["errors"]`` as (path, reason).
+            calibrated: apply the temperatures ``medattn eval`` fitted on the validation split
+                (stored in the run; :mod:`hpc.calibrated`).
+            operating_point: also return binary calls ``call/<label>`` at the thresholds chosen on
+                the validation split (``youden``, ``sens90``, ``sens95``).
 
         Returns:
             pandas DataFrame, one row per image: ``path`` (absolute path, or ``<array i>``), one
@@ -212,6 +217,10 @@ class Predictor:
             rows.append(self.row(name, pred, heatmaps))
         df = pd.DataFrame(rows, columns=self.columns(heatmaps))
         df.attrs["errors"] = failed
+        if calibrated or operating_point:
+            from hpc.calibrated import apply_to_frame
+
+            df = apply_to_frame(self, df, calibrated, operating_point)
         return df
 
     def columns(self, heatmaps: bool = False) -> list[str]:
@@ -272,6 +281,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="whose model (default: the last finished stage, e.g. AG-CNN's fusion)")
     p.add_argument("--checkpoint", default="best", choices=("best", "last"),
                    help="the stage's best-validation weights or its latest (default: %(default)s)")
+    p.add_argument("--calibrated", action="store_true",
+                   help="apply the temperatures `medattn eval` fitted on the validation split (docs/evaluation.md)")
+    p.add_argument("--operating-point", default=None, choices=("youden", "sens90", "sens95"),
+                   help="also write binary calls (call/<label>) at the thresholds chosen on the validation split")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -287,6 +300,10 @@ def run(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore", UserWarning)  # said below, in the command's words
         p = load(args.run, args.stage, args.checkpoint, args.device)
     print(f"medattn predict: {p.describe()}", file=sys.stderr)
+    if args.calibrated or args.operating_point:  # no stored calibration: exit 2 before any work
+        from hpc.calibrated import record_for
+
+        record_for(p, args.calibrated, args.operating_point)
     if p.synthetic:
         print("medattn predict: WARNING: " + SYNTHETIC_WARNING.format(source=p.spec.source or "synthetic"),
               file=sys.stderr)
@@ -314,6 +331,10 @@ def run(args: argparse.Namespace) -> int:
         return 1
     out = Path(args.out)
     df = pd.DataFrame(rows, columns=p.columns())
+    if args.calibrated or args.operating_point:
+        from hpc.calibrated import apply_to_frame
+
+        df = apply_to_frame(p, df, args.calibrated, args.operating_point)
     atomic_write_text(out, df.to_csv(index=False, float_format="%.7g"))
     print(f"medattn predict: wrote {out} ({len(rows)} image(s)"
           + (f"; {len(failed)} unreadable, named above" if failed else "") + ")", file=sys.stderr)

@@ -80,6 +80,21 @@ class Run:
     def eval_dir(self, split: str = "test") -> Path:
         return self.root / ("eval" if split == "test" else f"eval_{split}")
 
+    @property
+    def calibration_path(self) -> Path:
+        """Temperatures and operating-point thresholds fitted on the validation split by
+        ``medattn eval`` (read by ``medattn predict --calibrated / --operating-point``)."""
+        return self.root / "calibration.json"
+
+    def external_eval_dir(self, dataset: str) -> Path:
+        """Where ``medattn eval --dataset DATASET`` writes (beside the in-distribution eval)."""
+        return self.root / "eval" / f"external-{dataset}"
+
+    def external_eval_dirs(self) -> dict[str, Path]:
+        """``{dataset: directory}`` of every external evaluation written so far."""
+        base = self.root / "eval"
+        return {d.name[len("external-"):]: d for d in sorted(base.glob("external-*")) if (d / "metrics.json").is_file()}
+
     def report_dir(self, split: str = "test") -> Path:
         return self.root / ("report" if split == "test" else f"report_{split}")
 

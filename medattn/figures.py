@@ -31,7 +31,7 @@ from medattn.boxes import denormalize, to_xyxy
 __all__ = [
     "OKABE_ITO", "ATTENTION_BOX_COLOR", "GT_BOX_COLOR", "HEATMAP_CMAP", "save_figure",
     "plot_roc_curves", "plot_training_curves", "plot_metric_vs_param", "overlay_panel",
-    "plot_iobb_distribution",
+    "plot_iobb_distribution", "plot_reliability",
 ]
 
 # Okabe & Ito (2008), "Color Universal Design": eight colours distinguishable by people with
@@ -481,4 +481,45 @@ def plot_iobb_distribution(values_by_class: Mapping[str, Any], *, metric_name: s
         ax.grid(alpha=0.3, axis="y")
     if title:
         fig.suptitle(title)
+    return _finish(fig, path, dpi)
+
+
+# --------------------------------------------------------------------------------------------
+# reliability diagram
+# --------------------------------------------------------------------------------------------
+def plot_reliability(curves: Mapping[str, Mapping[str, Any]], *, title: str = "Reliability diagram",
+                     path: str | os.PathLike | None = None, dpi: int = 110) -> Figure:
+    """Observed frequency against mean predicted probability per bin, one line per curve (e.g.
+    ``{"before": ..., "after T": ...}``, each the ``reliability`` data of
+    :func:`medattn.metrics.calibration_summary`: ``confidence``, ``frequency``, ``count``, ``ece``),
+    with the diagonal of perfect calibration and, below, how many predictions fall in each bin."""
+    fig = Figure(figsize=(5.2, 5.6))
+    ax = fig.add_axes((0.13, 0.34, 0.82, 0.58))
+    hx = fig.add_axes((0.13, 0.08, 0.82, 0.17))
+    ax.plot([0, 1], [0, 1], ls="--", color="0.5", lw=1, label="perfect calibration")
+    width = None
+    for i, (name, r) in enumerate(curves.items()):
+        conf = np.array([np.nan if v is None else v for v in r["confidence"]], np.float64)
+        freq = np.array([np.nan if v is None else v for v in r["frequency"]], np.float64)
+        ok = ~np.isnan(conf)
+        color = OKABE_ITO[i % len(OKABE_ITO)]
+        ece = r.get("ece")
+        ax.plot(conf[ok], freq[ok], "o-", color=color, ms=4, lw=1.5,
+                label=f"{name} (ECE {ece:.3f})" if ece is not None else name)
+        n_bins = len(r["count"])
+        width = 1.0 / n_bins
+        centers = (np.arange(n_bins) + 0.5) * width
+        hx.bar(centers + (i - 0.5) * width * 0.4 * (len(curves) > 1), r["count"], width=width * 0.4 if len(curves) > 1
+               else width * 0.9, color=color, alpha=0.8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("mean predicted probability (bin)")
+    ax.set_ylabel("observed frequency")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left", fontsize=8, frameon=False)
+    ax.grid(alpha=0.3)
+    hx.set_xlim(0, 1)
+    hx.set_yscale("symlog")
+    hx.set_ylabel("count", fontsize=8)
+    hx.tick_params(labelsize=7)
     return _finish(fig, path, dpi)

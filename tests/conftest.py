@@ -36,3 +36,29 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def trained_demo_run(tmp_path_factory):
+    """(prepared dir, run dir) of a finished demo AG-CNN run (global -> local -> fusion, ResNet-18,
+    48 px) on 128 blob images with sex, age and view, evaluated on its test split with 50
+    resamples: trained once per session for the tests that only read a run (about 30 s)."""
+    import torch
+
+    from hpc import evaluate as evaluate_mod
+    from hpc import train as train_mod
+    from medattn.data.fake import write_fake_prepared
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        root = tmp_path_factory.mktemp("demo_run")
+        prep = write_fake_prepared(root / "prep", n=128, size=56, seed=1)
+        run = root / "run"
+        base = ["data.image_size=48", "data.resize=56", "stages.*.epochs=2", "stages.*.batch_size=16",
+                "data.num_workers=0", "runtime.log_every=100", "runtime.tensorboard=false"]
+        assert train_mod.main(["--config", "demo", "--data", str(prep), "--out", str(run), *base]) == 0
+        assert evaluate_mod.main(["--run", str(run), "--split", "test", "--bootstrap", "50"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    return prep, run

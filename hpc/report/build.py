@@ -224,6 +224,9 @@ class _Builder:
         self.header()
         self.glance()
         self.classification()
+        from hpc.report.clinical import add_sections  # calibration, operating points, subgroups, external
+
+        add_sections(self)
         self.training()
         self.localisation()
         self.overlays()

@@ -18,6 +18,20 @@ from medattn.data._shards import ShardWriter, atomic_write_json, record_columns,
 from medattn.data.labels import DISEASES, NIH_LABELS
 
 
+def blob_square(k: int, size: int, classes: int = 4) -> tuple[int, int, int]:
+    """(y0, x0, side) of disease k's bright square in a ``size`` px image (also drawn by the
+    external-dataset fixtures, :mod:`medattn.data.external_synth`, so a model trained on these
+    images finds the same labels there)."""
+    cell = size // 4
+    if classes <= 4:
+        y0 = size // 4 + (k // 2) * (size // 3) - cell // 4
+        x0 = size // 6 + (k % 2) * (size // 2)
+    else:  # a 4 x 4 grid of cells
+        y0 = (k // 4) * cell + cell // 4
+        x0 = (k % 4) * cell + cell // 4
+    return y0, x0, cell // 2 + 2
+
+
 def write_fake_prepared(root: Path, n: int = 96, size: int = 64, seed: int = 0, classes: int = 4,
                   splits=(0.6, 0.2, 0.2), shard_size: int = 40, channels: int = 1,
                   lung_boxes: bool = False) -> Path:
@@ -38,7 +52,6 @@ def write_fake_prepared(root: Path, n: int = 96, size: int = 64, seed: int = 0, 
     labels = np.zeros((n, len(NIH_LABELS)), np.uint8)
     boxes = []
     squares: list[list[tuple[int, int, int]]] = []  # per image: (y0, x0, side) of each blob
-    cell = size // 4
     if not 1 <= classes <= len(DISEASES):
         raise ValueError(f"classes must be in 1..{len(DISEASES)}, got {classes}")
     for i in range(n):
@@ -46,13 +59,7 @@ def write_fake_prepared(root: Path, n: int = 96, size: int = 64, seed: int = 0, 
         b, sq = [], []
         for k in np.flatnonzero(pos):
             labels[i, k] = 1
-            if classes <= 4:
-                y0 = size // 4 + (k // 2) * (size // 3) - cell // 4
-                x0 = size // 6 + (k % 2) * (size // 2)
-            else:  # a 4 x 4 grid of cells
-                y0 = (k // 4) * cell + cell // 4
-                x0 = (k % 4) * cell + cell // 4
-            s = cell // 2 + 2
+            y0, x0, s = blob_square(k, size, classes)
             sq.append((y0, x0, s))
             b.append({"label": DISEASES[k], "x": x0 / size, "y": y0 / size, "w": s / size, "h": s / size})
         if not pos.any():
@@ -88,6 +95,12 @@ def write_fake_prepared(root: Path, n: int = 96, size: int = 64, seed: int = 0, 
     else:
         del where["lung_box"]  # no lung boxes: the column is absent (PreparedDataset.lung_boxes() is None)
     split_col = [psplit[p] for p in patients]
+    # Sex and age per patient and view per image (ChestX-ray14's Data_Entry has them), drawn from
+    # their own generator so the labels and pixels of a seed stay what they were.
+    demo = np.random.default_rng([seed, 7])
+    p_sex = demo.choice(np.array(["F", "M"]), size=len(up))
+    p_age = demo.integers(18, 90, size=len(up)).astype(np.float64)
+    views = demo.choice(np.array(["PA", "AP"]), size=n, p=[0.6, 0.4])
     write_manifest(root, {
         "index": np.arange(n, dtype=np.int64),
         "image": [f"{p + 1:08d}_{i % 2:03d}.png" for i, p in enumerate(patients)],
@@ -96,6 +109,7 @@ def write_fake_prepared(root: Path, n: int = 96, size: int = 64, seed: int = 0, 
         "labels": [row.tolist() for row in labels],
         "target": np.full(n, -1, np.int64),
         "finding_labels": ["|".join(NIH_LABELS[j] for j in np.flatnonzero(r)) for r in labels],
+        "age": p_age[patients], "sex": p_sex[patients].tolist(), "view": views.tolist(),
         "boxes": boxes,
         **where,
     })

@@ -8,7 +8,9 @@ as M; M.per_class_auroc(...)`` is the way to call them:
 ==========================  ===============================================================
 ``metrics.auroc``           AUROC of one task, per class, mean; one-vs-rest; accuracy; ROC points
 ``metrics.bootstrap``       percentile-bootstrap CIs of per-class and mean AUROC
-``metrics.operating``       Youden threshold, binary report (rates at a threshold)
+``metrics.operating``       Youden / sensitivity-target thresholds, rates at thresholds with intervals
+``metrics.calibration``     ECE (equal-width, equal-mass), Brier, reliability data, temperature scaling
+``metrics.subgroups``       AUROC per sex, age band and view, with intervals and gaps
 ``metrics.localization``    IoU, IoBB, T(IoBB)/T(IoU) accuracy (box geometry: ``medattn.boxes``)
 ``metrics.accumulate``      per-batch predictions on the device -> :class:`Predictions`
 ``metrics.summary``         the metrics an evaluation writes (trainer validation, ``medattn eval``)
@@ -42,10 +44,15 @@ from medattn.metrics._inputs import (MetricWarning, _as_array, _binary_labels, _
 from medattn.metrics.accumulate import Accumulator, Predictions
 from medattn.metrics.auroc import (accuracy, auroc, macro_auroc_ovr, mean_auroc, per_class_auroc,
                                    per_class_auroc_ovr, roc_curve_points)
-from medattn.metrics.bootstrap import BootstrapCI, _resample_indices, bootstrap_auroc_ci  # noqa: F401
+from medattn.metrics.bootstrap import (BootstrapCI, _resample_indices, bootstrap_auroc_ci,  # noqa: F401
+                                       group_codes, percentile_interval, resample_counts)
+from medattn.metrics.calibration import (BINNINGS, N_BINS, Reliability, Temperature, apply_temperature, brier,
+                                         calibration_summary, ece, fit_temperature, reliability)
 from medattn.metrics.localization import (BOX_FORMATS, WANG_THRESHOLDS, LocalizationResult, box_area,
                                           box_intersection, box_iobb, box_iou, localization_accuracy, to_xyxy)
-from medattn.metrics.operating import binary_report, youden_threshold
+from medattn.metrics.operating import (OPERATING_POINTS, binary_report, choose_thresholds, rates_with_intervals,
+                                       sensitivity_threshold, youden_threshold)
+from medattn.metrics.subgroups import AGE_BANDS, age_band, normalise_sex, subgroup_auroc, subgroup_masks
 from medattn.metrics.summary import (binary_metrics, classification_metrics, extras_means,
                                      localization_metrics, probability_loss)
 
@@ -55,5 +62,9 @@ __all__ = [
     "macro_auroc_ovr", "BOX_FORMATS", "WANG_THRESHOLDS", "to_xyxy", "box_area", "box_intersection",
     "box_iou", "box_iobb", "LocalizationResult", "localization_accuracy",
     "Predictions", "Accumulator", "classification_metrics", "probability_loss", "binary_metrics",
-    "localization_metrics", "extras_means",
+    "localization_metrics", "extras_means", "resample_counts", "group_codes", "percentile_interval",
+    "N_BINS", "BINNINGS", "Reliability", "Temperature", "reliability", "ece", "brier", "fit_temperature",
+    "apply_temperature", "calibration_summary", "OPERATING_POINTS", "sensitivity_threshold",
+    "choose_thresholds", "rates_with_intervals", "AGE_BANDS", "age_band", "normalise_sex", "subgroup_masks",
+    "subgroup_auroc",
 ]

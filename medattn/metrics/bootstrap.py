@@ -95,6 +95,47 @@ def _counts(idx: np.ndarray, n: int) -> np.ndarray:
     return np.bincount(flat, minlength=b * n).reshape(b, n).astype(np.int32)
 
 
+def group_codes(groups: Any, n: int) -> tuple[np.ndarray | None, int]:
+    """``(code, n_units)``: each row's cluster numbered 0..G-1 in sorted order of the ids, and G;
+    ``(None, n)`` without groups (every row its own unit)."""
+    if groups is None:
+        return None, n
+    g = np.asarray(groups)
+    if g.shape != (n,):
+        raise ValueError(f"groups must have one id per row ({n}), got shape {g.shape}")
+    _, code = np.unique(g, return_inverse=True)
+    code = code.reshape(-1)
+    return code, (int(code.max()) + 1 if n else 0)
+
+
+def resample_counts(n: int, n_boot: int, seed: int, code: np.ndarray | None = None,
+                    n_units: int | None = None):
+    """Yield the bootstrap resamples of n rows in chunks: (b, n) int32 arrays, how often each row
+    is drawn in each resample. With ``code`` (from :func:`group_codes`) the units are the
+    clusters, every row counting as often as its cluster was drawn.
+
+    The one resampling scheme of every interval of this package (AUROC here, operating points
+    and subgroups elsewhere): the same ``(n, n_boot, seed, groups)`` gives the same resamples.
+    """
+    units = n if code is None else int(n_units if n_units is not None else (code.max() + 1 if n else 0))
+    for idx in _resample_indices(units, n_boot, seed):
+        counts = _counts(idx, units)
+        yield counts if code is None else counts[:, code]
+
+
+def percentile_interval(samples: np.ndarray, alpha: float) -> np.ndarray:
+    """(2, K) percentile interval of each column of ``samples`` (B, K), NaN resamples left out;
+    (nan, nan) for a column with none defined."""
+    q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
+    out = np.full((2, samples.shape[1]), np.nan)
+    ok = np.any(~np.isnan(samples), axis=0)
+    if ok.any():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out[:, ok] = np.nanpercentile(samples[:, ok], q, axis=0)
+    return out
+
+
 def bootstrap_auroc_ci(probs: Any, labels: Any, label_names: Sequence[str] | None = None,
                        eval_labels: Sequence[str] | None = None, *, n_boot: int = 1000,
                        alpha: float = 0.05, seed: int = 0, groups: Any = None,
@@ -135,15 +176,7 @@ def bootstrap_auroc_ci(probs: Any, labels: Any, label_names: Sequence[str] | Non
     names = _names(label_names, p.shape[1])
     cols = [names.index(k) for k in estimate]
     n = p.shape[0]
-    if groups is not None:
-        g = np.asarray(groups)
-        if g.shape != (n,):
-            raise ValueError(f"groups must have one id per row ({n}), got shape {g.shape}")
-        _, code = np.unique(g, return_inverse=True)  # 0..G-1 in sorted order of the ids
-        code = code.reshape(-1)
-        n_units = int(code.max()) + 1 if n else 0
-    else:
-        code, n_units = None, n
+    code, n_units = group_codes(groups, n)
     positives = {}
     for k, j in zip(estimate, cols):
         pos = y[:, j] > 0
@@ -153,10 +186,7 @@ def bootstrap_auroc_ci(probs: Any, labels: Any, label_names: Sequence[str] | Non
     row = 0
     preps = {c: _RankPrep.of(p[:, j], y[:, j]) for c, j in enumerate(cols)
              if not math.isnan(estimate[names[j]])}
-    for idx in _resample_indices(n_units, n_boot, seed):
-        counts = _counts(idx, n_units)
-        if code is not None:
-            counts = counts[:, code]  # every image counts as often as its patient was drawn
+    for counts in resample_counts(n, n_boot, seed, code, n_units):
         b = counts.shape[0]
         for c, prep in preps.items():
             samples[row:row + b, c] = prep.auroc_weighted(counts)

@@ -8,11 +8,13 @@ gives).
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from medattn.metrics._inputs import _as_array, _binary_labels, _same_length, _scores
+from medattn.metrics._inputs import MetricWarning, _as_array, _binary_labels, _same_length, _scores
 from medattn.metrics.auroc import auroc, roc_curve_points
 
 
@@ -112,3 +114,130 @@ def binary_report(scores: Any, labels: Any, *, threshold: float = 0.5) -> dict[s
         "at_threshold": _operating_point(s, y, threshold),
         "at_youden": _operating_point(s, y, thr) if not math.isnan(thr) else None,
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Operating points chosen on one split (validation) and read on another (test), per label
+# --------------------------------------------------------------------------------------------
+# name -> target sensitivity (None: Youden's J). Chosen on validation, never on the test split.
+OPERATING_POINTS: dict[str, float | None] = {"youden": None, "sens90": 0.90, "sens95": 0.95}
+
+
+def sensitivity_threshold(scores: Any, labels: Any, target: float) -> tuple[float, float, float]:
+    """The highest threshold whose sensitivity reaches ``target`` (so the specificity is the
+    highest possible at that sensitivity).
+
+    Returns ``(threshold, sensitivity, specificity)`` on these data; NaNs without positives or
+    negatives. A sample is positive when ``score >= threshold``.
+    """
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target sensitivity must be in (0, 1], got {target}")
+    fpr, tpr, thr = roc_curve_points(scores, labels, drop_intermediate=False)
+    if np.isnan(fpr).any() or np.isnan(tpr).any():
+        return (math.nan, math.nan, math.nan)
+    y = _binary_labels(labels)
+    n_pos = int(y.sum())
+    tp = np.rint(tpr * n_pos).astype(np.int64)
+    # Exact integer comparison: tp / n_pos >= target  <=>  tp >= ceil(target * n_pos) (up to rounding
+    # of target * n_pos, guarded by a small tolerance).
+    need = math.ceil(target * n_pos - 1e-9)
+    i = int(np.argmax(tp >= need))  # thresholds decrease along the curve: the first is the highest
+    return float(thr[i]), float(tpr[i]), float(1.0 - fpr[i])
+
+
+def choose_thresholds(probs: Any, labels: Any, label_names: Sequence[str],
+                      eval_labels: Sequence[str] | None = None,
+                      points: Sequence[str] = tuple(OPERATING_POINTS)) -> dict[str, dict[str, dict[str, float]]]:
+    """Per operating point and label, the threshold chosen on these (validation) data and the
+    sensitivity and specificity it has there: ``{point: {label: {"threshold", "sensitivity",
+    "specificity"}}}``; NaN where the label lacks positives or negatives."""
+    p = _scores(probs, "probs", ndim=2)
+    y = _binary_labels(labels, "labels", ndim=2)
+    names = list(label_names)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for point in points:
+        if point not in OPERATING_POINTS:
+            raise ValueError(f"operating point {point!r}: use one of {', '.join(OPERATING_POINTS)}")
+        target = OPERATING_POINTS[point]
+        out[point] = {}
+        for k in (eval_labels or names):
+            j = names.index(k)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", MetricWarning)
+                if target is None:
+                    thr, sens, spec, _ = youden_threshold(p[:, j], y[:, j])
+                else:
+                    thr, sens, spec = sensitivity_threshold(p[:, j], y[:, j], target)
+            out[point][k] = {"threshold": thr, "sensitivity": sens, "specificity": spec}
+    return out
+
+
+RATES = ("sensitivity", "specificity", "ppv", "npv")
+
+
+def rates_with_intervals(probs: Any, labels: Any, thresholds: Any, *, groups: Any = None, n_boot: int = 1000,
+                         alpha: float = 0.05, seed: int = 0, min_positives: int | None = None
+                         ) -> dict[str, np.ndarray]:
+    """Sensitivity, specificity, PPV and NPV of each column at fixed thresholds, with
+    percentile-bootstrap intervals (patient-clustered with ``groups``; the resamples of
+    :func:`medattn.metrics.bootstrap.resample_counts`, the same as the AUROC intervals').
+
+    Every resample's confusion counts come from one matrix product (resample counts (b, N) x
+    indicators (N, 4L)), so 1000 resamples of 25,596 x 15 take about a second.
+
+    Args:
+        probs: (N, L) scores. labels: (N, L) 0/1. thresholds: (L,) (NaN: no operating point).
+
+    Returns:
+        ``{"tp", "fp", "fn", "tn": (L,) int counts, "<rate>": (L,) point values,
+        "<rate>_ci": (2, L) lo/hi, "positives": (L,) positive units, "too_few": (L,) bool}``.
+        Labels with fewer than ``min_positives`` positive units (patients when clustered) get
+        no interval (NaN), as the AUROC intervals.
+    """
+    from medattn.metrics.bootstrap import MIN_POSITIVES, group_codes, percentile_interval, resample_counts
+
+    p = _scores(probs, "probs", ndim=2)
+    y = _binary_labels(labels, "labels", ndim=2)
+    thr = np.asarray(thresholds, np.float64).reshape(-1)
+    n, L = p.shape
+    if thr.shape != (L,):
+        raise ValueError(f"thresholds: expected {L} values, got {thr.shape}")
+    min_pos = MIN_POSITIVES if min_positives is None else min_positives
+    with np.errstate(invalid="ignore"):
+        pred = p >= thr[None, :]  # NaN thresholds: never positive; their rates are set to NaN below
+    ind = np.concatenate([pred & y, pred & ~y, ~pred & y, ~pred & ~y], axis=1).astype(np.float64)  # (N, 4L)
+    code, n_units = group_codes(groups, n)
+
+    def rates(c: np.ndarray) -> dict[str, np.ndarray]:
+        tp, fp, fn, tn = (c[..., k * L:(k + 1) * L] for k in range(4))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return {"sensitivity": tp / (tp + fn), "specificity": tn / (tn + fp),
+                    "ppv": tp / (tp + fp), "npv": tn / (tn + fn)}
+
+    full = ind.sum(axis=0)
+    out: dict[str, np.ndarray] = {k: v.astype(np.int64) for k, v in zip(("tp", "fp", "fn", "tn"), np.split(full, 4))}
+    point = rates(full)
+    samples = {k: np.empty((n_boot, L)) for k in RATES}
+    row = 0
+    if n_boot > 0 and n:
+        for counts in resample_counts(n, n_boot, seed, code, n_units):
+            c = counts.astype(np.float64) @ ind
+            for k, v in rates(c).items():
+                samples[k][row:row + len(c)] = v
+            row += len(c)
+    if code is not None:
+        positives = np.array([len(np.unique(code[y[:, j]])) for j in range(L)], np.int64)
+    else:
+        positives = y.sum(axis=0).astype(np.int64)
+    too_few = positives < min_pos
+    nothr = np.isnan(thr)
+    for k in RATES:
+        v = point[k]
+        v[nothr] = np.nan
+        out[k] = v
+        ci = percentile_interval(samples[k][:row], alpha) if row else np.full((2, L), np.nan)
+        ci[:, too_few | nothr] = np.nan
+        out[f"{k}_ci"] = ci
+    out["positives"] = positives
+    out["too_few"] = too_few
+    return out
