@@ -70,6 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "train includes train_model)")
     p.add_argument("--seed", type=int, default=0, help="patient sampling seed (default 0)")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
+    p.add_argument("--reuse", action="store_true",
+                   help="run --phases again on the --work of an earlier --keep run (its tree, prepared data and "
+                        "runs), e.g. eval,report after a change")
     p.add_argument("--interval", type=float, default=0.2, help="seconds between memory samples (default 0.2)")
 
 
@@ -406,8 +409,11 @@ def run(args: argparse.Namespace) -> int:
     if out_json.suffix != ".json":
         out_json = out_json / f"scale-{args.images}.json"
     work = Path(args.work).resolve()
-    if work.exists() and any(work.iterdir()):
-        raise MedattnError(f"--work {work}: not empty (give a new or empty folder)")
+    if args.reuse:
+        if not (work / "nih" / "Data_Entry_2017_v2020.csv").is_file():
+            raise MedattnError(f"--reuse: {work} holds no tree of an earlier --keep run")
+    elif work.exists() and any(work.iterdir()):
+        raise MedattnError(f"--work {work}: not empty (give a new or empty folder, or --reuse an earlier --keep run)")
     meta = Path(args.metadata) if args.metadata else bundled_nih_dir()
     if args.backbone is None:
         import importlib.util
@@ -416,7 +422,7 @@ def run(args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     env = _env(work)
     logs = work / "logs"
-    logs.mkdir()
+    logs.mkdir(exist_ok=True)
     py = sys.executable
     nih, prep, runs = work / "nih", work / "prep", work / "run"
     phases: dict[str, Any] = {}
@@ -437,7 +443,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         say(f"[scale {args.images}] build: NIH-layout tree in {nih}")
         t0 = time.perf_counter()
-        tree = build_tree(nih, args.images, meta, args.size, args.seed)
+        if args.reuse:
+            lines = (nih / "Data_Entry_2017_v2020.csv").read_text().splitlines()[1:]
+            tree = {"images": len(lines), "patients": len({ln.split(",")[3] for ln in lines}),
+                    "boxes": len((nih / "BBox_List_2017.csv").read_text().splitlines()) - 1, "reused": True}
+        else:
+            tree = build_tree(nih, args.images, meta, args.size, args.seed)
         phases["build"] = {"seconds": round(time.perf_counter() - t0, 2), **tree}
         record["images"], record["patients"] = tree["images"], tree["patients"]
         record["disk_bytes"]["tree"] = disk_bytes(nih)
@@ -482,6 +493,7 @@ def run(args: argparse.Namespace) -> int:
                 res["html_bytes"] = html.stat().st_size
         if "predict" in wanted:
             folder = work / "predict-in"
+            shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir()
             films = sorted(nih.glob("images_*/images/*.png"))[: args.predict_images]
             for f in films:
@@ -493,7 +505,7 @@ def run(args: argparse.Namespace) -> int:
             record["disk_bytes"]["run"] = disk_bytes(runs)
     except KeyboardInterrupt:
         say(f"[scale {args.images}] interrupted: no JSON written")
-        if not args.keep:
+        if not (args.keep or args.reuse):
             shutil.rmtree(work, ignore_errors=True)
         return 130
     except BaseException:
@@ -515,7 +527,7 @@ def run(args: argparse.Namespace) -> int:
     tmp.write_text(json.dumps(record, indent=2, default=str))
     os.replace(tmp, out_json)
     say(f"wrote {out_json}")
-    if not args.keep:
+    if not (args.keep or args.reuse):  # --reuse never removes an earlier run's folder
         shutil.rmtree(work, ignore_errors=True)
     return 0
 
