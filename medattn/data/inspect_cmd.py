@@ -102,29 +102,41 @@ def verify_images(found: dict[str, Path], mode: str = "header", workers: int = 1
         ``{"unreadable": [{"file", "reason"}...], "modes": {mode: n}, "rgba": n, "16bit": n,
         "not_1024": n}`` (unreadable sorted by file name).
     """
-    items = [(im, str(p), mode == "full") for im, p in sorted(found.items())]
+    names = sorted(found)
+    decode = mode == "full"
     workers = max(1, int(workers))
-    if mode == "full" and workers > 1 and len(items) > 1:
-        import multiprocessing as mp
-        # spawn: the parent may hold threads (pyarrow, torch) that make fork unsafe.
-        with mp.get_context("spawn").Pool(workers) as pool:
-            results = list(pool.imap_unordered(_check_one, items, chunksize=max(1, min(256, len(items) // (4 * workers)))))
-    elif workers > 1 and len(items) > 1:
-        with ThreadPoolExecutor(workers) as ex:
-            results = list(ex.map(_check_one, items))
-    else:
-        results = [_check_one(it) for it in items]
     unreadable = []
     modes: dict[str, int] = {}
     rgba = sixteen = not_1024 = 0
-    for image, info, reason in results:
-        if info is None:
-            unreadable.append({"file": str(found[image]), "reason": reason})
-            continue
-        modes[info["mode"]] = modes.get(info["mode"], 0) + 1
-        rgba += info["colour_type"] == 6
-        sixteen += info["bit_depth"] == 16
-        not_1024 += (info["width"], info["height"]) != (1024, 1024)
+
+    def tally(results) -> None:
+        nonlocal rgba, sixteen, not_1024
+        for image, info, reason in results:
+            if info is None:
+                unreadable.append({"file": str(found[image]), "reason": reason})
+                continue
+            modes[info["mode"]] = modes.get(info["mode"], 0) + 1
+            rgba += info["colour_type"] == 6
+            sixteen += info["bit_depth"] == 16
+            not_1024 += (info["width"], info["height"]) != (1024, 1024)
+
+    # In chunks, counted as they come: the results (and, with threads, the futures) of 112,120
+    # films are never all held at once, so memory does not grow with the count.
+    chunk = 4096
+    chunks = ([(im, str(found[im]), decode) for im in names[k:k + chunk]] for k in range(0, len(names), chunk))
+    if decode and workers > 1 and len(names) > 1:
+        import multiprocessing as mp
+        # spawn: the parent may hold threads (pyarrow, torch) that make fork unsafe.
+        with mp.get_context("spawn").Pool(workers) as pool:
+            for items in chunks:
+                tally(pool.imap_unordered(_check_one, items, chunksize=max(1, min(256, len(items) // (4 * workers)))))
+    elif workers > 1 and len(names) > 1:
+        with ThreadPoolExecutor(workers) as ex:
+            for items in chunks:
+                tally(ex.map(_check_one, items))
+    else:
+        for items in chunks:
+            tally(map(_check_one, items))
     unreadable.sort(key=lambda d: d["file"])
     return {"unreadable": unreadable, "modes": dict(sorted(modes.items())), "rgba": rgba, "16bit": sixteen,
             "not_1024": not_1024}
