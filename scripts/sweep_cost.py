@@ -107,13 +107,12 @@ class TreeCPU:
             frontier = nxt
         return out
 
-    def _classify(self, pid: int, ppid: int) -> str:
+    def _classify(self, cmd: str, ppid: int) -> str:
         """trainer: `medattn train` (torchrun included) and its loader workers; driver: `medattn
         sweep` and this script's other children; ray: the Ray nodes' processes (GCS, raylet,
         agents, the trial actors)."""
         if self._live.get(ppid) == "trainer":
             return "trainer"
-        cmd = _cmdline(pid)
         if "medattn train" in cmd or ("torch.distributed.run" in cmd and "medattn" in cmd):
             return "trainer"
         if "medattn sweep" in cmd:
@@ -134,13 +133,15 @@ class TreeCPU:
             st = _stat(pid)
             if st:
                 key = (pid, st[3])
-                # Classified again at every sample: a process caught between fork and exec still
-                # shows its parent's command line.
-                self.kind[key] = self._live[pid] = self._classify(pid, st[1])
-                if key not in self.cmd:
-                    self.cmd[key] = ""
-                if not self.cmd[key] or self.kind[key] != "ray" or "default_worker" in self.cmd[key]:
-                    self.cmd[key] = _cmdline(pid)[:160]
+                # Classified again while its command line changes: a process caught between fork
+                # and exec still shows its parent's. A zombie's is empty: it keeps its last one.
+                cmd = _cmdline(pid)
+                if cmd and (cmd != self.cmd.get(key) or key not in self.kind):
+                    self.cmd[key] = cmd
+                    self.kind[key] = self._classify(cmd, st[1])
+                self.kind.setdefault(key, self._live.get(st[1], "ray"))
+                self.cmd.setdefault(key, "")
+                self._live[pid] = self.kind[key]
                 self.seen[key] = st[2]
 
     def cpu_at(self, t: float) -> float:
@@ -210,7 +211,7 @@ class TreeCPU:
         out: dict[str, Any] = {"method": self.method, "wall_s": time.time() - self.t0,
                                "sampled_cpu_s": sum(self.seen.values()), "processes_seen": len(self.seen),
                                "sampled_cpu_s_by_kind": by_kind,
-                               "processes": sorted(({"pid": k[0], "kind": self.kind[k], "cpu_s": v, "cmd": self.cmd.get(k, "")}
+                               "processes": sorted(({"pid": k[0], "kind": self.kind[k], "cpu_s": v, "cmd": self.cmd.get(k, "")[:160]}
                                                     for k, v in self.seen.items()), key=lambda d: -d["cpu_s"])}
         if self.cgroup is not None:
             while self._members():
