@@ -112,10 +112,13 @@ def evaluate(run_dir: str, split: str = "test", data: str | None = None, stage: 
         from hpc import clinical_eval  # calibration, operating points, subgroups (issue 24)
 
         val_preds = None
+        t1 = time.time()
         if calibration and spec.task in ("multilabel", "singlelabel"):  # segmentation: nothing to calibrate
             val_preds = preds if split == "val" else clinical_eval.validation_predictions(
                 ds, cfg, method, model, stage, device, world, precision)
+        val_elapsed = time.time() - t1
         if world.is_primary:
+            t2 = time.time()
             out = Path(out_dir) if out_dir else run.eval_dir(split)
             result = summarize(preds, ds, spec, cfg, split, stage, str(ckpt), bootstrap)
             # What each stage started from and which epoch it kept (AG-CNN: the fusion head).
@@ -128,6 +131,9 @@ def evaluate(run_dir: str, split: str = "test", data: str | None = None, stage: 
             result.update(extra)
             if record is not None:
                 clinical_eval.save_calibration(run, record, stage, ckpt, data)
+            # Where the time went: the model's forward passes, and everything else (intervals,
+            # calibration, subgroups, the files), which must not grow faster than the split.
+            result["timing_s"] = {"forward": elapsed, "forward_val": val_elapsed, "metrics": time.time() - t2}
             write_outputs(out, result, preds, ds, spec)
             print_summary(result, out)
         distributed.barrier()
