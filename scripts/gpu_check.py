@@ -84,8 +84,15 @@ class Check:
         self.out = Path(args.out).resolve()
         self.work = Path(args.work).resolve() if args.work else Path(tempfile.gettempdir()) / "medattn-gpu-check"
         self.out.mkdir(parents=True, exist_ok=True)
-        for d in ("tmp", "logs", "cache"):
+        for d in ("t", "logs", "cache"):
             (self.work / d).mkdir(parents=True, exist_ok=True)
+        # Children's TMPDIR: multiprocessing puts the Unix sockets through which DataLoader
+        # workers pass tensors there, and a socket path is at most 107 bytes (a longer one: the
+        # workers fail and the loader waits forever). A --work too deep for that gets a short
+        # folder in the system's temporary folder instead, named in the JSON.
+        self.tmpdir = self.work / "t"
+        if len(str(self.tmpdir)) > 72:
+            self.tmpdir = Path(tempfile.mkdtemp(prefix="mgc-", dir="/tmp" if Path("/tmp").is_dir() else None))
         self.log = self.out / "gpu-check.log"
         self.log.write_text("")
         self.caps = CPU_CAPS if self.cpu else CAPS
@@ -97,7 +104,7 @@ class Check:
         # PYTHONPYCACHEPREFIX would make every child compile torch's modules again).
         self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH")]
                                                                if p),
-                        PYTHONUNBUFFERED="1", MEDATTN_OFFLINE="1", TMPDIR=str(w / "tmp"),
+                        PYTHONUNBUFFERED="1", MEDATTN_OFFLINE="1", TMPDIR=str(self.tmpdir),
                         PYTHONDONTWRITEBYTECODE="1", XDG_CACHE_HOME=str(w / "cache"),
                         TORCH_HOME=str(w / "cache" / "torch"), TORCHINDUCTOR_CACHE_DIR=str(w / "cache" / "inductor"),
                         TRITON_CACHE_DIR=str(w / "cache" / "triton"), CUDA_CACHE_PATH=str(w / "cache" / "nv"),
@@ -110,7 +117,7 @@ class Check:
             "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "command": " ".join(shlex.quote(a) for a in [sys.argv[0], *sys.argv[1:]]),
             "python": platform.python_version(), "executable": sys.executable, "root": str(ROOT),
-            "out": str(self.out), "work": str(self.work), "budget_s": self.budget,
+            "out": str(self.out), "work": str(self.work), "tmpdir": str(self.tmpdir), "budget_s": self.budget,
             "phases": {}, "rows": [], "done": False}
         self.write()
 
@@ -448,7 +455,8 @@ def summary(record: dict) -> str:
                                 for i, (v, w) in enumerate(zip(row, widths))) + " |" for row in rows]
     m = record.get("machine", {})
     lines.append(f"machine: {m.get('gpu') or 'cpu'} | python {m.get('python')} | torch {m.get('torch')} | "
-                 f"loader {record.get('loader')} | dali {m.get('imports', {}).get('nvidia.dali', {}).get('version')}")
+                 f"loader {record.get('loader')} | dali "
+                 f"{(m.get('imports_after_dali') or m.get('imports', {})).get('nvidia.dali', {}).get('version')}")
     r = record["phases"].get("resume", {})
     lines.append(f"kill -9 at global step {r.get('killed_at')} -> resumed at {r.get('resumed_at')} "
                  f"(checkpoint every {r.get('ckpt_every')}), steps per stage {r.get('steps')} "
