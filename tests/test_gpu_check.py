@@ -27,12 +27,12 @@ from prepfix import make_prepared
 REPO = Path(__file__).resolve().parents[1]
 
 # Imported by every Python the check starts (it is first on PYTHONPATH): the modules the GPU
-# machine lacks raise ModuleNotFoundError, and the editable install of medattn (a meta-path
+# machine lacks raise ModuleNotFoundError (matplotlib is not in its list either), and the editable install of medattn (a meta-path
 # finder of the virtual environment) is removed, so medattn and hpc come from PYTHONPATH or not
 # at all.
 BLOCKER = '''
 import sys
-BLOCKED = ("nvidia.dali", "submitit", "ray")
+BLOCKED = ("nvidia.dali", "submitit", "ray", "matplotlib")
 class _Blocker:
     def find_spec(self, name, path=None, target=None):
         if any(name == b or name.startswith(b + ".") for b in BLOCKED):
@@ -100,6 +100,7 @@ def test_gpu_check_cpu_in_the_gpu_machines_environment(tmp_path):
     # the environment: nothing of what the GPU machine lacks, medattn from the copied checkout
     imports = rec["machine"]["imports"]
     assert not imports["nvidia.dali"]["ok"] and not imports["submitit"]["ok"] and not imports["ray"]["ok"]
+    assert "blocked" in imports["ray"]["error"]
     assert imports["medattn"]["file"] == str(checkout / "medattn" / "__init__.py")
     assert rec["loader"] == "torch"
 

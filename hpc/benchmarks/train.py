@@ -90,7 +90,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     ov = list(args.overrides)
     if args.batch or args.per_gpu_batch:
         ov.append(f"stages.*.batch_size={args.per_gpu_batch or args.batch}")
-    elif args.gpus:
+    elif getattr(args, "gpus", 0):
         for name, st in load_config(args.config, ov).stages.items():
             if st.batch_size % args.gpus:
                 raise ConfigError(f"--gpus {args.gpus}: stages.{name}.batch_size {st.batch_size} does not split "
