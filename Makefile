@@ -72,6 +72,6 @@ slurm-up:
 slurm-down:
 	scripts/slurm-local.sh stop
 
-# The GPU check (on a GPU node): docs/benchmarks.md
-bench-gpu: $(STAMP)
-	PYTHON=$(BIN)/python scripts/gpu-check.sh
+# The GPU check (on the GPU machine: no network, nothing installed): docs/benchmarks.md
+bench-gpu:
+	scripts/gpu-check.sh --out bench-out/gpu-check $(if $(wildcard .dali-parts/MANIFEST.json),--dali-parts .dali-parts)

@@ -167,7 +167,7 @@ def _init_run_dir(run: Run, cfg: Config, world: distributed.World) -> None:
 
 
 def _write_provenance(run: Run, cfg: Config, data: str, world: distributed.World,
-                      split: dict[str, Any] | None = None) -> None:
+                      device: torch.device, split: dict[str, Any] | None = None) -> None:
     hosts = distributed.all_gather_object(socket.gethostname())
     if not world.is_primary:
         return
@@ -181,6 +181,7 @@ def _write_provenance(run: Run, cfg: Config, data: str, world: distributed.World
         "launcher": world.launcher,
         "device": distributed.device_info(),
         "seed": cfg.seed,
+        "runtime_flags": runtime_flags(cfg, device),
         "data": str(Path(data).resolve()),
         "split": split,  # name, seed and hash of the assignment (also in every checkpoint's spec)
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
@@ -193,6 +194,28 @@ def _precision(cfg: Config, device: torch.device) -> str:
     if p == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     return p
+
+
+def runtime_flags(cfg: Config, device: torch.device) -> dict[str, Any]:
+    """The speed settings the trainer runs with on ``device``, as applied: one definition for the
+    trainer, ``medattn bench train`` and the GPU check (which reports them)."""
+    cuda = device.type == "cuda"
+    return {"cudnn_benchmark": cuda and cfg.runtime.cudnn_benchmark and not cfg.runtime.deterministic,
+            "channels_last": cuda and cfg.runtime.channels_last,
+            "precision": _precision(cfg, device),
+            "compile_mode": cfg.runtime.compile_mode if cfg.runtime.compile else None}
+
+
+def apply_runtime_flags(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.nn.Module:
+    """Set :func:`runtime_flags` on a model already on ``device`` (compile comes later, on the step
+    module: ``distributed.wrap_step``)."""
+    flags = runtime_flags(cfg, device)
+    if device.type == "cuda":
+        # Fixed input shapes: cuDNN times its algorithms once per shape and keeps the fastest.
+        torch.backends.cudnn.benchmark = flags["cudnn_benchmark"]
+        if flags["channels_last"]:
+            model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,16 +285,11 @@ def train(config: str, data: str, out: str, overrides: list[str] | None = None, 
         if world.is_primary and run.exists() and run.raised_epochs(cfg):
             run.reopen(cfg, all_stages)
         _init_run_dir(run, cfg, world)
-        _write_provenance(run, cfg, data, world, ds.split_record())
+        _write_provenance(run, cfg, data, world, device, ds.split_record())
         distributed.log_device(log)
         logger = RunLogger(run, world.is_primary, cfg.runtime.progress, cfg.runtime.tensorboard,
                            cfg.runtime.log_every)
-        model = model.to(device)
-        if device.type == "cuda":
-            # Fixed input shapes: cuDNN times its algorithms once per shape and keeps the fastest.
-            torch.backends.cudnn.benchmark = cfg.runtime.cudnn_benchmark and not cfg.runtime.deterministic
-            if cfg.runtime.channels_last:
-                model = model.to(memory_format=torch.channels_last)
+        model = apply_runtime_flags(model.to(device), cfg, device)
         model, bn_messages = apply_sync_bn(model, cfg, world, device, to_run)
         for level, text in bn_messages:
             getattr(logger, level)(text)

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The GPU check (docs/benchmarks.md): loader, AG-CNN ResNet-50 and DualAttendMed ResNet-152 steps,
-# host syncs, peak memory, a stop and a resume on the GPU; <= 8 minutes, no network.
-#   scripts/gpu-check.sh                  on the GPU machine, from the repository root
-#   scripts/gpu-check.sh --cpu            toy sizes on a CPU (tests the plumbing)
-# Writes bench-out/gpu-check/gpu-check.json and prints one table. See scripts/gpu_check.py.
+# host syncs, peak memory, a kill -9 and a resume; <= 6 minutes on one GPU, no network.
+#   scripts/gpu-check.sh --out OUT [--work DIR] [--dali-parts .dali-parts]   on the GPU machine
+#   scripts/gpu-check.sh --cpu --out OUT                                     toy sizes on a CPU
+# Runs from an uninstalled checkout: the checkout goes first on PYTHONPATH, the interpreter is
+# $PYTHON (default python3). Installs nothing (DALI only from --dali-parts, into --work).
+# OUT gets gpu-check.json (rewritten after every phase), gpu-check.log and gpu-check.txt.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
-exec "$PY" scripts/gpu_check.py "$@"
+root=$(cd "$(dirname "$0")/.." && pwd)
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONDONTWRITEBYTECODE=1   # the driver writes no byte code into the checkout (children: --work)
+exec "${PYTHON:-python3}" "$root/scripts/gpu_check.py" "$@"

@@ -3,7 +3,12 @@ optimizer, hpc.train.Stepper), the same step on a resident batch (no loader), a 
 on the same model and data, and the loader alone. With ``--nproc 1,2`` it also runs the trainer
 under torchrun with 2 processes and reports DDP scaling efficiency = throughput(N) / (N x
 throughput(1)). ``--per-gpu-batch B`` measures what one GPU of an N-GPU run sees (the config's
-global batch split N ways: B images per step on one process).
+global batch split N ways: B images per step on one process); ``--gpus N`` does that stage by stage
+(each stage's config batch / N: for the paper's AG-CNN over 8 GPUs, global 16, local and fusion 8).
+
+The model is set up as the trainer sets it (hpc.train.apply_runtime_flags: cudnn.benchmark,
+channels_last on CUDA; bf16 autocast; ``runtime.compile`` / ``runtime.compile_mode``), and each
+row reports those flags. On CUDA each row's peak memory is measured from a reset at its start.
 
 ``--count-syncs`` also counts, over steady-state steps, the aten ops each step dispatches and
 those that would make the host wait for a GPU (hpc/syncs.py; works on a CPU): ``ops_per_step``,
@@ -14,7 +19,7 @@ trainer does every ``runtime.log_every`` steps.
   medattn bench train --config demo --fake-data 2048
   medattn bench train --config demo --fake-data 512 --count-syncs --json-out bench-out
   medattn bench train --config agcnn_resnet50 --data /data/prep --device cuda      # one command on a GPU node
-  medattn bench train --config agcnn_resnet50 --data /data/prep --device cuda --per-gpu-batch 16
+  medattn bench train --config agcnn_resnet50 --data /data/prep --device cuda --gpus 8    # one GPU of 8
   medattn bench train --config demo --fake-data 2048 --nproc 1,2 --stages global   # DDP scaling (gloo on CPU)
 
 Images/s count images entering the trained stage (the batch of the process measured, times the
@@ -50,6 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-gpu-batch", type=int, default=0, metavar="B",
                    help="one process at B images per step: what one GPU of an N-GPU run sees when the global "
                         "batch is N x B (e.g. the paper's 128 over 8 GPUs: 16)")
+    p.add_argument("--gpus", type=int, default=0, metavar="N",
+                   help="one process at each stage's config batch / N: what one GPU of an N-GPU run sees")
     p.add_argument("--count-syncs", action="store_true",
                    help="count the aten ops and the host-syncing ops of steady-state steps (works on CPU)")
     p.add_argument("--sync-steps", type=int, default=3, help="steps counted by --count-syncs (default 3)")
@@ -75,17 +82,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _setup(args: argparse.Namespace, data: str) -> dict[str, Any]:
-    from hpc import distributed
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The config overrides of a bench run: the user's, then the batch options."""
     from medattn.config import load_config
-    from medattn.data.prepared import PreparedDataset
-    from medattn.methods import DataSpec, build
+    from medattn.errors import ConfigError
 
     ov = list(args.overrides)
     if args.batch or args.per_gpu_batch:
         ov.append(f"stages.*.batch_size={args.per_gpu_batch or args.batch}")
-    ov.append(f"runtime.device={args.device}")
-    cfg = load_config(args.config, ov)
+    elif getattr(args, "gpus", 0):
+        for name, st in load_config(args.config, ov).stages.items():
+            if st.batch_size % args.gpus:
+                raise ConfigError(f"--gpus {args.gpus}: stages.{name}.batch_size {st.batch_size} does not split "
+                                  f"evenly over {args.gpus} GPUs")
+            ov.append(f"stages.{name}.batch_size={st.batch_size // args.gpus}")
+    return [*ov, f"runtime.device={args.device}"]
+
+
+def _setup(args: argparse.Namespace, data: str) -> dict[str, Any]:
+    from hpc import distributed
+    from hpc.train import apply_runtime_flags
+    from medattn.config import load_config
+    from medattn.data.prepared import PreparedDataset
+    from medattn.methods import DataSpec, build
+
+    cfg = load_config(args.config, _overrides(args))
     if args.threads:
         torch.set_num_threads(args.threads)
     world, device = distributed.init(device=cfg.runtime.device)
@@ -93,9 +114,7 @@ def _setup(args: argparse.Namespace, data: str) -> dict[str, Any]:
     ds = PreparedDataset.open(data)
     spec = DataSpec.from_dataset(ds, cfg)
     method, model = build(cfg, spec)
-    model = model.to(device)
-    if device.type == "cuda" and cfg.runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = apply_runtime_flags(model.to(device), cfg, device)  # as the trainer does, not a copy of it
     return {"cfg": cfg, "world": world, "device": device, "ds": ds, "spec": spec, "method": method, "model": model}
 
 
@@ -116,13 +135,13 @@ def measure_stage(env: dict[str, Any], stage: str, modes: list[str], steps: int,
     from hpc import distributed
     from hpc.schedule import LRSchedule, build_optimizer
     from hpc.syncs import count_syncs
-    from hpc.train import Stepper, _precision, read_sums
+    from hpc.train import Stepper, read_sums, runtime_flags
     from medattn import losses
     from medattn.methods.base import StageStep
 
     cfg, world, device, method, model = env["cfg"], env["world"], env["device"], env["method"], env["model"]
-    precision = _precision(cfg, device)
-    channels_last = device.type == "cuda" and cfg.runtime.channels_last
+    flags = runtime_flags(cfg, device)
+    precision, channels_last = flags["precision"], flags["channels_last"]
     params = method.prepare_stage(model, stage)
     method.set_train_mode(model, stage)
     step_module: torch.nn.Module = StageStep(method, model, stage)
@@ -138,6 +157,9 @@ def measure_stage(env: dict[str, Any], stage: str, modes: list[str], steps: int,
     rows = []
 
     def timed(fn, n) -> float:
+        if device.type == "cuda":  # each row's own peak, not the largest of the rows before it
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
         for _ in range(warmup):
             fn()
         _sync(device)
@@ -155,15 +177,16 @@ def measure_stage(env: dict[str, Any], stage: str, modes: list[str], steps: int,
     resident = {k: v.clone() for k, v in first.items()}
 
     def row(mode: str, dt: float, n: int, note: str = "") -> dict:
-        return {"stage": stage, "mode": mode, "images_per_s": n * gb / dt, "ms_per_step": 1000 * dt / n,
-                "global_batch": gb, "processes": world.world_size, "device": device.type, "precision": precision,
-                "note": note}
+        r = {"stage": stage, "mode": mode, "images_per_s": n * gb / dt, "ms_per_step": 1000 * dt / n,
+             "global_batch": gb, "processes": world.world_size, "device": device.type, "loader": loader.kind,
+             **flags, "cudnn_benchmark_set": torch.backends.cudnn.benchmark, "note": note}
+        if device.type == "cuda":  # peak since timed() reset it: warm-up and timed steps of this row
+            r["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        return r
 
     def counted(r: dict, fn) -> dict:
         """Add the op and sync counts of ``count`` calls of ``fn`` (already warm) to row ``r``, and
-        on CUDA the peak memory and, with ``sync_debug``, whether torch's sync checker objected."""
-        if device.type == "cuda":
-            r["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        on CUDA, with ``sync_debug``, whether torch's sync checker objected."""
         if count <= 0:
             return r
         with count_syncs(cpu_is_device=device.type != "cuda") as c:
@@ -294,6 +317,8 @@ def run(args: argparse.Namespace) -> int:
             cmd += ["--batch", str(args.batch)]
         if args.per_gpu_batch:
             cmd += ["--per-gpu-batch", str(args.per_gpu_batch)]
+        if args.gpus:
+            cmd += ["--gpus", str(args.gpus)]
         if args.count_syncs:
             cmd += ["--count-syncs", "--sync-steps", str(args.sync_steps)]
         if args.sync_debug:
@@ -311,8 +336,8 @@ def run(args: argparse.Namespace) -> int:
     for r in rows:
         if r["mode"] == "trainer" and r["processes"] > 1 and r["stage"] in base:
             r["scaling_efficiency"] = r["images_per_s"] / (r["processes"] * base[r["stage"]])
-    cols = ["stage", "mode", "processes", "images_per_s", "ms_per_step", "global_batch", "device", "precision",
-            "scaling_efficiency"]
+    cols = ["stage", "mode", "processes", "images_per_s", "ms_per_step", "global_batch", "device", "loader",
+            "precision", "channels_last", "cudnn_benchmark", "compile_mode", "scaling_efficiency"]
     if args.count_syncs:
         cols += ["ops_per_step", "sync_ops_per_step", "host_tensors_per_step", "sync_ops_per_log"]
     if any("peak_memory_gib" in r for r in rows):
