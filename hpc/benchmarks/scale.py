@@ -279,11 +279,20 @@ def run_phase(name: str, argv: Sequence[str], env: dict[str, str], log: Path, in
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill the phase's whole process group (its loader workers too) and wait until it is gone,
+    so nothing writes into --work while it is removed."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
     proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.05)
 
 
 def disk_bytes(path: Path) -> int:
