@@ -63,7 +63,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # Hard limit per phase, seconds, on a GPU: they add up to 360 s. (--cpu: CPU_CAPS.)
-CAPS = {"probe": 20, "dali": 60,  # dali: join + install (~50 s), then the probe again (within the budget) "data": 25, "loader": 40, "agcnn_paper": 45, "agcnn_8gpu": 35,
+# dali: join + install (~50 s), then the probe again (within the budget).
+CAPS = {"probe": 20, "dali": 60, "data": 25, "loader": 40, "agcnn_paper": 45, "agcnn_8gpu": 35,
         "agcnn_8gpu_graphs": 60, "dualattendmed": 30, "resume": 45}
 CPU_CAPS = {k: 300 for k in CAPS}
 LOG_TAIL = 6000  # characters of each phase's output copied into OUT/gpu-check.log
@@ -580,7 +581,8 @@ def child_resume(spec: dict) -> dict:
     state = json.loads((run / "state.json").read_text()) if (run / "state.json").is_file() else {}
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] \
         if (run / "metrics.jsonl").is_file() else []
-    per_epoch = [(x["stage"], x["epoch"], x["global_step"]) for x in records]
+    # The fusion stage's epoch-0 record ("initial": its starting head validated) is no training epoch.
+    per_epoch = [(x["stage"], x["epoch"], x["global_step"]) for x in records if not x.get("initial")]
     planned = {s: e * steps_per_epoch for s, e in epochs.items()}
     expected_epochs = [(s, e, e * steps_per_epoch) for s, n in epochs.items() for e in range(1, n + 1)]
     got = {s: v.get("global_step") for s, v in state.get("stages", {}).items()}
