@@ -25,8 +25,11 @@ def _bench(tmp: Path, *args: str, **kw) -> subprocess.Popen:
     env = dict(os.environ, TMPDIR=str(tmp / "systmp"), HOME=str(tmp / "home"))
     for d in ("systmp", "home", "cwd"):
         (tmp / d).mkdir(exist_ok=True)
+    # SIGINT as on a terminal: a suite started in the background (``cmd &``) inherits it ignored,
+    # and Python then installs no KeyboardInterrupt handler.
     return subprocess.Popen([sys.executable, "-m", "medattn", "bench", "scale", *args], cwd=tmp / "cwd", env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw)
 
 
 def test_tree_keeps_patients_whole_and_copies_real_lines(tmp_path, shared_nih):

@@ -132,6 +132,12 @@ def test_two_nodes_match_one_process(chain, prep, tmp_path):
                        env=env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     two, one = _stage_of_records(run, "fusion"), _stage_of_records(ref, "fusion")
+    # epoch 0: the starting head's validation (agcnn.fusion_init), then the two training epochs
+    assert [x["epoch"] for x in two] == [0, 1, 2] and [x["epoch"] for x in one] == [0, 1, 2]
+    for k, v in one[0].items():
+        if k.startswith("val/fusion/"):
+            assert two[0][k] == pytest.approx(v, abs=1e-4), k
+    two, one = two[1:], one[1:]
     assert [x["world_size"] for x in two] == [2, 2] and [x["world_size"] for x in one] == [1, 1]
     for a, b in zip(two, one):
         assert a["global_step"] == b["global_step"]

@@ -117,7 +117,8 @@ def test_demo_run_with_a_timm_backbone_trains_evaluates_reports(tmp_path):
             "data.num_workers=0", "runtime.log_every=2"]
     assert train_mod.main(args) == 0
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["stage"], r["epoch"]) for r in recs] == [("global", 1), ("local", 1), ("fusion", 1)]
+    # ("fusion", 0): the fusion stage's starting head validated before training (agcnn.fusion_init)
+    assert [(r["stage"], r["epoch"]) for r in recs] == [("global", 1), ("local", 1), ("fusion", 0), ("fusion", 1)]
     assert all(r["val/" + r["stage"] + "/mean_auroc"] is not None for r in recs)
     ck = torch.load(run / "ckpt" / "fusion" / "best.pt", weights_only=True)
     assert any(k.startswith("global_branch.trunk.stem") for k in ck["model"])

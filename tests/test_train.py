@@ -56,7 +56,7 @@ def test_train_three_stages_and_eval(prep, tmp_path):
     assert train_mod.main(["--config", "demo", "--data", str(prep), "--out", str(run), *BASE]) == 0
     recs = _records(run)
     assert [(r["stage"], r["epoch"]) for r in recs] == [
-        ("global", 1), ("global", 2), ("local", 1), ("local", 2), ("fusion", 1), ("fusion", 2)]
+        ("global", 1), ("global", 2), ("local", 1), ("local", 2), ("fusion", 0), ("fusion", 1), ("fusion", 2)]
     state = json.loads((run / "state.json").read_text())["stages"]
     assert all(state[s]["done"] for s in ("global", "local", "fusion"))
     for s in ("global", "local", "fusion"):
