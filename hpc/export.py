@@ -11,7 +11,8 @@ size), the normalisation, and the method's prediction for the stage (AG-CNN: glo
 attention map, largest connected region, crop from the S x S image or the view, local branch,
 fusion; every step has fixed shapes and no data-dependent control flow, so it traces exactly).
 Output: (B, L) probabilities of the stage's selected branch (sigmoid for multi-label runs,
-softmax for single-label ones), the same numbers as `medattn predict` (tested to 1e-4).
+softmax for single-label ones), the same numbers as `medattn predict` (tested to 1e-4); with
+``--calibrated``, those of `medattn predict --calibrated` (the run's temperatures built in).
 
 ONNX needs the onnx and onnxscript packages (dev extras); check an ONNX file with onnxruntime.
 The file is written atomically, with a JSON sidecar (FILE.json) that records the labels and the
@@ -40,7 +41,8 @@ class ExportedModel(nn.Module):
     method's own :meth:`predict` (the same code ``medattn predict`` runs), so the two agree.
     """
 
-    def __init__(self, method, model: nn.Module, stage: str, view, branch: str):
+    def __init__(self, method, model: nn.Module, stage: str, view, branch: str, temperature=None,
+                 task: str = "multilabel"):
         super().__init__()
         from medattn.boxes import pixel_window
         from medattn.views import sample_views, view_boxes
@@ -53,6 +55,11 @@ class ExportedModel(nn.Module):
         self.register_buffer("std", torch.tensor(view.std).view(1, c, 1, 1) * 255.0, persistent=False)
         self.register_buffer("view_box", torch.from_numpy(view_boxes(views["window"], views["flip"])).float(),
                              persistent=False)
+        # Calibrated probabilities (the run's temperatures, fitted on validation by `medattn eval`):
+        # the same map as medattn.metrics.apply_temperature. None: the raw probabilities.
+        self.singlelabel = task == "singlelabel"
+        self.register_buffer("temperature", None if temperature is None else
+                             torch.as_tensor(temperature, dtype=torch.float32).view(1, -1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         import torch.nn.functional as F
@@ -64,12 +71,29 @@ class ExportedModel(nn.Module):
         v = (v - self.mean) / self.std
         # ``hires``: the prepared image, as the loaders hand it to methods that crop from it.
         batch = {"image": v, "hires": x, "view_box": self.view_box.expand(x.shape[0], 4)}
-        return self.method.predict(self.model, batch, self.stage)["probs"][self.branch]
+        p = self.method.predict(self.model, batch, self.stage)["probs"][self.branch]
+        if self.temperature is None:
+            return p
+        from medattn.metrics.calibration import EPS
+
+        if self.singlelabel:
+            return torch.softmax(torch.log(p.clamp(EPS, 1.0)) / self.temperature[:, :1], dim=-1)
+        p = p.clamp(EPS, 1 - EPS)
+        return torch.sigmoid((torch.log(p) - torch.log1p(-p)) / self.temperature)
 
 
-def exported_module(predictor) -> ExportedModel:
-    """The :class:`ExportedModel` of a :class:`hpc.predict.Predictor`, on the CPU, in float32."""
+def exported_module(predictor, calibrated: bool = False) -> ExportedModel:
+    """The :class:`ExportedModel` of a :class:`hpc.predict.Predictor`, on the CPU, in float32;
+    ``calibrated``: with the run's temperatures for the exported branch (hpc/calibrated.py)."""
     from hpc.run import load_run
+
+    temperature = None
+    if calibrated:
+        from hpc.calibrated import record_for
+        from medattn.metrics import Temperature
+
+        rec = record_for(predictor, True, None)
+        temperature = Temperature.from_dict(rec["temperatures"][predictor.branch]).vector(list(predictor.labels))
 
     lr = predictor._lr
     # A fresh CPU copy, not the predictor's own: the file must load anywhere, and tracing
@@ -77,11 +101,12 @@ def exported_module(predictor) -> ExportedModel:
     # predictor would then use.
     lr = load_run(lr.run, lr.stage, lr.checkpoint.stem, "cpu", overrides=["runtime.device=cpu"])
     model = lr.model.to(memory_format=torch.contiguous_format).float().eval().requires_grad_(False)
-    return ExportedModel(lr.method, model, lr.stage, predictor.view, predictor.branch).eval()
+    return ExportedModel(lr.method, model, lr.stage, predictor.view, predictor.branch, temperature,
+                         predictor.spec.task).eval()
 
 
 def export_predictor(predictor, out: str | os.PathLike, fmt: str = "onnx", batch: int = 2,
-                     optimize: bool = True) -> Path:
+                     optimize: bool = True, calibrated: bool = False) -> Path:
     """Write ``predictor``'s model to ``out`` in ``fmt`` (``torchscript`` or ``onnx``), plus
     ``out.json`` describing its input and outputs. ``batch``: the batch of the example input (the
     batch dimension stays dynamic). ``optimize``: run the ONNX graph optimiser (constant folding;
@@ -92,7 +117,7 @@ def export_predictor(predictor, out: str | os.PathLike, fmt: str = "onnx", batch
         raise MedattnError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    module = exported_module(predictor)
+    module = exported_module(predictor, calibrated)
     s, c = predictor.prepared_size, predictor.channels
     example = torch.randint(0, 256, (batch, c, s, s), generator=torch.Generator().manual_seed(0),
                             dtype=torch.uint8)
@@ -116,7 +141,9 @@ def export_predictor(predictor, out: str | os.PathLike, fmt: str = "onnx", batch
     meta = {"format": fmt, "input": {"name": "images", "shape": ["B", c, s, s], "dtype": "uint8 or float32",
                                      "scale": "0..255", "resize_to": s, "resize_filter": "LANCZOS"},
             "output": {"name": "probs", "shape": ["B", len(predictor.labels)], "branch": predictor.branch,
-                       "function": "softmax" if predictor.spec.task == "singlelabel" else "sigmoid"},
+                       "function": "softmax" if predictor.spec.task == "singlelabel" else "sigmoid",
+                       "calibrated": calibrated and {"temperatures": [float(t) for t in module.temperature.view(-1)],
+                                                     "fitted_on": "the validation split (medattn eval)"}},
             "labels": predictor.labels, "eval_labels": list(predictor.spec.eval_labels),
             "run": str(predictor._lr.run.root), "stage": predictor.stage, "checkpoint": str(predictor.checkpoint),
             "synthetic": predictor.synthetic, "inference": predictor.info}
@@ -150,6 +177,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="the file to write (FILE.json describes its input and outputs)")
     p.add_argument("--stage", default=None, help="whose model (default: the last finished stage)")
     p.add_argument("--checkpoint", default="best", choices=("best", "last"), help="(default: %(default)s)")
+    p.add_argument("--calibrated", action="store_true",
+                   help="output calibrated probabilities: the run's temperatures, fitted on validation by "
+                        "`medattn eval` (docs/evaluation.md), built into the model")
     p.add_argument("--no-optimize", action="store_true",
                    help="onnx: skip the graph optimiser (faster export; onnxruntime optimises on load anyway)")
 
@@ -162,11 +192,15 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         p = load(args.run, args.stage, args.checkpoint, "cpu")
+    if args.calibrated:  # refuse (naming the file) before anything is written
+        from hpc.calibrated import record_for
+
+        record_for(p, True, None)
     if p.synthetic:
         print("medattn export: WARNING: " + SYNTHETIC_WARNING.format(source=p.spec.source or "synthetic"),
               file=sys.stderr)
-    out = export_predictor(p, args.out, args.format, optimize=not args.no_optimize)
+    out = export_predictor(p, args.out, args.format, optimize=not args.no_optimize, calibrated=args.calibrated)
     print(f"medattn export: wrote {out} ({args.format}; input (B, {p.channels}, {p.prepared_size}, "
-          f"{p.prepared_size}) uint8 or float 0..255; output (B, {len(p.labels)}) {p.branch} probabilities)",
-          file=sys.stderr)
+          f"{p.prepared_size}) uint8 or float 0..255; output (B, {len(p.labels)}) {p.branch} "
+          f"{'calibrated ' if args.calibrated else ''}probabilities)", file=sys.stderr)
     return 0

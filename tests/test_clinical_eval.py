@@ -204,3 +204,33 @@ def test_report_sections(evaluated, tmp_path):
     assert "sex: F (n=" in html and "age: 40-60" in html and "view: PA" in html
     ext = json.loads((copy / "eval" / "external-chexpert" / "metrics.json").read_text())
     assert f"uncertain labels: {ext['uncertain_policy']}" in html
+
+
+def test_export_calibrated_matches_predict_calibrated(evaluated, tmp_path):
+    """`medattn export --calibrated` builds the run's temperatures into the model: its outputs
+    are `predict --calibrated`'s; a run without a calibration record is refused, nothing written."""
+    import torch
+
+    import medattn
+
+    prep, run, _, _ = evaluated
+    files = _pngs(prep, tmp_path)
+    out = tmp_path / "cal.pt"
+    assert cli_main(["export", "--run", str(run), "--format", "torchscript", "--out", str(out), "--calibrated"]) == 0
+    with pytest.warns(UserWarning, match="synthetic"):
+        p = medattn.load(run, device="cpu")
+    ref = p.predict([str(f) for f in files], calibrated=True)[list(p.labels)].to_numpy()
+    raw = p.predict([str(f) for f in files])[list(p.labels)].to_numpy()
+    px = torch.from_numpy(np.stack([p.read(f) for f in files]).transpose(0, 3, 1, 2))
+    got = torch.jit.load(str(out))(px).numpy()
+    assert np.abs(got - ref).max() < 1e-4 and np.abs(got - raw).max() > 1e-3  # the temperatures act
+    meta = json.loads((tmp_path / "cal.pt.json").read_text())
+    assert len(meta["output"]["calibrated"]["temperatures"]) == len(p.labels)
+
+    import shutil
+
+    other = tmp_path / "run"
+    shutil.copytree(run, other, ignore=shutil.ignore_patterns("calibration.json", "eval", "report"))
+    out2 = tmp_path / "none.pt"
+    assert cli_main(["export", "--run", str(other), "--format", "torchscript", "--out", str(out2), "--calibrated"]) == 2
+    assert not out2.exists() and not (tmp_path / "none.pt.json").exists()
