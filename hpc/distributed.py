@@ -271,6 +271,37 @@ def set_rng_state(state: dict[str, Any]) -> None:
                           f"{torch.cuda.device_count()}: CUDA random streams are not restored")
 
 
+def precision(cfg, device: torch.device) -> str:
+    """``runtime.precision`` as applied on ``device`` (auto: bf16 on CUDA, fp32 elsewhere)."""
+    p = cfg.runtime.precision
+    if p == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return p
+
+
+def runtime_flags(cfg, device: torch.device) -> dict[str, Any]:
+    """The speed settings the trainer runs with on ``device``, as applied: one definition for the
+    trainer, evaluation (:func:`hpc.run.load_run`), ``medattn bench train`` and the GPU check
+    (which reports them)."""
+    cuda = device.type == "cuda"
+    return {"cudnn_benchmark": cuda and cfg.runtime.cudnn_benchmark and not cfg.runtime.deterministic,
+            "channels_last": cuda and cfg.runtime.channels_last,
+            "precision": precision(cfg, device),
+            "compile_mode": cfg.runtime.compile_mode if cfg.runtime.compile else None}
+
+
+def apply_runtime_flags(model: torch.nn.Module, cfg, device: torch.device) -> torch.nn.Module:
+    """Set :func:`runtime_flags` on a model already on ``device`` (compile comes later, on the step
+    module: :func:`wrap_step`)."""
+    flags = runtime_flags(cfg, device)
+    if device.type == "cuda":
+        # Fixed input shapes: cuDNN times its algorithms once per shape and keeps the fastest.
+        torch.backends.cudnn.benchmark = flags["cudnn_benchmark"]
+        if flags["channels_last"]:
+            model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 # Below this many images per GPU, per-GPU batch statistics are noisy enough to change the model
 # (CAL and WS-DAN train with 4 per GPU and synchronise; AG-CNN's 1-GPU batch is 64-128).
 SMALL_BN_BATCH = 16

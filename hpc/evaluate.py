@@ -100,8 +100,7 @@ def evaluate(run_dir: str, split: str = "test", data: str | None = None, stage: 
         per_rank = max(1, (scfg.eval_batch_size or scfg.batch_size) // world.world_size)
         loader = EvalLoader(ds, cfg.data, ds.indices(split), per_rank, world.rank, world.world_size, device,
                             seed=cfg.seed, hires=method.needs_hires(stage))
-        precision = "bf16" if device.type == "cuda" and cfg.runtime.precision == "auto" else cfg.runtime.precision
-        precision = "fp32" if precision == "auto" else precision
+        precision = distributed.precision(cfg, device)
         t0 = time.time()
         try:
             preds = run_inference(method, model, loader, stage, device, precision,

@@ -116,8 +116,8 @@ def export_predictor(predictor, out: str | os.PathLike, fmt: str = "onnx", batch
     if fmt not in FORMATS:
         raise MedattnError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     out = Path(out)
+    module = exported_module(predictor, calibrated)  # refuses (naming the file) before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
-    module = exported_module(predictor, calibrated)
     s, c = predictor.prepared_size, predictor.channels
     example = torch.randint(0, 256, (batch, c, s, s), generator=torch.Generator().manual_seed(0),
                             dtype=torch.uint8)
@@ -192,10 +192,6 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         p = load(args.run, args.stage, args.checkpoint, "cpu")
-    if args.calibrated:  # refuse (naming the file) before anything is written
-        from hpc.calibrated import record_for
-
-        record_for(p, True, None)
     if p.synthetic:
         print("medattn export: WARNING: " + SYNTHETIC_WARNING.format(source=p.spec.source or "synthetic"),
               file=sys.stderr)

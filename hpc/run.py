@@ -573,13 +573,11 @@ def load_run(run_dir: str | os.PathLike | Run, stage: str | None = None, checkpo
 
         spec = DataSpec.from_dataset(PreparedDataset.open(data_dir), cfg)
     method, model = build(cfg, spec)
-    model = model.to(dev)
-    if dev.type == "cuda":
-        # Evaluation as training runs: channels_last (inputs are converted the same way) and
-        # cuDNN's algorithm search for the fixed shapes.
-        torch.backends.cudnn.benchmark = cfg.runtime.cudnn_benchmark and not cfg.runtime.deterministic
-        if cfg.runtime.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+    from hpc.distributed import apply_runtime_flags
+
+    # Evaluation as training runs: channels_last (inputs are converted the same way) and cuDNN's
+    # algorithm search for the fixed shapes.
+    model = apply_runtime_flags(model.to(dev), cfg, dev)
     try:
         model.load_state_dict(state["model"])
     except (KeyError, RuntimeError) as e:

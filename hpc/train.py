@@ -181,41 +181,12 @@ def _write_provenance(run: Run, cfg: Config, data: str, world: distributed.World
         "launcher": world.launcher,
         "device": distributed.device_info(),
         "seed": cfg.seed,
-        "runtime_flags": runtime_flags(cfg, device),
+        "runtime_flags": distributed.runtime_flags(cfg, device),
         "data": str(Path(data).resolve()),
         "split": split,  # name, seed and hash of the assignment (also in every checkpoint's spec)
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
     }
     run.append_provenance(rec)
-
-
-def _precision(cfg: Config, device: torch.device) -> str:
-    p = cfg.runtime.precision
-    if p == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return p
-
-
-def runtime_flags(cfg: Config, device: torch.device) -> dict[str, Any]:
-    """The speed settings the trainer runs with on ``device``, as applied: one definition for the
-    trainer, ``medattn bench train`` and the GPU check (which reports them)."""
-    cuda = device.type == "cuda"
-    return {"cudnn_benchmark": cuda and cfg.runtime.cudnn_benchmark and not cfg.runtime.deterministic,
-            "channels_last": cuda and cfg.runtime.channels_last,
-            "precision": _precision(cfg, device),
-            "compile_mode": cfg.runtime.compile_mode if cfg.runtime.compile else None}
-
-
-def apply_runtime_flags(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.nn.Module:
-    """Set :func:`runtime_flags` on a model already on ``device`` (compile comes later, on the step
-    module: ``distributed.wrap_step``)."""
-    flags = runtime_flags(cfg, device)
-    if device.type == "cuda":
-        # Fixed input shapes: cuDNN times its algorithms once per shape and keeps the fastest.
-        torch.backends.cudnn.benchmark = flags["cudnn_benchmark"]
-        if flags["channels_last"]:
-            model = model.to(memory_format=torch.channels_last)
-    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,11 +260,11 @@ def train(config: str, data: str, out: str, overrides: list[str] | None = None, 
         distributed.log_device(log)
         logger = RunLogger(run, world.is_primary, cfg.runtime.progress, cfg.runtime.tensorboard,
                            cfg.runtime.log_every)
-        model = apply_runtime_flags(model.to(device), cfg, device)
+        model = distributed.apply_runtime_flags(model.to(device), cfg, device)
         model, bn_messages = apply_sync_bn(model, cfg, world, device, to_run)
         for level, text in bn_messages:
             getattr(logger, level)(text)
-        ctx = Ctx(cfg, run, ds, spec, method, model, world, device, logger, _precision(cfg, device))
+        ctx = Ctx(cfg, run, ds, spec, method, model, world, device, logger, distributed.precision(cfg, device))
         logger.set_plan({s: (cfg.stages[s].epochs, plans[s].steps_per_epoch) for s in to_run})
         for warning in data_warnings(cfg, ds, spec, method, to_run):
             logger.warning(warning)

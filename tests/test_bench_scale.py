@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from hpc.benchmarks.scale import build_tree, exponent, sample_images
-from medattn.data.nih import bundled_nih_dir, load_nih
+from medattn.data.nih import load_nih
 
 pytest.importorskip("nvidia.dali")
 

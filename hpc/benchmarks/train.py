@@ -6,7 +6,7 @@ throughput(1)). ``--per-gpu-batch B`` measures what one GPU of an N-GPU run sees
 global batch split N ways: B images per step on one process); ``--gpus N`` does that stage by stage
 (each stage's config batch / N: for the paper's AG-CNN over 8 GPUs, global 16, local and fusion 8).
 
-The model is set up as the trainer sets it (hpc.train.apply_runtime_flags: cudnn.benchmark,
+The model is set up as the trainer sets it (hpc.distributed.apply_runtime_flags: cudnn.benchmark,
 channels_last on CUDA; bf16 autocast; ``runtime.compile`` / ``runtime.compile_mode``), and each
 row reports those flags. On CUDA each row's peak memory is measured from a reset at its start.
 
@@ -101,7 +101,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 def _setup(args: argparse.Namespace, data: str) -> dict[str, Any]:
     from hpc import distributed
-    from hpc.train import apply_runtime_flags
+    from hpc.distributed import apply_runtime_flags
     from medattn.config import load_config
     from medattn.data.prepared import PreparedDataset
     from medattn.methods import DataSpec, build
@@ -135,7 +135,8 @@ def measure_stage(env: dict[str, Any], stage: str, modes: list[str], steps: int,
     from hpc import distributed
     from hpc.schedule import LRSchedule, build_optimizer
     from hpc.syncs import count_syncs
-    from hpc.train import Stepper, read_sums, runtime_flags
+    from hpc.distributed import runtime_flags
+    from hpc.train import Stepper, read_sums
     from medattn import losses
     from medattn.methods.base import StageStep
 

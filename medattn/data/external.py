@@ -259,8 +259,6 @@ def _subset(ds: ExternalSet, keep: np.ndarray) -> ExternalSet:
 
 # --------------------------------------------------------------------------------------- MIMIC
 def _mimic(root: Path, split: str, uncertain: str, views: str) -> ExternalSet:
-    import pandas as pd
-
     meta, meta_path = _read_csv(root / MIMIC_FILES["metadata"], ("dicom_id", "subject_id", "study_id", "ViewPosition"),
                                 "MIMIC-CXR-JPG metadata")
     sp, sp_path = _read_csv(root / MIMIC_FILES["split"], ("dicom_id", "split"), "MIMIC-CXR-JPG split")
