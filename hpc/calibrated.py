@@ -22,7 +22,7 @@ def record_for(predictor, calibrated: bool, operating_point: str | None) -> dict
     what was asked for (a :class:`DataError` naming the file and what to run otherwise)."""
     from hpc.clinical_eval import load_calibration
 
-    run = predictor._lr.run
+    run = predictor.run
     rec = load_calibration(run, predictor.stage, predictor.checkpoint)
     if calibrated:
         missing = [b for b in predictor.branches if b not in rec.get("temperatures", {})]

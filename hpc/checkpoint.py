@@ -200,7 +200,7 @@ def inference_record(stage: str, method) -> dict[str, Any]:
     images were synthetic, and the medattn version. ``predict`` and ``export`` read the config and
     ``spec`` themselves; this record states it for a reader without medattn (and ``medattn
     predict`` shows it)."""
-    from medattn import __version__
+    from medattn.version import __version__
     from medattn.data._images import RESIZE_FILTER
     from medattn.views import ViewSpec
 

@@ -25,7 +25,8 @@ import numpy as np
 
 from hpc import distributed
 from hpc.checkpoint import atomic_write_text
-from hpc.run import Run, load_run, stage_selections
+from hpc.inference import load_model
+from hpc.run import Run, stage_selections
 from hpc.inference import run_inference
 from medattn.errors import DataError, MedattnError
 from medattn.metrics import binary_metrics, classification_metrics, extras_means, localization_metrics
@@ -93,7 +94,7 @@ def evaluate(run_dir: str, split: str = "test", data: str | None = None, stage: 
         if data is None:
             raise DataError(run.provenance_path, "cannot tell which prepared data the run used; pass --data")
         ds = PreparedDataset.open(data)
-        lr = load_run(run, stage, checkpoint, device, data=data, overrides=overrides)
+        lr = load_model(run, stage, checkpoint, device, data=data, overrides=overrides)
         method, model, spec = lr.method, lr.model, lr.spec
         split_rec = check_split(lr.trained_split, ds.split_record(), data, lr.checkpoint, allow_split_mismatch)
         scfg = cfg.stages[stage]

@@ -85,7 +85,7 @@ class ExportedModel(nn.Module):
 def exported_module(predictor, calibrated: bool = False) -> ExportedModel:
     """The :class:`ExportedModel` of a :class:`hpc.predict.Predictor`, on the CPU, in float32;
     ``calibrated``: with the run's temperatures for the exported branch (hpc/calibrated.py)."""
-    from hpc.run import load_run
+    from hpc.inference import load_model
 
     temperature = None
     if calibrated:
@@ -95,11 +95,11 @@ def exported_module(predictor, calibrated: bool = False) -> ExportedModel:
         rec = record_for(predictor, True, None)
         temperature = Temperature.from_dict(rec["temperatures"][predictor.branch]).vector(list(predictor.labels))
 
-    lr = predictor._lr
+    lr = predictor.loaded
     # A fresh CPU copy, not the predictor's own: the file must load anywhere, and tracing
     # (torch.export's fake tensors) must not leave anything in the method's caches that the
     # predictor would then use.
-    lr = load_run(lr.run, lr.stage, lr.checkpoint.stem, "cpu", overrides=["runtime.device=cpu"])
+    lr = load_model(lr.run, lr.stage, lr.checkpoint.stem, "cpu", overrides=["runtime.device=cpu"])
     model = lr.model.to(memory_format=torch.contiguous_format).float().eval().requires_grad_(False)
     return ExportedModel(lr.method, model, lr.stage, predictor.view, predictor.branch, temperature,
                          predictor.spec.task).eval()
@@ -145,7 +145,7 @@ def export_predictor(predictor, out: str | os.PathLike, fmt: str = "onnx", batch
                        "calibrated": calibrated and {"temperatures": [float(t) for t in module.temperature.view(-1)],
                                                      "fitted_on": "the validation split (medattn eval)"}},
             "labels": predictor.labels, "eval_labels": list(predictor.spec.eval_labels),
-            "run": str(predictor._lr.run.root), "stage": predictor.stage, "checkpoint": str(predictor.checkpoint),
+            "run": str(predictor.run.root), "stage": predictor.stage, "checkpoint": str(predictor.checkpoint),
             "synthetic": predictor.synthetic, "inference": predictor.info}
     atomic_write_text(out.with_name(out.name + ".json"), json.dumps(meta, indent=2))
     return out

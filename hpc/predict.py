@@ -52,24 +52,27 @@ def resolve_device(device: str | None) -> str:
 
 
 def load(run: str | os.PathLike, stage: str | None = None, checkpoint: str = "best",
-         device: str | None = None) -> "Predictor":
-    """A run's model, ready for new images (:func:`hpc.run.load_run`: no prepared data needed).
+         device: str | None = None, cls: type | None = None, stacklevel: int = 2) -> "Predictor":
+    """A run's model, ready for new images (:func:`hpc.inference.load_model`: no prepared data needed).
 
     Args:
         run: the run directory.
         stage: whose model (default: the last finished stage, e.g. AG-CNN's fusion).
         checkpoint: ``best`` (the stage's selected epoch) or ``last``.
         device: ``cpu``, ``cuda``, ``cuda:1``; None or ``auto``: the GPU when there is one.
+        cls: the :class:`Predictor` subclass to return (:class:`medattn.api.Model` adds ``export``).
+        stacklevel: where the synthetic-data warning points (for callers that wrap this).
 
     Warns (UserWarning) when the run was trained on synthetic images.
     """
-    from hpc.run import load_run
+    from hpc.inference import load_model
 
     dev = resolve_device(device)
-    lr = load_run(run, stage, checkpoint, dev, overrides=["runtime.device=cpu"] if dev == "cpu" else None)
-    p = Predictor(lr)
+    lm = load_model(run, stage, checkpoint, dev, overrides=["runtime.device=cpu"] if dev == "cpu" else None)
+    p = (cls or Predictor)(lm)
     if p.synthetic:
-        warnings.warn(SYNTHETIC_WARNING.format(source=p.spec.source or "synthetic"), UserWarning, stacklevel=2)
+        warnings.warn(SYNTHETIC_WARNING.format(source=p.spec.source or "synthetic"), UserWarning,
+                      stacklevel=stacklevel)
     return p
 
 
@@ -77,6 +80,7 @@ class Predictor:
     """A trained model and everything needed to feed it (from :func:`load`).
 
     Attributes:
+        loaded: the :class:`hpc.inference.LoadedModel` (run, config, method, checkpoint).
         model: the torch module (eval mode, on ``device``).
         labels: the label names, in the order of the model's outputs.
         branches: the method's prediction branches at this stage (``["main"]`` for most methods,
@@ -90,7 +94,8 @@ class Predictor:
     def __init__(self, loaded):
         from medattn.views import ViewSpec
 
-        self._lr = loaded
+        self.loaded = loaded
+        self.run = loaded.run
         self.spec = loaded.spec
         self.method = loaded.method
         self.model = loaded.model
@@ -112,32 +117,30 @@ class Predictor:
         self.info: dict[str, Any] = dict(loaded.info or {})
 
     def __repr__(self) -> str:
-        return (f"Predictor({str(self._lr.run.root)!r}, method={self.method.name}, backbone={self.cfg.model.backbone}, "
+        return (f"Predictor({str(self.run.root)!r}, method={self.method.name}, backbone={self.cfg.model.backbone}, "
                 f"stage={self.stage}, labels={len(self.labels)}, input={self.input_size}, device={self.device})")
 
     def describe(self) -> str:
         """One line: what was loaded and how images are fed to it."""
         v = self.view
-        return (f"{self._lr.run.root}: {self.method.name} / {self.cfg.model.backbone}, stage {self.stage} "
+        return (f"{self.run.root}: {self.method.name} / {self.cfg.model.backbone}, stage {self.stage} "
                 f"({self.checkpoint.name}), {len(self.labels)} labels, {self.spec.task}; images -> {self.channels}-channel "
                 f"{self.prepared_size} px (LANCZOS) -> {v.mode} view {v.crop} px, normalised with mean "
                 f"{[round(m, 4) for m in v.mean]} std {[round(s, 4) for s in v.std]}; device {self.device}"
-                + (f"; note: {self._lr.note}" if self._lr.note else ""))
+                + (f"; note: {self.loaded.note}" if self.loaded.note else ""))
 
     # ------------------------------------------------------------------ pixels
     def read(self, image) -> np.ndarray:
         """A file path or an in-memory image -> (S, S, C) uint8 at the prepared size, exactly as
-        ``medattn prepare`` would have stored it (:mod:`medattn.data.imagefiles`).
+        ``medattn prepare`` would have stored it (:func:`hpc.inference.read_pixels`).
 
         Raises:
             ImageFileError (a DataError): an unreadable file, named.
             ValueError: an array of another shape or dtype.
         """
-        from medattn.data.imagefiles import image_from_array, read_image
+        from hpc.inference import read_pixels
 
-        if isinstance(image, (str, os.PathLike)):
-            return read_image(image, self.prepared_size, self.channels)
-        return image_from_array(image, self.prepared_size, self.channels)
+        return read_pixels(image, self.prepared_size, self.channels)
 
     def transform(self, image):
         """A file path, an in-memory image (see :meth:`read`) or a prepared (S, S, C) uint8 array ->
@@ -150,12 +153,12 @@ class Predictor:
     # ------------------------------------------------------------------ predictions
     def iter_predictions(self, inputs, batch_size: int = 16, errors: str = "raise"
                          ) -> Iterator[tuple[str, Any, str | None]]:
-        """(name, :class:`hpc.report.infer.ImagePrediction` or None, error or None) per input image,
+        """(name, :class:`hpc.inference.ImagePrediction` or None, error or None) per input image,
         in order, ``batch_size`` images per forward pass; images are read one batch at a time.
 
         ``errors``: ``raise`` (the first unreadable file raises its ImageFileError) or ``skip``
         (it is yielded with the reason and no prediction)."""
-        from hpc.report import infer
+        from hpc.inference import predict_images
 
         if errors not in ("raise", "skip"):
             raise ValueError(f"errors={errors!r}: use 'raise' or 'skip'")
@@ -164,7 +167,7 @@ class Predictor:
         pending: list[tuple[str, np.ndarray]] = []
 
         def flush():
-            preds = infer.predict(self._lr, np.stack([px for _, px in pending]), batch_size=batch_size)
+            preds = predict_images(self.loaded, np.stack([px for _, px in pending]), batch_size=batch_size)
             out = [(name, pr, None) for (name, _), pr in zip(pending, preds)]
             pending.clear()
             return out
@@ -237,13 +240,6 @@ class Predictor:
         if heatmaps:
             out += [pred.heatmap, None if pred.box is None else np.asarray(pred.box, np.float64)]
         return out
-
-    def export(self, out: str | os.PathLike, fmt: str = "onnx", optimize: bool = True) -> Path:
-        """Write the model as a deployable TorchScript or ONNX file, preprocessing included
-        (:func:`hpc.export.export_predictor`)."""
-        from hpc.export import export_predictor
-
-        return export_predictor(self, out, fmt, optimize=optimize)
 
 
 def _items(inputs) -> Iterator[tuple[str, Any]]:
@@ -342,7 +338,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _overlay(p: Predictor, name: str, pred, heat_dir: Path, stems: set[str]) -> Path:
-    from hpc.report import overlays
+    from hpc import overlays
 
     stem = Path(name).stem if not name.startswith("<") else name.strip("<>").replace(" ", "_")
     base, k = stem, 2

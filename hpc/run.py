@@ -18,15 +18,14 @@ Every write is atomic (a temporary file in the same directory, renamed into plac
 any moment leaves the old file or the new one, never half of one; the metrics log is appended a
 whole line at a time and a torn last line is skipped when read.
 
-:func:`load_run` is the one way a consumer (``eval``, ``report``, ``viz``, ``predict``,
-benchmarks) gets a trained model back: config -> method -> model -> checkpoint.
+A trained model comes back through :func:`hpc.inference.load_model` (the inference floor), which
+reads the run through this class.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -515,74 +514,3 @@ def fit_init_weights(model: Any, state: dict[str, Any], where: str | os.PathLike
                           "backbone needed; only a head for another number of classes may differ): "
                           + "; ".join(problems))
     return skipped
-
-
-# ---------------------------------------------------------------------------------------------
-# a trained model back
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class LoadedRun:
-    """A run's model, ready for inference (``model`` in eval mode on ``device``)."""
-
-    run: Run
-    cfg: Any
-    spec: Any  # medattn.methods.DataSpec
-    method: Any
-    model: Any
-    stage: str
-    checkpoint: Path
-    device: Any
-    note: str = ""
-    data: str | None = None  # the prepared directory, when one was used
-    info: dict | None = None  # the checkpoint's inference record (hpc.checkpoint.inference_record)
-    # The split the checkpoint was trained on ({name, seed, hash}; None: an older checkpoint).
-    trained_split: dict | None = None
-
-
-def load_run(run_dir: str | os.PathLike | Run, stage: str | None = None, checkpoint: str = "best",
-             device: Any = "cpu", data: str | os.PathLike | None = None,
-             overrides: list[str] | None = None) -> LoadedRun:
-    """Rebuild a run's method and model and load a checkpoint: config -> method -> model -> weights.
-
-    Args:
-        run_dir: the run directory (or a :class:`Run`).
-        stage: whose model (default: the last finished stage; see :meth:`Run.pick_checkpoint`).
-        checkpoint: ``best`` or ``last``.
-        device: torch device.
-        data: the prepared directory; by default the checkpoint's own record of labels and
-            preprocessing, else the prepared directory the run trained on.
-        overrides: runtime overrides applied to the saved config.
-    """
-    import torch
-
-    from medattn.methods import DataSpec, build
-
-    run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
-    cfg = run.config(overrides)
-    stage, path, note = run.pick_checkpoint(stage, checkpoint, cfg.stage_names())
-    dev = torch.device(device)
-    state = load_checkpoint_file(path, dev)
-    data_dir = str(data) if data else None
-    if data_dir is None and state.get("spec"):
-        spec = DataSpec.from_dict(state["spec"])
-    else:
-        data_dir = data_dir or run.data_path()
-        if data_dir is None:
-            raise DataError(run.provenance_path, "cannot tell which prepared data the run used; pass --data")
-        from medattn.data.prepared import PreparedDataset
-
-        spec = DataSpec.from_dataset(PreparedDataset.open(data_dir), cfg)
-    method, model = build(cfg, spec)
-    from hpc.distributed import apply_runtime_flags
-
-    # Evaluation as training runs: channels_last (inputs are converted the same way) and cuDNN's
-    # algorithm search for the fixed shapes.
-    model = apply_runtime_flags(model.to(dev), cfg, dev)
-    try:
-        model.load_state_dict(state["model"])
-    except (KeyError, RuntimeError) as e:
-        raise DataError(path, f"checkpoint does not fit the run's model: {str(e).splitlines()[0]}") from None
-    method.load_extra_state(state.get("method", {}))
-    model.eval()
-    return LoadedRun(run, cfg, spec, method, model, stage, path, dev, note, data_dir, state.get("inference"),
-                     (state.get("spec") or {}).get("split"))

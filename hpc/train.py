@@ -813,7 +813,7 @@ TB_HEATMAP_IMAGES = 4  # heat-map overlays per validation in TensorBoard (a few:
 
 def _tensorboard_validation(ctx: Ctx, stage: str, preds, branch: str) -> None:
     """Rank 0: the validation's PR curves per evaluated label (the selecting branch) and a few
-    heat-map overlays, through the report's own inference path (hpc.report.infer). A failure
+    heat-map overlays, through the inference floor (hpc.inference.predict_images). A failure
     here is a warning: TensorBoard extras never stop a run."""
     step = ctx.logger.global_step_hint
     if getattr(ctx.logger, "tb_validation_failed", False):
@@ -839,7 +839,7 @@ def _tensorboard_validation(ctx: Ctx, stage: str, preds, branch: str) -> None:
 
 
 def _tensorboard_heatmaps(ctx: Ctx, stage: str, indices, step: int) -> None:
-    from hpc.report import infer
+    from hpc.inference import LoadedModel, predict_images
 
     if len(indices) == 0:
         return
@@ -847,8 +847,8 @@ def _tensorboard_heatmaps(ctx: Ctx, stage: str, indices, step: int) -> None:
     was_training = model.training
     model.eval()
     try:
-        lm = infer.LoadedModel(ctx.method, model, ctx.cfg, ctx.spec, ctx.ds, stage, Path(), ctx.device)
-        preds = infer.predict(lm, ctx.ds.read_batch(list(indices)))
+        lm = LoadedModel.in_training(ctx.method, model, ctx.cfg, ctx.spec, stage, ctx.device)
+        preds = predict_images(lm, ctx.ds.read_batch(list(indices)))
     finally:
         model.train(was_training)
     if not preds or preds[0].heatmap is None:

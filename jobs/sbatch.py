@@ -24,7 +24,7 @@ from jobs.submit import make_plan, train_args
 from jobs import submit as _submit
 
 parents = _submit.parents  # the trainer's run arguments (hpc.train), as submit takes them
-from medattn import __version__
+from medattn.version import __version__
 
 TEMPLATE = Path(__file__).with_name("templates") / "torchrun.sbatch"
 

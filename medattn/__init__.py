@@ -11,11 +11,11 @@ The science layer knows nothing of ranks, SLURM or Ray, and every part of it run
 docs/architecture.md says where each concept lives.
 """
 
-__version__ = "0.1.0"
+from medattn.version import __version__  # noqa: F401  (pyproject.toml says the same)
 
 # The public API (docs/predict.md), forwarded lazily so that ``import medattn`` loads no torch:
 #   p = medattn.load("runs/r50"); p.predict(["film.dcm"])
-_API = ("load", "Predictor")
+_API = ("load", "Model", "Predictor")
 
 
 def __getattr__(name: str):

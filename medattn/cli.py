@@ -11,7 +11,7 @@ import importlib
 import sys
 import textwrap
 
-from medattn import __version__
+from medattn.version import __version__
 from medattn.command import run_command
 from medattn.errors import MedattnError
 

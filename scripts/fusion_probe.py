@@ -56,12 +56,12 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
 
-    from hpc.run import load_run
+    from hpc.inference import load_model
     from medattn.data.prepared import PreparedDataset
     from medattn.methods.agcnn import init_fusion_head
 
     torch.manual_seed(0)
-    lr = load_run(a.run, "local", data=a.data, overrides=a.overrides)
+    lr = load_model(a.run, "local", data=a.data, overrides=a.overrides)
     ds = PreparedDataset.open(a.data)
     cols = list(lr.spec.eval_indices)
     tr, va, te = (_features(lr, ds, s, lr.cfg) for s in ("train", "val", "test"))

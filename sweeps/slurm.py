@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from medattn import __version__
+from medattn.version import __version__
 from jobs import cluster as c  # sweeps sit above jobs: a sweep's allocation is a SLURM job like any other
 from medattn.errors import ConfigError, MedattnError
 

@@ -1,7 +1,7 @@
 """medattn.boxes: round trips, hand-computed values, and the same numbers as the helpers it
 replaced (attention._scale_xy / normalize_boxes / map_boxes_to_source, agcnn.map_boxes,
-views.view_boxes, gradcam.lung_box_in_view's arithmetic, report.infer._to_view,
-report.overlays.gt_boxes / to_view, metrics.to_xyxy, _images.mask_box), whose formulas are
+views.view_boxes, gradcam.lung_box_in_view's arithmetic, inference._to_view,
+overlays.gt_boxes / to_view, metrics.to_xyxy, _images.mask_box), whose formulas are
 written out below as the references."""
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def test_normalise_denormalise_round_trip_and_old_scale_xy():
 
 
 def test_pixel_window_is_the_loaders_rounding():
-    def old(win, s):  # views.render_views / report.infer._window_pixels
+    def old(win, s):  # views.render_views / inference._window_pixels
         x0, y0, x1, y1 = (float(v) for v in win)
         left, top = int(round(x0 * s)), int(round(y0 * s))
         return left, top, max(left + 1, int(round(x1 * s))), max(top + 1, int(round(y1 * s)))
@@ -196,7 +196,7 @@ def test_source_to_view_matches_the_old_report_helpers():
     n = 32
     boxes = random_xyxy(rng, n).astype(np.float32)  # the prediction's boxes, as infer gets them
     vb = windows(rng, n)
-    # report.infer._to_view
+    # inference._to_view
     w = (vb[:, 2] - vb[:, 0])[:, None]
     h = (vb[:, 3] - vb[:, 1])[:, None]
     off = np.stack([vb[:, 0], vb[:, 1], vb[:, 0], vb[:, 1]], 1)
@@ -204,7 +204,7 @@ def test_source_to_view_matches_the_old_report_helpers():
     got = B.source_to_view(boxes, vb)
     assert got.dtype == old.dtype
     np.testing.assert_array_equal(got, old)
-    # report.overlays.to_view: one window for every GT box, float64
+    # overlays.to_view: one window for every GT box, float64
     gt = random_xyxy(rng, 5)
     win = vb[0].astype(np.float64)
     x0, y0, x1, y1 = (float(v) for v in win)

@@ -101,3 +101,133 @@ def test_import_medattn_stays_light():
 def test_each_run_file_name_has_one_owner(name):
     owners = sorted(str(p.relative_to(REPO)) for _, p in _modules() if name in p.read_text())
     assert owners == ["hpc/run.py"], f"{name!r} is spelled in {owners}; only hpc/run.py may know it"
+
+
+# --------------------------------------------------------------------------------------------
+# no import circles, and the floors inside the runtime
+# --------------------------------------------------------------------------------------------
+def _graph() -> dict[str, set[str]]:
+    """module -> the product modules it names in an import (lazy ones included). ``from pkg
+    import name`` names ``pkg.name`` when that is a module, else ``pkg``; a package is not an
+    edge of its own submodules (Python loads it first anyway, and ``medattn/__init__`` imports
+    nothing above it at import time)."""
+    mods = dict(_modules())
+    graph: dict[str, set[str]] = {}
+    for module, path in mods.items():
+        tree = ast.parse(path.read_text(), str(path))
+        pkg = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+        out: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = pkg.split(".")[: len(pkg.split(".")) - (node.level - 1)]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                subs = {f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in mods}
+                out |= subs
+                if len(subs) < len(node.names):
+                    out.add(target)
+            elif isinstance(node, ast.Import):
+                out |= {a.name for a in node.names}
+            elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) ==
+                  "import_module" and node.args and isinstance(node.args[0], ast.Constant)):
+                out.add(str(node.args[0].value))
+        graph[module] = {t for t in out if t in mods and t != module and not module.startswith(t + ".")}
+    return graph
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    found: list[list[str]] = []
+    counter = 0
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = counter
+        counter += 1
+        stack.append(root)
+        on.add(root)
+        while work:
+            v, it = work[-1]
+            w = next(it, None)
+            if w is not None:
+                if w not in index:
+                    index[w] = low[w] = counter
+                    counter += 1
+                    stack.append(w)
+                    on.add(w)
+                    work.append((w, iter(sorted(graph[w]))))
+                elif w in on:
+                    low[v] = min(low[v], index[w])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[v])
+            if low[v] == index[v]:
+                comp = []
+                while True:
+                    w = stack.pop()
+                    on.discard(w)
+                    comp.append(w)
+                    if w == v:
+                        break
+                if len(comp) > 1:
+                    found.append(sorted(comp))
+    return found
+
+
+def test_the_circle_finder_finds_a_circle():
+    assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _circles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_circles():
+    graph = _graph()
+    circles = _circles(graph)
+    lines = [" <-> ".join(c) + ": " + "; ".join(f"{m} -> {sorted(graph[m] & set(c))}" for m in c) for c in circles]
+    assert not circles, "import circles among product modules (lazy imports count):\n" + "\n".join(lines)
+
+
+# The floors inside the runtime (docs/architecture.md, "Using a trained run"): a module imports
+# only its own floor and the floors below. Modules not named are the runtime core (floor 0).
+HPC_FLOORS = {
+    "hpc.inference": 1, "hpc.overlays": 1,  # the inference floor: a run back, predictions, overlays
+    "hpc.train": 2, "hpc.evaluate": 2, "hpc.clinical_eval": 2, "hpc.external_eval": 2,
+    "hpc.calibrated": 2, "hpc.predict": 2,  # what uses a model
+    "hpc.export": 3,  # builds on predict
+    "hpc.report": 4, "hpc.bench": 4, "hpc.benchmarks": 4,  # leaves: only the CLI (and scripts) import them
+}
+
+
+def _floor(module: str) -> int:
+    parts = module.split(".")
+    for k in range(len(parts), 1, -1):
+        if ".".join(parts[:k]) in HPC_FLOORS:
+            return HPC_FLOORS[".".join(parts[:k])]
+    return 0
+
+
+def test_runtime_floors():
+    bad = []
+    for module, targets in _graph().items():
+        if not module.startswith("hpc."):
+            continue
+        for t in targets:
+            if t.startswith("hpc.") and _floor(t) > _floor(module):
+                bad.append(f"{module} (floor {_floor(module)}) imports {t} (floor {_floor(t)})")
+    assert not bad, "imports against the runtime's floors:\n" + "\n".join(sorted(bad))
+
+
+def test_the_report_is_a_leaf():
+    """Nothing but the report itself and the command line imports hpc.report; the trainer,
+    predict and export import nothing from it."""
+    users = sorted(f"{m} -> {t}" for m, ts in _graph().items() for t in ts
+                   if t.split(".")[:2] == ["hpc", "report"] and m.split(".")[:2] != ["hpc", "report"]
+                   and m not in TOP)
+    assert users == [], users

@@ -21,7 +21,9 @@ from hpc import evaluate as evaluate_mod
 from hpc import train as train_mod
 from medattn.cli import main as cli_main
 from hpc.report import build_report
-from hpc.report import infer, overlays
+from hpc import overlays
+from hpc.inference import load_model, predict_images, read_pixels
+from medattn.data.prepared import PreparedDataset
 from hpc.report.viz import resolve_targets, visualize
 from prepfix import make_prepared
 
@@ -172,16 +174,16 @@ def test_training_localisation_throughput_provenance(report, trained):
 # --------------------------------------------------------------------------------------------
 def test_overlay_inference_geometry(trained):
     prep, run = trained
-    lm = infer.load_model(run, prep)
+    lm = load_model(run, data=prep, overrides=["runtime.device=cpu"])
     assert lm.stage == "fusion" and lm.checkpoint == run / "ckpt" / "fusion" / "best.pt"
-    ds = lm.ds
+    ds = PreparedDataset.open(prep)
     idx = overlays.select_samples(ds, ds.indices("test"), 4, CLASSES)
     # Images with boxes first, one box class after the other (sorted class names).
     box_labels = sorted({b["label"] for i in ds.indices("test") for b in ds.boxes(int(i))})
     for k, i in enumerate(idx):
         assert box_labels[k % len(box_labels)] in {b["label"] for b in ds.boxes(i)}
     imgs = ds.read_batch(idx)
-    preds = infer.predict(lm, imgs)
+    preds = predict_images(lm, imgs)
     off = (RESIZE - INPUT) / (2 * RESIZE)  # centre crop window of the evaluation view
     for i, p in zip(idx, preds):
         np.testing.assert_allclose(p.window, [off, off, 1 - off, 1 - off], atol=1e-6)
@@ -305,7 +307,7 @@ def _prepare_real(nih: Path, out: Path) -> tuple[Path, int]:
     rng = np.random.default_rng(0)
     out.mkdir(parents=True)
     (out / "shards").mkdir()
-    pix = np.stack([infer.load_png(f, PREP_SIZE, 1) for f in files])
+    pix = np.stack([read_pixels(f, PREP_SIZE, 1) for f in files])
     np.save(out / "shards" / "pixels-00000.npy", pix)
     header = (out / "shards" / "pixels-00000.npy").stat().st_size - pix.nbytes
     rows = []
@@ -376,7 +378,7 @@ def test_viz_on_real_nih_pngs(trained, tmp_path, shared_nih):
     _, run = trained
     imgs = shared_nih / "images"
     files = [imgs / "00001369_000.png", imgs / "00000013_003.png"]  # RGBA with a Cardiomegaly box; gray
-    ds = infer.load_model(run, trained[0]).ds
+    ds = PreparedDataset.open(trained[0])
     t = resolve_targets([",".join(map(str, files))], ds)
     assert [x.path for x in t] == files
     lines: list[str] = []
@@ -390,7 +392,7 @@ def test_viz_on_real_nih_pngs(trained, tmp_path, shared_nih):
     arr2 = np.asarray(Image.open(paths[1]).convert("RGB")).astype(int)
     assert (np.abs(arr2[60:, :] - gt).sum(-1) < 30).sum() < 20  # no box on the gray image
     # the prepare conversion: RGBA with R = G = B -> R, resized to the prepared size
-    px = infer.load_png(files[0], PREP_SIZE, 1)
+    px = read_pixels(files[0], PREP_SIZE, 1)
     ref = np.asarray(Image.open(files[0]))[..., 0]
     ref = np.asarray(Image.fromarray(ref).resize((PREP_SIZE, PREP_SIZE), Image.Resampling.LANCZOS))
     np.testing.assert_array_equal(px[..., 0], ref)

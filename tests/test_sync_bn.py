@@ -102,12 +102,13 @@ def test_conversion_happens_where_it_should():
 
 def test_synced_checkpoint_loads_into_plain_model_for_eval_predict_export(tmp_path):
     """A model trained with SyncBatchNorm: its running statistics move, its checkpoint is saved as
-    the trainer saves it, and load_run (eval), predict.load and export rebuild a plain BatchNorm
+    the trainer saves it, and load_model (eval), predict.load and export rebuild a plain BatchNorm
     model that gives the synced model's eval-mode outputs."""
     from hpc.checkpoint import weights_payload
     from hpc.export import ExportedModel, export_predictor
     from hpc.predict import load as load_predictor
-    from hpc.run import Run, load_run
+    from hpc.inference import load_model
+    from hpc.run import Run
 
     torch.manual_seed(0)
     cfg, spec, method, model = _demo_model()
@@ -132,7 +133,7 @@ def test_synced_checkpoint_loads_into_plain_model_for_eval_predict_export(tmp_pa
                                                           config=cfg.to_dict()))
     run.mark_stage("global", done=True, best_metric=0.5, best_epoch=1)
 
-    lr = load_run(run, "global", "best", "cpu")
+    lr = load_model(run, "global", "best", "cpu")
     assert _bn_kinds(lr.model) == (0, _bn_kinds(model)[0])
     synced = dict(model.state_dict())
     for k, v in lr.model.state_dict().items():

@@ -750,14 +750,17 @@ class _Builder:
                                   "pass ", Code("--data PREP"), ".")))
             return
         from medattn.errors import MedattnError
-        from hpc.report import infer, overlays as O
+        from hpc import overlays as O
+        from hpc.inference import load_model, predict_images
+        from medattn.data.prepared import PreparedDataset
 
         try:
-            lm = infer.load_model(a.root, a.data_dir, device=self.device)
+            lm = load_model(a.root, device=self.device, data=a.data_dir,
+                            overrides=["runtime.device=cpu"] if str(self.device) == "cpu" else None)
+            ds = PreparedDataset.open(a.data_dir)
         except MedattnError as e:
             self.add(Para(Text.of(f"No overlays: {e}")))
             return
-        ds = lm.ds
         try:
             cand = ds.indices(a.split)
         except MedattnError as e:
@@ -766,7 +769,7 @@ class _Builder:
         eval_labels = list(lm.spec.eval_labels)
         chosen = O.select_samples(ds, cand, self.samples, eval_labels)
         t0 = time.time()
-        preds = infer.predict(lm, ds.read_batch(chosen))
+        preds = predict_images(lm, ds.read_batch(chosen))
         self.log(f"overlays: {len(chosen)} images through the stage-'{lm.stage}' model in {time.time() - t0:.1f} s")
         if preds and preds[0].heatmap is None:
             self.add(Para(Text.of(f"Method {lm.cfg.method} gives no attention heat map: no overlays.")))

@@ -153,8 +153,10 @@ def visualize(run: str | Path, images: list[str], classes: list[str] | None = No
         data: prepared directory (default: the run's). stage, checkpoint: which model.
         device: torch device. dpi: PNG resolution. log: where progress lines go.
     """
-    from hpc.report import infer, overlays as O
+    from hpc import overlays as O
+    from hpc.inference import load_model, predict_images, read_pixels
     from hpc.report.collect import data_dir_of
+    from medattn.data.prepared import PreparedDataset
     from hpc.run import Run
 
     r = Run(run).require()
@@ -162,8 +164,9 @@ def visualize(run: str | Path, images: list[str], classes: list[str] | None = No
     data_dir = data_dir_of(r, data)
     if data_dir is None:
         raise DataError(r.provenance_path, "cannot tell which prepared data the run used; pass --data")
-    lm = infer.load_model(run, data_dir, stage=stage, checkpoint=checkpoint, device=device)
-    ds = lm.ds
+    lm = load_model(run, stage, checkpoint, device, data=data_dir,
+                    overrides=["runtime.device=cpu"] if str(device) == "cpu" else None)
+    ds = PreparedDataset.open(data_dir)
     names = list(lm.spec.label_names)
     chosen = resolve_classes(classes, names)
     targets = resolve_targets(images, ds)
@@ -173,7 +176,7 @@ def visualize(run: str | Path, images: list[str], classes: list[str] | None = No
     nih_labels, nih_boxes = _nih_truth([t.name for t in files if t.name not in manifest_ids])
     for t in targets:
         if t.path is not None:
-            t.pixels = infer.load_png(t.path, ds.image_size, ds.channels)
+            t.pixels = read_pixels(t.path, ds.image_size, ds.channels)
             if t.name in manifest_ids:  # a file of the run's own dataset: its manifest truth
                 t.index = manifest_ids[t.name]
             elif t.name in nih_labels:
@@ -186,7 +189,7 @@ def visualize(run: str | Path, images: list[str], classes: list[str] | None = No
             t.truth_source = "manifest"
             if t.pixels is None:
                 t.pixels = ds.read(t.index)
-    preds = infer.predict(lm, np.stack([t.pixels for t in targets]))
+    preds = predict_images(lm, np.stack([t.pixels for t in targets]))
     if preds and preds[0].heatmap is None:
         raise MedattnError(f"method {lm.cfg.method!r} gives no attention heat map to draw")
     out_dir = Path(out) if out else r.viz_dir

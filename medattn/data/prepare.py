@@ -591,7 +591,7 @@ def _finish(table: SourceTable, out: Path, settings: dict[str, Any],
             pixel_format: str, lung_override: list[list[float] | None] | None = None,
             extra_info: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write manifest.parquet (tmp + rename), then dataset.json (last), then drop .partial."""
-    from medattn import __version__
+    from medattn.version import __version__
 
     cols, conv, lung = _manifest_columns(table, finished, n_shards, lung_override)
     write_manifest(out, cols)

@@ -1,5 +1,5 @@
 """Heat-map overlays: which images to show, and one figure per image (shared by ``medattn
-report`` and ``medattn viz``)."""
+report``, ``medattn viz`` and ``medattn predict --heatmaps``)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -11,7 +11,7 @@ import numpy as np
 from medattn import figures
 from medattn import metrics as M
 from medattn.boxes import source_to_view
-from hpc.report.infer import ImagePrediction
+from hpc.inference import ImagePrediction
 
 
 def select_samples(ds: Any, indices: Sequence[int], n: int, eval_labels: Sequence[str]) -> list[int]:
