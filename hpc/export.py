@@ -4,7 +4,7 @@
   medattn export --run runs/r50 --format torchscript --out r50.pt --stage global
 
 The exported model takes images as `medattn prepare` stores them: (B, C, S, S) at the run's
-prepared size S (C = the run's channels), uint8 or float on the 0..255 scale, e.g. a film resized
+prepared size S (C = the run's channels) on the 0..255 scale, e.g. a film resized
 to S x S with LANCZOS (`medattn.load(RUN).read(path)` gives exactly that array for any PNG, JPEG
 or DICOM file). Inside: the loaders' evaluation view (window, antialiased resize to the input
 size), the normalisation, and the method's prediction for the stage (AG-CNN: global branch,
@@ -14,9 +14,18 @@ Output: (B, L) probabilities of the stage's selected branch (sigmoid for multi-l
 softmax for single-label ones), the same numbers as `medattn predict` (tested to 1e-4); with
 ``--calibrated``, those of `medattn predict --calibrated` (the run's temperatures built in).
 
+Input type: a TorchScript file takes uint8 or float32. An ONNX graph has one input type, chosen
+with ``--input-dtype`` (default float32, which holds every 0..255 value exactly, so a uint8 array
+passes as ``x.astype(np.float32)``; ``uint8`` for a quarter of the input bytes).
+
+Loading a TorchScript file: AG-CNN and DualAttendMed crop with torchvision's RoIAlign, a
+torchvision operator that ``torch.jit.load`` finds only once torchvision is imported (a pure-torch
+crop would change the numbers). The sidecar lists it (``load_requires``), the command says it,
+and docs/predict.md shows the two lines.
+
 ONNX needs the onnx and onnxscript packages (dev extras); check an ONNX file with onnxruntime.
-The file is written atomically, with a JSON sidecar (FILE.json) that records the labels and the
-input it expects.
+The file is written atomically, with a JSON sidecar (FILE.json) that records the labels, the
+input it expects and what loading it needs.
 """
 from __future__ import annotations
 
@@ -31,6 +40,7 @@ from torch import nn
 from medattn.errors import MedattnError, MissingDependencyError
 
 FORMATS = ("torchscript", "onnx")
+INPUT_DTYPES = {"uint8": torch.uint8, "float32": torch.float32}
 
 
 class ExportedModel(nn.Module):
@@ -106,21 +116,27 @@ def exported_module(predictor, calibrated: bool = False) -> ExportedModel:
 
 
 def export_predictor(predictor, out: str | os.PathLike, fmt: str = "onnx", batch: int = 2,
-                     optimize: bool = True, calibrated: bool = False) -> Path:
+                     optimize: bool = True, calibrated: bool = False, input_dtype: str = "float32") -> Path:
     """Write ``predictor``'s model to ``out`` in ``fmt`` (``torchscript`` or ``onnx``), plus
     ``out.json`` describing its input and outputs. ``batch``: the batch of the example input (the
     batch dimension stays dynamic). ``optimize``: run the ONNX graph optimiser (constant folding;
-    about half the export time, and onnxruntime optimises on load anyway)."""
+    about half the export time, and onnxruntime optimises on load anyway). ``input_dtype``: the
+    ONNX input type (``float32`` or ``uint8``; TorchScript takes both)."""
     from hpc.checkpoint import atomic_write_text
 
     if fmt not in FORMATS:
         raise MedattnError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if input_dtype not in INPUT_DTYPES:
+        raise MedattnError(f"--input-dtype {input_dtype!r} is not one of {', '.join(INPUT_DTYPES)}")
     out = Path(out)
     module = exported_module(predictor, calibrated)  # refuses (naming the file) before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
     s, c = predictor.prepared_size, predictor.channels
     example = torch.randint(0, 256, (batch, c, s, s), generator=torch.Generator().manual_seed(0),
                             dtype=torch.uint8)
+    if fmt == "onnx":
+        example = example.to(INPUT_DTYPES[input_dtype])
+    requires: list[str] = []
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
         with torch.no_grad():
@@ -132,13 +148,15 @@ def export_predictor(predictor, out: str | os.PathLike, fmt: str = "onnx", batch
                     # batch is fixed by the run (tests check other batch sizes)
                     warnings.simplefilter("ignore", torch.jit.TracerWarning)
                     traced = torch.jit.trace(module, (example,), check_trace=False)
+                requires = custom_op_packages(traced)
                 traced.save(str(tmp))
             else:
                 _onnx(module, example, tmp, optimize)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    meta = {"format": fmt, "input": {"name": "images", "shape": ["B", c, s, s], "dtype": "uint8 or float32",
+    dtype = "uint8 or float32" if fmt == "torchscript" else input_dtype
+    meta = {"format": fmt, "input": {"name": "images", "shape": ["B", c, s, s], "dtype": dtype,
                                      "scale": "0..255", "resize_to": s, "resize_filter": "LANCZOS"},
             "output": {"name": "probs", "shape": ["B", len(predictor.labels)], "branch": predictor.branch,
                        "function": "softmax" if predictor.spec.task == "singlelabel" else "sigmoid",
@@ -146,9 +164,26 @@ def export_predictor(predictor, out: str | os.PathLike, fmt: str = "onnx", batch
                                                      "fitted_on": "the validation split (medattn eval)"}},
             "labels": predictor.labels, "eval_labels": list(predictor.spec.eval_labels),
             "run": str(predictor.run.root), "stage": predictor.stage, "checkpoint": str(predictor.checkpoint),
-            "synthetic": predictor.synthetic, "inference": predictor.info}
+            "synthetic": predictor.synthetic, "inference": predictor.info,
+            # packages to import before torch.jit.load (their operators are in the graph)
+            "load_requires": requires}
     atomic_write_text(out.with_name(out.name + ".json"), json.dumps(meta, indent=2))
     return out
+
+
+def custom_op_packages(traced) -> list[str]:
+    """The packages whose operators a TorchScript graph calls (``torchvision::roi_align`` ->
+    torchvision): ``torch.jit.load`` resolves them only when the package was imported."""
+    graph = str(traced.inlined_graph)
+    return sorted(ns for ns in ("torchvision",) if f"{ns}::" in graph)
+
+
+def load_hint(requires: list[str]) -> str:
+    """How to load a TorchScript file whose graph needs ``requires``."""
+    if not requires:
+        return "load it with torch.jit.load(FILE)"
+    return (f"load it after `import {', '.join(requires)}` (its operators are in the graph): "
+            f"import torch, {', '.join(requires)}; torch.jit.load(FILE)")
 
 
 def _onnx(module: nn.Module, example: torch.Tensor, path: Path, optimize: bool = True) -> None:
@@ -180,6 +215,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibrated", action="store_true",
                    help="output calibrated probabilities: the run's temperatures, fitted on validation by "
                         "`medattn eval` (docs/evaluation.md), built into the model")
+    p.add_argument("--input-dtype", default="float32", choices=tuple(INPUT_DTYPES),
+                   help="onnx: the input type of the graph (TorchScript takes both); float32 holds every 0..255 "
+                        "value exactly (default: %(default)s)")
     p.add_argument("--no-optimize", action="store_true",
                    help="onnx: skip the graph optimiser (faster export; onnxruntime optimises on load anyway)")
 
@@ -195,8 +233,14 @@ def run(args: argparse.Namespace) -> int:
     if p.synthetic:
         print("medattn export: WARNING: " + SYNTHETIC_WARNING.format(source=p.spec.source or "synthetic"),
               file=sys.stderr)
-    out = export_predictor(p, args.out, args.format, optimize=not args.no_optimize, calibrated=args.calibrated)
+    print(f"medattn export: {p.describe()}", file=sys.stderr)
+    print(f"medattn export: tracing and writing {args.format} ...", file=sys.stderr)
+    out = export_predictor(p, args.out, args.format, optimize=not args.no_optimize, calibrated=args.calibrated,
+                           input_dtype=args.input_dtype)
+    meta = json.loads(out.with_name(out.name + ".json").read_text())
     print(f"medattn export: wrote {out} ({args.format}; input (B, {p.channels}, {p.prepared_size}, "
-          f"{p.prepared_size}) uint8 or float 0..255; output (B, {len(p.labels)}) {p.branch} "
+          f"{p.prepared_size}) {meta['input']['dtype']} 0..255; output (B, {len(p.labels)}) {p.branch} "
           f"{'calibrated ' if args.calibrated else ''}probabilities)", file=sys.stderr)
+    if args.format == "torchscript":
+        print(f"medattn export: {load_hint(meta['load_requires'])}", file=sys.stderr)
     return 0

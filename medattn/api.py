@@ -26,12 +26,13 @@ class Model(Predictor):
     that can also write itself for deployment."""
 
     def export(self, out: str | os.PathLike, fmt: str = "onnx", optimize: bool = True,
-               calibrated: bool = False) -> Path:
+               calibrated: bool = False, input_dtype: str = "float32") -> Path:
         """Write the model as a deployable TorchScript or ONNX file, preprocessing included
-        (:func:`hpc.export.export_predictor`; ``calibrated``: the run's temperatures built in)."""
+        (:func:`hpc.export.export_predictor`; ``calibrated``: the run's temperatures built in;
+        ``input_dtype``: the ONNX graph's input type, ``float32`` or ``uint8``)."""
         from hpc.export import export_predictor
 
-        return export_predictor(self, out, fmt, optimize=optimize, calibrated=calibrated)
+        return export_predictor(self, out, fmt, optimize=optimize, calibrated=calibrated, input_dtype=input_dtype)
 
 
 def load(run: str | os.PathLike, stage: str | None = None, checkpoint: str = "best",

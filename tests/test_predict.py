@@ -6,6 +6,7 @@ and `medattn export` (TorchScript, ONNX) against `predict`."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 import warnings
@@ -176,9 +177,14 @@ def _export_inputs(p, films) -> tuple[np.ndarray, np.ndarray]:
     return px, ref
 
 
-def test_export_torchscript_matches_predict(run_dir, films, tmp_path):
+def test_export_torchscript_matches_predict(run_dir, films, tmp_path, capsys):
     out = tmp_path / "model.pt"
     assert cli_main(["export", "--run", str(run_dir), "--format", "torchscript", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    meta = json.loads((tmp_path / "model.pt.json").read_text())
+    # AG-CNN's crop is torchvision's RoIAlign: the sidecar and the command say what loading needs
+    assert meta["load_requires"] == ["torchvision"] and meta["input"]["dtype"] == "uint8 or float32"
+    assert "import torch, torchvision; torch.jit.load(FILE)" in err
     p = _load(run_dir)
     px, ref = _export_inputs(p, films)
     m = torch.jit.load(str(out))
@@ -186,7 +192,18 @@ def test_export_torchscript_matches_predict(run_dir, films, tmp_path):
         got = m(x).detach().numpy()
         assert got.shape == (len(x), len(p.labels))
         assert np.abs(got - ref[:len(x)]).max() < 1e-4
-    assert (tmp_path / "model.pt.json").is_file()
+    # A process that never imported torchvision: loading as the sidecar says works, and gives
+    # the same numbers (the input saved as a plain tensor file, read by torch alone).
+    torch.save(torch.from_numpy(px), tmp_path / "x.pt")
+    code = ("import json, sys, torch\n"
+            f"meta = json.load(open({str(out) + '.json'!r}))\n"
+            "assert 'torchvision' not in sys.modules\n"
+            "for name in meta['load_requires']: __import__(name)\n"
+            f"m = torch.jit.load({str(out)!r})\n"
+            f"print(json.dumps(m(torch.load({str(tmp_path / 'x.pt')!r})).tolist()))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert np.abs(np.array(json.loads(r.stdout)) - ref).max() < 1e-4
 
 
 @pytest.mark.slow
@@ -198,12 +215,24 @@ def test_export_onnx_matches_predict(run_dir, films, tmp_path):
 
     out = tmp_path / "model.onnx"
     assert cli_main(["export", "--run", str(run_dir), "--format", "onnx", "--out", str(out), "--no-optimize"]) == 0
+    assert json.loads((tmp_path / "model.onnx.json").read_text())["input"]["dtype"] == "float32"
     p = _load(run_dir)
     px, ref = _export_inputs(p, films)
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    for x in (px, px[:1]):
-        got = sess.run(None, {"images": x})[0]
+    assert sess.get_inputs()[0].type == "tensor(float)"
+    for x in (px, px[:1]):  # uint8 pixels passed as float32: every 0..255 value is exact
+        got = sess.run(None, {"images": x.astype(np.float32)})[0]
         assert np.abs(got - ref[:len(x)]).max() < 1e-4
+    # --input-dtype uint8 (here through the Python API): the graph takes the pixels as they are
+    from medattn.api import load as api_load
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        u8 = api_load(run_dir, device="cpu").export(tmp_path / "u8.onnx", "onnx", optimize=False, input_dtype="uint8")
+    sess8 = ort.InferenceSession(str(u8), providers=["CPUExecutionProvider"])
+    assert sess8.get_inputs()[0].type == "tensor(uint8)"
+    assert json.loads((tmp_path / "u8.onnx.json").read_text())["input"]["dtype"] == "uint8"
+    assert np.abs(sess8.run(None, {"images": px})[0] - ref).max() < 1e-4
     # the predictor itself is untouched by the export (tracing must not leak into its caches)
     assert np.abs(p.predict([films / FORMATS[0]])[p.labels].to_numpy()[0] - ref[0]).max() < 1e-6
 
