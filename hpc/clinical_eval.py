@@ -45,8 +45,12 @@ def validation_predictions(ds, cfg, method, model, stage: str, device, world, pr
     per_rank = max(1, (scfg.eval_batch_size or scfg.batch_size) // world.world_size)
     loader = EvalLoader(ds, cfg.data, idx, per_rank, world.rank, world.world_size, device, seed=cfg.seed,
                         hires=method.needs_hires(stage))
+    from medattn.progress import Progress
+
     try:
-        return run_inference(method, model, loader, stage, device, precision, channels_last=cfg.runtime.channels_last)
+        with Progress(len(loader), "medattn eval", desc=f"val ({stage})", unit="batch", enabled=world.is_primary) as bar:
+            return run_inference(method, model, loader, stage, device, precision,
+                                 channels_last=cfg.runtime.channels_last, progress=bar)
     finally:
         loader.close()
 

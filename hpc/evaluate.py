@@ -28,6 +28,7 @@ from hpc.checkpoint import atomic_write_text
 from hpc.inference import load_model
 from hpc.run import Run, stage_selections
 from hpc.inference import run_inference
+from medattn.progress import Progress
 from medattn.errors import DataError, MedattnError
 from medattn.metrics import binary_metrics, classification_metrics, extras_means, localization_metrics
 
@@ -104,8 +105,10 @@ def evaluate(run_dir: str, split: str = "test", data: str | None = None, stage: 
         precision = distributed.precision(cfg, device)
         t0 = time.time()
         try:
-            preds = run_inference(method, model, loader, stage, device, precision,
-                                  channels_last=cfg.runtime.channels_last)
+            with Progress(len(loader), "medattn eval", desc=f"{split} ({stage})", unit="batch",
+                          enabled=world.is_primary) as bar:
+                preds = run_inference(method, model, loader, stage, device, precision,
+                                      channels_last=cfg.runtime.channels_last, progress=bar)
         finally:
             loader.close()
         elapsed = time.time() - t0

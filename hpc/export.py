@@ -234,9 +234,11 @@ def run(args: argparse.Namespace) -> int:
         print("medattn export: WARNING: " + SYNTHETIC_WARNING.format(source=p.spec.source or "synthetic"),
               file=sys.stderr)
     print(f"medattn export: {p.describe()}", file=sys.stderr)
-    print(f"medattn export: tracing and writing {args.format} ...", file=sys.stderr)
-    out = export_predictor(p, args.out, args.format, optimize=not args.no_optimize, calibrated=args.calibrated,
-                           input_dtype=args.input_dtype)
+    from medattn.progress import Heartbeat
+
+    with Heartbeat("medattn export", f"tracing and writing {args.format}"):
+        out = export_predictor(p, args.out, args.format, optimize=not args.no_optimize, calibrated=args.calibrated,
+                               input_dtype=args.input_dtype)
     meta = json.loads(out.with_name(out.name + ".json").read_text())
     print(f"medattn export: wrote {out} ({args.format}; input (B, {p.channels}, {p.prepared_size}, "
           f"{p.prepared_size}) {meta['input']['dtype']} 0..255; output (B, {len(p.labels)}) {p.branch} "

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -81,14 +80,19 @@ def evaluate_external(run_dir: str, dataset: str, root: str, split: str | None =
     t0 = time.time()
     probs: dict[str, list[np.ndarray]] = {b: [] for b in pred.branches}
     ok_rows, failed = [], []
+    from medattn.progress import Progress
+
+    bar = Progress(len(ext.paths), "medattn eval", desc=dataset, unit="img")
     for i, (name, pr, err) in enumerate(pred.iter_predictions(ext.paths, batch, errors="skip")):
+        bar.update(1)
         if pr is None:
             failed.append(name)
-            print(f"medattn eval: error: {err}", file=sys.stderr)
+            bar.line(f"error: {err}")
             continue
         ok_rows.append(i)
         for b in pred.branches:
             probs[b].append(np.asarray(pr.probs[b], np.float64))
+    bar.close()
     elapsed = time.time() - t0
     if not ok_rows:
         raise DataError(ext.root, f"none of the {len(ext)} images of {dataset} could be read (first: {failed[:1]})")

@@ -247,8 +247,9 @@ def autocast_ctx(device: torch.device, precision: str):
 @torch.no_grad()
 def run_inference(method: Method, model: torch.nn.Module, loader, stage: str, device: torch.device,
                   precision: str = "fp32", channels_last: bool = False,
-                  max_batches: int | None = None) -> Predictions | None:
-    """Predict on this rank's share; returns the gathered Predictions on rank 0, None elsewhere."""
+                  max_batches: int | None = None, progress=None) -> Predictions | None:
+    """Predict on this rank's share; returns the gathered Predictions on rank 0, None elsewhere.
+    ``progress``: a :class:`medattn.progress.Progress` counting batches (``medattn eval``)."""
     was_training = model.training
     model.eval()
     acc = Accumulator()
@@ -262,6 +263,8 @@ def run_inference(method: Method, model: torch.nn.Module, loader, stage: str, de
         if k == 0:
             faults.point("validation")
         acc.add(batch["index"], out["probs"], batch["valid"], out.get("boxes"), out.get("extras"))
+        if progress is not None:
+            progress.update(1)
     model.train(was_training)
     parts = distributed.all_gather_object(acc.part())
     if not distributed.current().is_primary:

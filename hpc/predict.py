@@ -306,11 +306,15 @@ def run(args: argparse.Namespace) -> int:
     heat_dir = Path(args.heatmaps) if args.heatmaps else None
     if heat_dir is not None:
         heat_dir.mkdir(parents=True, exist_ok=True)
+    from medattn.progress import Progress
+
     rows, failed, stems, no_heat = [], [], set(), False
+    bar = Progress(len(files), "medattn predict", unit="img")
     for name, pred, err in p.iter_predictions(files, args.batch, errors="skip"):
+        bar.update(1)
         if pred is None:
             failed.append(name)
-            print(f"medattn predict: error: {err}", file=sys.stderr)
+            bar.line(f"error: {err}")
             continue
         rows.append(p.row(name, pred))
         if heat_dir is not None:
@@ -318,6 +322,7 @@ def run(args: argparse.Namespace) -> int:
                 no_heat = True
             else:
                 _overlay(p, name, pred, heat_dir, stems)
+    bar.close()
     if no_heat:
         print(f"medattn predict: note: method {p.method.name} gives no attention map; no overlays written",
               file=sys.stderr)

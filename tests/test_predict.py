@@ -80,11 +80,17 @@ def predicted(run_dir, films, tmp_path_factory):
     import contextlib
     import io
 
+    from medattn import progress
+
     out = tmp_path_factory.mktemp("out")
     err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        code = cli_main(["predict", "--run", str(run_dir), str(films), "--out", str(out / "preds.csv"),
-                         "--heatmaps", str(out / "heat"), "--device", "cpu", "--batch", "4"])
+    every, progress.LOG_EVERY_S = progress.LOG_EVERY_S, 0.0  # a batch log: a line per image here
+    try:
+        with contextlib.redirect_stderr(err):
+            code = cli_main(["predict", "--run", str(run_dir), str(films), "--out", str(out / "preds.csv"),
+                             "--heatmaps", str(out / "heat"), "--device", "cpu", "--batch", "4"])
+    finally:
+        progress.LOG_EVERY_S = every
     df = pd.read_csv(out / "preds.csv") if (out / "preds.csv").is_file() else None
     return code, err.getvalue(), df, out / "heat"
 
@@ -127,6 +133,20 @@ def test_predict_formats_agree_and_corrupt_dicom_is_named(predicted, films):
     assert np.abs(probs.loc["other.png"].to_numpy() - same[0]).max() > 1e-4  # a different film differs
     assert ((same > 0) & (same < 1)).all()
     assert sorted(p.name for p in heat.glob("*.png")) == sorted(Path(n).stem + ".png" for n in probs.index)
+
+
+def test_predict_progress_lines_in_a_batch_log(predicted):
+    """stderr is no terminal here: plain progress lines, counted over every input file."""
+    import re
+
+    _, err, df, _ = predicted
+    counts = re.findall(r"^medattn predict: (\d+)/(\d+) img \(\d+%\), [\d.]+ img/s, ETA", err, re.M)
+    assert counts, err
+    total = int(counts[0][1])
+    # one line per image (the interval is 0 here), then the closing line repeats the count
+    assert [int(k) for k, _ in counts] == [*range(1, total + 1), total] and total == len(df) + 1  # + corrupt DICOM
+    assert err.rstrip().splitlines()[-2].endswith("(done)")
+    assert "\r" not in err
 
 
 def test_api_matches_cli_and_takes_arrays(run_dir, films, predicted):

@@ -123,6 +123,10 @@ class EvalLoader(_Base):
         self._source = BatchSource(self.reader, self.spec, self.plan, rank, seed)
         self._next = 0
 
+    def __len__(self) -> int:
+        """Batches per pass on each rank (every rank runs the same number)."""
+        return self.plan.steps
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if self._backend is None:
             self._backend = self._make_backend(self._source)
