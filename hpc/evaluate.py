@@ -26,7 +26,7 @@ import numpy as np
 from hpc import distributed
 from hpc.checkpoint import atomic_write_text
 from hpc.inference import load_model
-from hpc.run import Run, stage_selections
+from hpc.run import EvalDir, Run, stage_selections
 from hpc.inference import run_inference
 from medattn.progress import Progress
 from medattn.errors import DataError, MedattnError
@@ -122,7 +122,7 @@ def evaluate(run_dir: str, split: str = "test", data: str | None = None, stage: 
         val_elapsed = time.time() - t1
         if world.is_primary:
             t2 = time.time()
-            out = Path(out_dir) if out_dir else run.eval_dir(split)
+            out = run.evaluation(split, out_dir)
             result = summarize(preds, ds, spec, cfg, split, stage, str(ckpt), bootstrap)
             # What each stage started from and which epoch it kept (AG-CNN: the fusion head).
             result["stages"] = stage_selections(run, cfg.stage_names(), method, stage, checkpoint)
@@ -234,18 +234,16 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
 
 
-def write_outputs(out: Path, result: dict[str, Any], preds, ds, spec) -> None:
+def write_outputs(out: EvalDir, result: dict[str, Any], preds, ds, spec) -> None:
     import pandas as pd
 
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "metrics.json", json.dumps(result, indent=2, default=_json_default))
+    out.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out.metrics_path, json.dumps(result, indent=2, default=_json_default))
     labels = ds.labels_matrix()[preds.index]
     images = ds.manifest["image"].to_numpy()[preds.index]
     if preds.extras:
         edf = pd.DataFrame({"image": images, **{k: np.asarray(v) for k, v in preds.extras.items()}})
-        tmp = out / ".per_image.csv.tmp"
-        edf.to_csv(tmp, index=False, float_format="%.6g")
-        tmp.replace(out / "per_image.csv")
+        atomic_write_text(out.per_image_path, edf.to_csv(index=False, float_format="%.6g"))
     frames = []
     for branch, p in preds.probs.items():
         df = pd.DataFrame({"image": images, "branch": branch})
@@ -255,15 +253,11 @@ def write_outputs(out: Path, result: dict[str, Any], preds, ds, spec) -> None:
             df[f"y_{name}"] = labels[:, j].astype(np.int8)
         frames.append(df)
     if frames:  # a segmentation run has per-image scores but no class probabilities
-        tmp = out / ".preds.csv.tmp"
-        pd.concat(frames, ignore_index=True).to_csv(tmp, index=False, float_format="%.6g")
-        tmp.replace(out / "preds.csv")
+        atomic_write_text(out.preds_path, pd.concat(frames, ignore_index=True).to_csv(index=False, float_format="%.6g"))
     if preds.boxes is not None:
         bdf = pd.DataFrame({"image": images, "x0": preds.boxes[:, 0], "y0": preds.boxes[:, 1],
                             "x1": preds.boxes[:, 2], "y1": preds.boxes[:, 3]})
-        tmp = out / ".boxes.csv.tmp"
-        bdf.to_csv(tmp, index=False, float_format="%.5f")
-        tmp.replace(out / "boxes.csv")
+        atomic_write_text(out.boxes_path, bdf.to_csv(index=False, float_format="%.5f"))
 
 
 def _json_default(o):
@@ -292,7 +286,7 @@ def _fmt(v) -> str:
     return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"
 
 
-def print_summary(result: dict[str, Any], out: Path) -> None:
+def print_summary(result: dict[str, Any], out: EvalDir) -> None:
     if result["auroc"]:
         print(f"\nAUROC on the {result['split']} split ({result['n_images']} images, split '{result['split_kind']}', "
               f"stage {result['stage']}):\n")
@@ -326,5 +320,5 @@ def print_summary(result: dict[str, Any], out: Path) -> None:
 
     for line in summary_lines(result):
         print(f"\n{line}")
-    written = [out / "metrics.json"] + [out / n for n in ("preds.csv", "per_image.csv") if (out / n).is_file()]
+    written = out.written()
     print(f"\nwrote {', '.join(map(str, written))}")

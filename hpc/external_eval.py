@@ -119,7 +119,7 @@ def evaluate_external(run_dir: str, dataset: str, root: str, split: str | None =
     cal = _calibration(run, pred, P, Y, shared)
     if cal is not None:
         result["calibration"] = cal
-    out = Path(out_dir) if out_dir else run.external_eval_dir(dataset)
+    out = run.external_evaluation(dataset, out_dir)
     _write(out, result, ext, rows, P[pred.branch], Y, shared)
     _print(result, out, log)
     return 0
@@ -182,20 +182,20 @@ def _calibration(run, pred, P, Y, shared) -> dict[str, Any] | None:
     return out
 
 
-def _write(out: Path, result: dict[str, Any], ext, rows: np.ndarray, p: np.ndarray, y: np.ndarray,
+def _write(out, result: dict[str, Any], ext, rows: np.ndarray, p: np.ndarray, y: np.ndarray,
            shared: list[str]) -> None:
     import pandas as pd
 
     from hpc.checkpoint import atomic_write_text
 
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "metrics.json", json.dumps(result, indent=2, default=_json_default))
+    out.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out.metrics_path, json.dumps(result, indent=2, default=_json_default))
     df = pd.DataFrame({"path": [ext.paths[i] for i in rows], "patient": ext.patient[rows], "view": ext.view[rows]})
     for j, k in enumerate(shared):
         df[f"p_{k}"] = p[:, j]
     for j, k in enumerate(shared):
         df[f"y_{k}"] = y[:, j]
-    atomic_write_text(out / "preds.csv", df.to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(out.preds_path, df.to_csv(index=False, float_format="%.6g"))
 
 
 def _json_default(o):
@@ -212,7 +212,7 @@ def _fmt(v) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
-def _print(result: dict[str, Any], out: Path, log) -> None:
+def _print(result: dict[str, Any], out, log) -> None:
     b = result["output_branch"]
     log(f"\nexternal validation on {result['dataset']} ({result['split']}, {result['views']} films: "
         f"{result['n_images_evaluated']} images of {result['n_patients_evaluated']} patients; "
@@ -228,7 +228,7 @@ def _print(result: dict[str, Any], out: Path, log) -> None:
     log(f"| **mean** ({', '.join(result['mean_over'])}) | **{_fmt(result['auroc'][b]['mean'])}** | | |")
     if result["synthetic_run"]:
         log("\nnote: this run was trained on synthetic images")
-    log(f"\nwrote {out / 'metrics.json'}, {out / 'preds.csv'}")
+    log(f"\nwrote {out.metrics_path}, {out.preds_path}")
 
 
 def _f(v) -> float | None:

@@ -35,6 +35,42 @@ from medattn.errors import DataError, MedattnError
 CHECKPOINT_KINDS = ("best", "last")
 
 
+class EvalDir:
+    """One evaluation's folder: RUN/eval, RUN/eval_<split>, RUN/eval/external-<dataset>, or the
+    ``--out-dir`` of ``medattn eval`` (written by :mod:`hpc.evaluate` and :mod:`hpc.external_eval`,
+    read by the report)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"EvalDir({str(self.root)!r})"
+
+    @property
+    def metrics_path(self) -> Path:
+        """The metrics and their provenance (stage, checkpoint, split, intervals, timing)."""
+        return self.root / "metrics.json"
+
+    @property
+    def preds_path(self) -> Path:
+        """One row per image (and branch): probabilities and labels."""
+        return self.root / "preds.csv"
+
+    @property
+    def per_image_path(self) -> Path:
+        """Per-image scores of methods that have them (e.g. segmentation Dice)."""
+        return self.root / "per_image.csv"
+
+    @property
+    def boxes_path(self) -> Path:
+        """The attention boxes of methods that predict one."""
+        return self.root / "boxes.csv"
+
+    def written(self) -> list[Path]:
+        """The files of this evaluation that exist, metrics first."""
+        return [p for p in (self.metrics_path, self.preds_path, self.per_image_path, self.boxes_path) if p.is_file()]
+
+
 class Run:
     """The run directory ``root`` (it need not exist yet)."""
 
@@ -79,6 +115,14 @@ class Run:
     def eval_dir(self, split: str = "test") -> Path:
         return self.root / ("eval" if split == "test" else f"eval_{split}")
 
+    def evaluation(self, split: str = "test", out_dir: str | os.PathLike | None = None) -> EvalDir:
+        """The files of ``medattn eval --split SPLIT`` (in ``out_dir`` when one was given)."""
+        return EvalDir(out_dir if out_dir else self.eval_dir(split))
+
+    def external_evaluation(self, dataset: str, out_dir: str | os.PathLike | None = None) -> EvalDir:
+        """The files of ``medattn eval --dataset DATASET``."""
+        return EvalDir(out_dir if out_dir else self.external_eval_dir(dataset))
+
     @property
     def calibration_path(self) -> Path:
         """Temperatures and operating-point thresholds fitted on the validation split by
@@ -92,7 +136,7 @@ class Run:
     def external_eval_dirs(self) -> dict[str, Path]:
         """``{dataset: directory}`` of every external evaluation written so far."""
         base = self.root / "eval"
-        return {d.name[len("external-"):]: d for d in sorted(base.glob("external-*")) if (d / "metrics.json").is_file()}
+        return {d.name[len("external-"):]: d for d in sorted(base.glob("external-*")) if EvalDir(d).metrics_path.is_file()}
 
     def report_dir(self, split: str = "test") -> Path:
         return self.root / ("report" if split == "test" else f"report_{split}")

@@ -231,3 +231,19 @@ def test_the_report_is_a_leaf():
                    if t.split(".")[:2] == ["hpc", "report"] and m.split(".")[:2] != ["hpc", "report"]
                    and m not in TOP)
     assert users == [], users
+
+
+# The files of an evaluation folder (RUN/eval...), spelled as string literals only by their owner.
+# `medattn predict --out` defaults to a preds.csv in the working directory: a user's file, not a run's.
+EVAL_FILES = {"metrics.json": set(), "preds.csv": {"hpc/predict.py"}, "per_image.csv": set(), "boxes.csv": set()}
+
+
+@pytest.mark.parametrize("name", sorted(EVAL_FILES))
+def test_each_eval_file_name_has_one_owner(name):
+    owners = set()
+    for _, p in _modules():
+        for node in ast.walk(ast.parse(p.read_text(), str(p))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and (
+                    node.value == name or node.value.endswith("/" + name)):
+                owners.add(str(p.relative_to(REPO)))
+    assert owners - EVAL_FILES[name] == {"hpc/run.py"}, f"{name!r} is spelled in {sorted(owners)}"

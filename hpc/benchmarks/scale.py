@@ -496,7 +496,7 @@ def run(args: argparse.Namespace) -> int:
         if "eval" in wanted:
             res = phase("eval", medattn + ["eval", "--run", str(runs), "--split", "test", "--bootstrap",
                                            str(args.bootstrap)])
-            timing = json.loads((Run(runs).eval_dir("test") / "metrics.json").read_text()).get("timing_s") or {}
+            timing = json.loads(Run(runs).evaluation("test").metrics_path.read_text()).get("timing_s") or {}
             res.update({f"{k}_s": round(v, 2) for k, v in timing.items()})
             # what the target of docs/benchmarks.md counts: the eval phase less its forward passes
             res["without_forward_s"] = round(res["seconds"] - timing.get("forward", 0) - timing.get("forward_val", 0), 2)

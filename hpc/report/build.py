@@ -23,7 +23,7 @@ import numpy as np
 from medattn.boxes import records_xyxy
 from medattn.data.labels import BOX_CLASSES, DISEASES
 from hpc.report import published as P
-from hpc.run import Run
+from hpc.run import EvalDir, Run
 from hpc.report.collect import RunArtifacts, collect, finite
 from hpc.report.doc import (Banner, Bullets, Code, Document, Heading, Image, Para, Pre, Strong, Table, Text,
                                 text)
@@ -353,7 +353,7 @@ class _Builder:
                 f"Stages not finished: {', '.join(not_done)}. This report shows what exists so far.")))
         if m is None:
             self.add(Banner("warn", "Not evaluated yet.", Text.of(
-                f"{a.eval_dir / 'metrics.json'} does not exist, so there are no test AUROC, ROC curves or "
+                f"{EvalDir(a.eval_dir).metrics_path} does not exist, so there are no test AUROC, ROC curves or "
                 "localisation numbers. Run ", Code(self._eval_cmd()), " and then this report again (or ",
                 Code(f"medattn report --run {a.root} --eval"
                      + (f" --split {a.split}" if a.split != "test" else "")), ", which evaluates first).")))
@@ -600,7 +600,7 @@ class _Builder:
         pr = self.art.preds
         self.add(Heading(3, "ROC curves"))
         if pr is None:
-            self.add(Para(Text.of(f"No ROC curves: {self.art.eval_dir / 'preds.csv'} is missing.")))
+            self.add(Para(Text.of(f"No ROC curves: {EvalDir(self.art.eval_dir).preds_path} is missing.")))
             return
         names = list(self.m.get("label_names") or [])
         ci_all = self.m.get("auroc_ci") or {}
@@ -609,7 +609,8 @@ class _Builder:
             sub = pr[pr["branch"] == b]
             pcols, ycols = [f"p_{n}" for n in names], [f"y_{n}" for n in names]
             if sub.empty or any(c not in sub.columns for c in pcols + ycols):
-                self.add(Para(Text.of(f"No ROC curves for branch {b}: preds.csv lacks its rows or columns.")))
+                self.add(Para(Text.of(f"No ROC curves for branch {b}: {EvalDir(self.art.eval_dir).preds_path.name} "
+                                      "lacks its rows or columns.")))
                 continue
             probs, ys = sub[pcols].to_numpy(np.float64), sub[ycols].to_numpy(np.int64)
             ci = {k: tuple(v) for k, v in ci_all.get(b, {}).items() if k != "mean" and isinstance(v, list)}

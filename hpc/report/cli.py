@@ -40,7 +40,7 @@ def needs_eval(run_dir: Path, split: str, eval_dir: str | None = None) -> str | 
     from hpc.run import Run
 
     run = Run(run_dir)
-    mpath = Path(eval_dir or run.eval_dir(split)) / "metrics.json"
+    mpath = run.evaluation(split, eval_dir).metrics_path
     if not mpath.is_file():
         return f"{mpath} is missing"
     try:

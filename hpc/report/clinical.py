@@ -123,7 +123,7 @@ def subgroups(b, m: dict[str, Any]) -> None:
 
 
 def external(b) -> None:
-    from hpc.run import Run
+    from hpc.run import EvalDir, Run
 
     dirs = Run(b.art.root).external_eval_dirs()
     if not dirs:
@@ -135,9 +135,9 @@ def external(b) -> None:
         "over the images labelled for it, with patient-clustered bootstrap 95% intervals.")))
     for name, d in dirs.items():
         try:
-            r = json.loads((d / "metrics.json").read_text())
+            r = json.loads(EvalDir(d).metrics_path.read_text())
         except (OSError, json.JSONDecodeError) as e:
-            b.add(Para(Text.of(f"{name}: unreadable {d / 'metrics.json'} ({e})")))
+            b.add(Para(Text.of(f"{name}: unreadable {EvalDir(d).metrics_path} ({e})")))
             continue
         br = r.get("output_branch")
         rows = []

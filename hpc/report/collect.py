@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hpc.run import Run
+from hpc.run import EvalDir, Run
 from medattn.errors import DataError
 
 
@@ -142,8 +142,8 @@ def collect(run_dir: str | Path, split: str = "test", data: str | None = None,
     edir = Path(eval_dir) if eval_dir else run.eval_dir(split)
     art = RunArtifacts(root=root, split=split, config_text=text, config=config, state=state, records=records,
                        provenance=prov, eval_dir=edir, notes=notes)
-    art.metrics = _read_json(edir / "metrics.json", notes, "evaluation")
-    preds_path = edir / "preds.csv"
+    art.metrics = _read_json(EvalDir(edir).metrics_path, notes, "evaluation")
+    preds_path = EvalDir(edir).preds_path
     if art.metrics is not None and preds_path.is_file():
         import pandas as pd
 
