@@ -171,6 +171,8 @@ class Predictor:
 
         for name, src in _items(inputs):
             try:
+                if isinstance(src, DataError):  # named by the input listing (_items)
+                    raise src
                 px = self.read(src)
             except (DataError, MissingDependencyError) as e:
                 if errors == "raise":
@@ -248,14 +250,17 @@ class Predictor:
 
 def _items(inputs) -> Iterator[tuple[str, Any]]:
     """(name, path or array) for each image named by ``inputs`` (see :meth:`Predictor.predict`)."""
-    from medattn.data.imagefiles import expand_inputs
+    from medattn.data.imagefiles import ImageFileError, expand_inputs
 
     if isinstance(inputs, (str, os.PathLike)) or hasattr(inputs, "shape"):
         inputs = [inputs]
     k = 0
     for item in inputs:
         if isinstance(item, (str, os.PathLike)):
-            for f in expand_inputs([item]):
+            found = expand_inputs([item])
+            for f, why in found.problems:  # a dangling link, a missing list row: unreadable, named
+                yield str(f), ImageFileError(f, why)
+            for f in found.files:
                 yield str(f), f
             continue
         arr = item.detach().cpu().numpy() if hasattr(item, "detach") else np.asarray(item)
@@ -291,11 +296,14 @@ def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from hpc.checkpoint import atomic_write_text
-    from medattn.data.imagefiles import expand_inputs
+    from medattn.data.imagefiles import ImageWarning, expand_inputs
 
     if args.batch < 1:
         raise MedattnError(f"--batch must be at least 1, got {args.batch}")
-    files = expand_inputs(args.inputs)  # a missing input or an empty folder: exit 2, nothing written
+    # An input that does not exist or an empty folder: exit 2, nothing written. Dangling links and
+    # missing list rows are named below, the rest predicted, and the exit status is 1.
+    inputs = expand_inputs(args.inputs)
+    files = inputs.files
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # said below, in the command's words
         p = load(args.run, args.stage, args.checkpoint, args.device)
@@ -311,22 +319,29 @@ def run(args: argparse.Namespace) -> int:
     if heat_dir is not None:
         heat_dir.mkdir(parents=True, exist_ok=True)
     rows, failed, stems, no_heat = [], [], set(), False
-    for name, pred, err in p.iter_predictions(files, args.batch, errors="skip"):
-        if pred is None:
-            failed.append(name)
-            print(f"medattn predict: error: {err}", file=sys.stderr)
-            continue
-        rows.append(p.row(name, pred))
-        if heat_dir is not None:
-            if pred.heatmap is None:
-                no_heat = True
-            else:
-                _overlay(p, name, pred, heat_dir, stems)
+    for path, why in inputs.problems:
+        failed.append(str(path))
+        print(f"medattn predict: error: {path}: {why}", file=sys.stderr)
+    with warnings.catch_warnings():
+        # One line per file (its quality notes and what PIL/pydicom said while reading it).
+        warnings.simplefilter("always", ImageWarning)
+        warnings.showwarning = _warning_line
+        for name, pred, err in p.iter_predictions(files, args.batch, errors="skip"):
+            if pred is None:
+                failed.append(name)
+                print(f"medattn predict: error: {err}", file=sys.stderr)
+                continue
+            rows.append(p.row(name, pred))
+            if heat_dir is not None:
+                if pred.heatmap is None:
+                    no_heat = True
+                else:
+                    _overlay(p, name, pred, heat_dir, stems)
     if no_heat:
         print(f"medattn predict: note: method {p.method.name} gives no attention map; no overlays written",
               file=sys.stderr)
     if not rows:
-        print(f"medattn predict: error: none of the {len(files)} image(s) could be read; nothing written",
+        print(f"medattn predict: error: none of the {len(failed)} image(s) could be read; nothing written",
               file=sys.stderr)
         return 1
     out = Path(args.out)
@@ -339,6 +354,16 @@ def run(args: argparse.Namespace) -> int:
     print(f"medattn predict: wrote {out} ({len(rows)} image(s)"
           + (f"; {len(failed)} unreadable, named above" if failed else "") + ")", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """An ImageWarning as the command's one line; any other warning as Python shows it."""
+    from medattn.data.imagefiles import ImageWarning
+
+    if issubclass(category, ImageWarning):
+        print(f"medattn predict: warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def _overlay(p: Predictor, name: str, pred, heat_dir: Path, stems: set[str]) -> Path:

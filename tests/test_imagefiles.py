@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medattn.data._images import load_image, resize
-from medattn.data.imagefiles import ImageFileError, expand_inputs, read_image
+from medattn.data._images import resize
+from medattn.data.imagefiles import ImageFileError, expand_inputs, load_image, read_image
 from medattn.errors import DataError, MissingDependencyError
 
 S = 32                      # the prepared side
-H, W = 40, 48               # the source: not square, so every read goes through the resize
+H, W = 64, 72               # the source: not square, so every read goes through the resize (and
+                            # no smaller than 64 px, which read_image would warn about)
 
 needs_pydicom = pytest.mark.skipif(importlib.util.find_spec("pydicom") is None,
                                    reason="pydicom not installed (pip install 'medattn[dicom]')")
@@ -361,7 +362,10 @@ EXPECTED_TREE = ["a/1.2.840.7", "a/IM0006", "a/TWO.PNG", "a/deep/five.dcm", "a/d
                  "a/three.jpeg", "one.png"]
 
 
-def _rel(paths, root):
+def _rel(found, root):
+    paths = found.files if hasattr(found, "files") else found
+    if hasattr(found, "problems"):
+        assert found.problems == [], found.problems
     assert all(p.is_absolute() for p in paths)
     return [p.relative_to(root).as_posix() for p in paths]
 
@@ -380,12 +384,11 @@ def test_expand_txt_list(tree, tmp_path, monkeypatch):
     lst.write_text(f"# films\nthree.jpeg\n\n  deep/four.jpg  \n{tree / 'one.png'}\nthree.jpeg\n")
     monkeypatch.chdir(tmp_path)
     assert _rel(expand_inputs(["films/a/list.txt"]), tree) == ["a/deep/four.jpg", "a/three.jpeg", "one.png"]
-    lst.write_text("three.jpeg\nmissing.png\n")
-    with pytest.raises(DataError, match=r"list.txt, row 2: 'missing.png' \(.*missing.png\): no such file"):
-        expand_inputs([lst])
-    lst.write_text("deep\n")
-    with pytest.raises(DataError, match=r"row 1: 'deep' .*: not a file"):
-        expand_inputs([lst])
+    lst.write_text("three.jpeg\nmissing.png\ndeep\n")   # missing rows are named, the rest is read
+    got = expand_inputs([lst])
+    assert _rel(got.files, tree) == ["a/three.jpeg"]
+    assert got.problems == [(tree / "a" / "deep", f"not a file (listed in {lst}, row 3, as 'deep')"),
+                            (tree / "a" / "missing.png", f"no such file (listed in {lst}, row 2, as 'missing.png')")]
     lst.write_text("# nothing\n\n")
     with pytest.raises(DataError, match="list.txt: the list names no files"):
         expand_inputs([lst])
@@ -408,11 +411,13 @@ def test_expand_errors(tree):
     with pytest.raises(DataError, match=r"nowhere: no such file or folder"):
         expand_inputs([tree / "one.png", tree / "nowhere"])
     lst = tree / "bad.csv"
-    lst.write_text("path\none.png\n\nlost.png\n")
-    with pytest.raises(DataError, match=r"bad.csv, row 4: 'lost.png'.*no such file"):
-        expand_inputs([lst])
-    lst.write_text("path,x\n,1\n")
-    with pytest.raises(DataError, match=r"bad.csv, row 2, column 'path': empty path cell"):
+    lst.write_text("path,x\none.png,1\n\nlost.png,2\n,3\n")
+    got = expand_inputs([lst])
+    assert _rel(got.files, tree) == ["one.png"]
+    assert got.problems == [(lst, "row 5, column 'path': empty path cell"),
+                            (tree / "lost.png", f"no such file (listed in {lst}, row 4, as 'lost.png')")]
+    lst.write_text("path\n")
+    with pytest.raises(DataError, match=r"bad.csv: the list names no files \(only a header\)"):
         expand_inputs([lst])
     empty = tree / "empty"
     (empty / "sub").mkdir(parents=True)
