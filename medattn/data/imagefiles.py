@@ -399,11 +399,11 @@ def _transfer_syntax(ds):
 # What decodes the compressed syntaxes pydicom itself has no decoder for (its decoder registry ends
 # at JPEG, JPEG-LS, JPEG 2000, HTJ2K and RLE). Keyed by the UID's prefix; video and audio syntaxes
 # are no single film: the frame to use must be extracted first.
+_J2K_PART2 = ("decompress it into an uncompressed transfer syntax with a DICOM toolkit that decodes JPEG 2000 "
+              "Part 2 (e.g. GDCM: `gdcmconv --raw IN OUT`), then read that copy")
 _NO_PYDICOM_DECODER = (
-    ("1.2.840.10008.1.2.4.92", "JPEG 2000 Part 2 needs a toolkit that decodes it (e.g. GDCM: `gdcmconv --raw IN "
-                               "OUT`, or DCMTK's dcmdjp2k), then read the uncompressed copy"),
-    ("1.2.840.10008.1.2.4.93", "JPEG 2000 Part 2 needs a toolkit that decodes it (e.g. GDCM: `gdcmconv --raw IN "
-                               "OUT`, or DCMTK's dcmdjp2k), then read the uncompressed copy"),
+    ("1.2.840.10008.1.2.4.92", _J2K_PART2),
+    ("1.2.840.10008.1.2.4.93", _J2K_PART2),
     ("1.2.840.10008.1.2.4.10", "a video syntax (MPEG-2/H.264/HEVC): extract the frame to use into an image file "
                                "with a video decoder such as ffmpeg"),
     ("1.2.840.10008.1.2.4.20", "JPIP-referenced pixel data is not in the file: fetch it from the JPIP server the "
