@@ -17,6 +17,7 @@ in ``dataset.json``):
   come back exactly. No per-image contrast stretch: the brightness scale stays comparable
   across images. (16-bit *colour* PNGs are reduced by PIL itself, keeping the high byte,
   ``v // 256``; they are counted too.)
+- ``dicom``: the source is a DICOM file, read by the rules in medattn.data.imagefiles.
 - ``not_1024``: the source is not the size the dataset documents (1024 × 1024 for NIH; a few
   downscaled copies circulate). It is resized like every other image.
 

@@ -1,15 +1,17 @@
-"""Read arbitrary chest-film files into exactly the pixels ``medattn prepare`` would have produced.
+"""The one image reader: an image file (PNG, JPEG, DICOM) -> the (S, S, C) uint8 pixels
+``medattn prepare`` stores; and which files a user's inputs name.
 
-A model trained on prepared data sees (S, S, C) uint8 arrays made by medattn.data._images:
-colour -> gray (R channel when R = G = B, else PIL's ITU-R 601 luma), 16-bit gray ->
-``round(v * 255 / 65535)``, LANCZOS resize to S x S. :func:`read_image` gives the same array for
-any PNG or JPEG (it *is* prepare's decoder) and for DICOM files, which go through the rules
-below and then the same conversion and resize. :func:`expand_inputs` turns files, folders and
-list files into the list of images to read.
+:func:`load_image` is the reader prepare's workers, ``medattn predict`` / :func:`medattn.load`,
+external evaluation, the report and viz all go through (:func:`read_image` is its face for
+everything but prepare: path-named errors and one :class:`ImageWarning` per file); the pixel
+rules it applies after decoding live in :mod:`medattn.data._images` (colour -> gray: R channel
+when R = G = B, else PIL's ITU-R 601 luma; 16-bit gray -> ``round(v * 255 / 65535)``; LANCZOS
+resize to S x S), shared with nothing else. So a file read for predict is byte-identical to the
+prepared shard sample of the same file. :func:`expand_inputs` turns files, folders and list
+files into the images to read, and names what cannot be read.
 
-PNG / JPEG (any mode PIL reads: 8- and 16-bit gray, RGB, RGBA, LA, P): decoded, converted and
-resized by prepare's own functions (``_images.load_image``), so the result is byte-identical to a
-prepared shard sample of the same file.
+PNG / JPEG (any mode PIL reads: 8- and 16-bit gray, RGB, RGBA, LA, P): decoded by PIL, then the
+rules above.
 
 DICOM (``*.dcm``, ``*.dicom``, or any file with ``DICM`` at byte 128, whatever its name). Needs
 pydicom (``pip install 'medattn[dicom]'``); the pixel processing is pydicom's own
@@ -19,9 +21,12 @@ pydicom (``pip install 'medattn[dicom]'``); the pixel processing is pydicom's ow
    is no frame that is right to pick for every multi-frame object (tomosynthesis slices,
    dual-energy pairs, cine), so the user extracts the one they mean.
 2. Decoding: ``pixel_array``. A compressed transfer syntax whose decoder is not installed is
-   refused up front with its name and the decoder packages pydicom would use for it (e.g.
-   JPEG-LS: pylibjpeg + pylibjpeg-libjpeg, pyjpegls or gdcm); a syntax pydicom cannot decode at
-   all is named as such.
+   refused up front with its name and the packages of the plugins pydicom would use for it, read
+   from pydicom's own plugin table (e.g. JPEG-LS: pylibjpeg + pylibjpeg-libjpeg, pyjpegls or
+   python-gdcm). When an installed plugin fails (Pillow reads no 12-bit JPEG Extended; corrupt
+   data), the error gives what it said and names the plugins that are not installed. A syntax
+   pydicom has no decoder for at all (JPEG 2000 Part 2, the video syntaxes, JPIP) is named with
+   the tool to convert it with.
 3. MONOCHROME1 / MONOCHROME2: first the Modality LUT (Rescale Slope / Intercept, or a Modality
    LUT Sequence), then the VOI transform when the file has one:
 
@@ -56,8 +61,17 @@ pydicom (``pip install 'medattn[dicom]'``); the pixel processing is pydicom's ow
    conversion (R channel when R = G = B, else luma).
 5. Then prepare's resize (LANCZOS to S x S) and, for ``channels=3``, gray repeated as prepare does.
 
-Errors are :class:`ImageFileError` (a DataError, so the CLI prints it with the path): missing,
-corrupt or truncated files, undecodable transfer syntaxes, multi-frame or non-image DICOM objects.
+Errors are :class:`ImageFileError` (a DataError, so the CLI prints it with the path): missing
+files and dangling links, corrupt or truncated files, undecodable transfer syntaxes, multi-frame
+or non-image DICOM objects.
+
+Warnings (:func:`read_image`; ``load_image(check=True)`` returns them as ``notes``): one
+:class:`ImageWarning` per file that was read but should not be trusted blindly -- almost no
+contrast (16 or fewer grey levels as read, before the resize; for a DICOM without a window the
+note says its whole stored range was mapped), a side under 64 px, or sides beyond 1:2. Warnings
+PIL or pydicom raise while reading the file are caught and folded into that one warning
+(``pydicom: ...``), not shown raw. Prepare does not run these checks: its pixels and speed are
+unchanged.
 Without pydicom a DICOM file raises MissingDependencyError naming the ``dicom`` extra.
 
 Only numpy and PIL are imported at module level; pydicom when a DICOM file is read.
