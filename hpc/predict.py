@@ -17,8 +17,10 @@ attention crop). Output: a CSV, one row per image, `path` then one probability c
 (the stage's selected branch, e.g. AG-CNN's fusion), and `<branch>/<label>` columns for every
 branch when the method has several. Probabilities are computed in float32.
 
-Exit status: 0 all images predicted; 1 some files could not be read (each is named on stderr,
-the others are predicted and written); 2 bad arguments (no run, no such input), nothing written.
+Exit status: 0 all images predicted; 1 some files could not be read, or were named but are
+missing (dangling links, missing list rows): each is named on stderr, the others are predicted and
+written; 2 bad arguments (no run, no such input), nothing written. Files read with a quality note
+(almost no contrast, tiny, stretched; medattn.data.imagefiles.ImageWarning) get one warning line.
 
 Python: `import medattn; p = medattn.load("runs/r50"); p.predict(["a.png"])` (docs/predict.md).
 """
