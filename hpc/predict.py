@@ -17,8 +17,10 @@ attention crop). Output: a CSV, one row per image, `path` then one probability c
 (the stage's selected branch, e.g. AG-CNN's fusion), and `<branch>/<label>` columns for every
 branch when the method has several. Probabilities are computed in float32.
 
-Exit status: 0 all images predicted; 1 some files could not be read (each is named on stderr,
-the others are predicted and written); 2 bad arguments (no run, no such input), nothing written.
+Exit status: 0 all images predicted; 1 some files could not be read, or were named but are
+missing (dangling links, missing list rows): each is named on stderr, the others are predicted and
+written; 2 bad arguments (no run, no such input), nothing written. Files read with a quality note
+(almost no contrast, tiny, stretched; medattn.data.imagefiles.ImageWarning) get one warning line.
 
 Python: `import medattn; p = medattn.load("runs/r50"); p.predict(["a.png"])` (docs/predict.md).
 """
@@ -174,6 +176,8 @@ class Predictor:
 
         for name, src in _items(inputs):
             try:
+                if isinstance(src, DataError):  # named by the input listing (_items)
+                    raise src
                 px = self.read(src)
             except (DataError, MissingDependencyError) as e:
                 if errors == "raise":
@@ -244,14 +248,17 @@ class Predictor:
 
 def _items(inputs) -> Iterator[tuple[str, Any]]:
     """(name, path or array) for each image named by ``inputs`` (see :meth:`Predictor.predict`)."""
-    from medattn.data.imagefiles import expand_inputs
+    from medattn.data.imagefiles import ImageFileError, expand_inputs
 
     if isinstance(inputs, (str, os.PathLike)) or hasattr(inputs, "shape"):
         inputs = [inputs]
     k = 0
     for item in inputs:
         if isinstance(item, (str, os.PathLike)):
-            for f in expand_inputs([item]):
+            found = expand_inputs([item])
+            for f, why in found.problems:  # a dangling link, a missing list row: unreadable, named
+                yield str(f), ImageFileError(f, why)
+            for f in found.files:
                 yield str(f), f
             continue
         arr = item.detach().cpu().numpy() if hasattr(item, "detach") else np.asarray(item)
@@ -287,11 +294,14 @@ def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from hpc.checkpoint import atomic_write_text
-    from medattn.data.imagefiles import expand_inputs
+    from medattn.data.imagefiles import ImageWarning, expand_inputs
 
     if args.batch < 1:
         raise MedattnError(f"--batch must be at least 1, got {args.batch}")
-    files = expand_inputs(args.inputs)  # a missing input or an empty folder: exit 2, nothing written
+    # An input that does not exist or an empty folder: exit 2, nothing written. Dangling links and
+    # missing list rows are named below, the rest predicted, and the exit status is 1.
+    inputs = expand_inputs(args.inputs)
+    files = inputs.files
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # said below, in the command's words
         p = load(args.run, args.stage, args.checkpoint, args.device)
@@ -309,25 +319,42 @@ def run(args: argparse.Namespace) -> int:
     from medattn.progress import Progress
 
     rows, failed, stems, no_heat = [], [], set(), False
-    bar = Progress(len(files), "medattn predict", unit="img")
-    for name, pred, err in p.iter_predictions(files, args.batch, errors="skip"):
+    bar = Progress(len(files) + len(inputs.problems), "medattn predict", unit="img")
+    for path, why in inputs.problems:
+        failed.append(str(path))
         bar.update(1)
-        if pred is None:
-            failed.append(name)
-            bar.line(f"error: {err}")
-            continue
-        rows.append(p.row(name, pred))
-        if heat_dir is not None:
-            if pred.heatmap is None:
-                no_heat = True
-            else:
-                _overlay(p, name, pred, heat_dir, stems)
+        bar.line(f"error: {path}: {why}")
+
+    def warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+        """An ImageWarning as the command's one line (through the bar); any other warning as
+        Python shows it."""
+        if issubclass(category, ImageWarning):
+            bar.line(f"warning: {message}")
+        else:
+            sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    with warnings.catch_warnings():
+        # One line per file (its quality notes and what PIL/pydicom said while reading it).
+        warnings.simplefilter("always", ImageWarning)
+        warnings.showwarning = warning_line
+        for name, pred, err in p.iter_predictions(files, args.batch, errors="skip"):
+            bar.update(1)
+            if pred is None:
+                failed.append(name)
+                bar.line(f"error: {err}")
+                continue
+            rows.append(p.row(name, pred))
+            if heat_dir is not None:
+                if pred.heatmap is None:
+                    no_heat = True
+                else:
+                    _overlay(p, name, pred, heat_dir, stems)
     bar.close()
     if no_heat:
         print(f"medattn predict: note: method {p.method.name} gives no attention map; no overlays written",
               file=sys.stderr)
     if not rows:
-        print(f"medattn predict: error: none of the {len(files)} image(s) could be read; nothing written",
+        print(f"medattn predict: error: none of the {len(failed)} image(s) could be read; nothing written",
               file=sys.stderr)
         return 1
     out = Path(args.out)
@@ -352,4 +379,12 @@ def _overlay(p: Predictor, name: str, pred, heat_dir: Path, stems: set[str]) -> 
     stems.add(stem)
     top = overlays.top_classes(pred, p.labels, list(p.spec.eval_labels))
     title = f"{Path(name).name}: {overlays.prob_text(pred, p.labels, top, p.branch)}"
-    return overlays.draw(pred, heat_dir / f"{stem}.png", title, np.zeros((0, 4)), [])
+    with warnings.catch_warnings(record=True) as said:  # matplotlib's: folded into one line
+        warnings.simplefilter("always")
+        out = overlays.draw(pred, heat_dir / f"{stem}.png", title, np.zeros((0, 4)), [])
+    if said:
+        from medattn.data.imagefiles import ImageWarning
+
+        notes = "; ".join(dict.fromkeys(str(w.message).splitlines()[0] for w in said))
+        warnings.warn(f"{name}: overlay {out.name}: {notes}", ImageWarning, stacklevel=2)
+    return out

@@ -7,18 +7,22 @@ Capture). The lossless ones must come back byte-identical to what prepare's deco
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from medattn.data._images import load_image, resize
-from medattn.data.imagefiles import ImageFileError, expand_inputs, read_image
+from medattn.data._images import resize
+from medattn.data.imagefiles import ImageFileError, ImageWarning, expand_inputs, load_image, read_image
 from medattn.errors import DataError, MissingDependencyError
 
 S = 32                      # the prepared side
-H, W = 40, 48               # the source: not square, so every read goes through the resize
+H, W = 64, 72               # the source: not square, so every read goes through the resize (and
+                            # no smaller than 64 px, which read_image would warn about)
 
 needs_pydicom = pytest.mark.skipif(importlib.util.find_spec("pydicom") is None,
                                    reason="pydicom not installed (pip install 'medattn[dicom]')")
@@ -361,7 +365,10 @@ EXPECTED_TREE = ["a/1.2.840.7", "a/IM0006", "a/TWO.PNG", "a/deep/five.dcm", "a/d
                  "a/three.jpeg", "one.png"]
 
 
-def _rel(paths, root):
+def _rel(found, root):
+    paths = found.files if hasattr(found, "files") else found
+    if hasattr(found, "problems"):
+        assert found.problems == [], found.problems
     assert all(p.is_absolute() for p in paths)
     return [p.relative_to(root).as_posix() for p in paths]
 
@@ -380,12 +387,11 @@ def test_expand_txt_list(tree, tmp_path, monkeypatch):
     lst.write_text(f"# films\nthree.jpeg\n\n  deep/four.jpg  \n{tree / 'one.png'}\nthree.jpeg\n")
     monkeypatch.chdir(tmp_path)
     assert _rel(expand_inputs(["films/a/list.txt"]), tree) == ["a/deep/four.jpg", "a/three.jpeg", "one.png"]
-    lst.write_text("three.jpeg\nmissing.png\n")
-    with pytest.raises(DataError, match=r"list.txt, row 2: 'missing.png' \(.*missing.png\): no such file"):
-        expand_inputs([lst])
-    lst.write_text("deep\n")
-    with pytest.raises(DataError, match=r"row 1: 'deep' .*: not a file"):
-        expand_inputs([lst])
+    lst.write_text("three.jpeg\nmissing.png\ndeep\n")   # missing rows are named, the rest is read
+    got = expand_inputs([lst])
+    assert _rel(got.files, tree) == ["a/three.jpeg"]
+    assert got.problems == [(tree / "a" / "deep", f"not a file (listed in {lst}, row 3, as 'deep')"),
+                            (tree / "a" / "missing.png", f"no such file (listed in {lst}, row 2, as 'missing.png')")]
     lst.write_text("# nothing\n\n")
     with pytest.raises(DataError, match="list.txt: the list names no files"):
         expand_inputs([lst])
@@ -408,14 +414,177 @@ def test_expand_errors(tree):
     with pytest.raises(DataError, match=r"nowhere: no such file or folder"):
         expand_inputs([tree / "one.png", tree / "nowhere"])
     lst = tree / "bad.csv"
-    lst.write_text("path\none.png\n\nlost.png\n")
-    with pytest.raises(DataError, match=r"bad.csv, row 4: 'lost.png'.*no such file"):
-        expand_inputs([lst])
-    lst.write_text("path,x\n,1\n")
-    with pytest.raises(DataError, match=r"bad.csv, row 2, column 'path': empty path cell"):
+    lst.write_text("path,x\none.png,1\n\nlost.png,2\n,3\n")
+    got = expand_inputs([lst])
+    assert _rel(got.files, tree) == ["one.png"]
+    assert got.problems == [(lst, "row 5, column 'path': empty path cell"),
+                            (tree / "lost.png", f"no such file (listed in {lst}, row 4, as 'lost.png')")]
+    lst.write_text("path\n")
+    with pytest.raises(DataError, match=r"bad.csv: the list names no files \(only a header\)"):
         expand_inputs([lst])
     empty = tree / "empty"
     (empty / "sub").mkdir(parents=True)
     (empty / "sub" / "notes.txt").write_text("hi")
     with pytest.raises(DataError, match=r"empty: no image files in this folder"):
         expand_inputs([empty])
+
+
+# ---------------------------------------------------------------- quality warnings (issue 23)
+def pydicom_file(name: str, dest):
+    """A copy, in ``dest`` (a folder), of one of the DICOM files pydicom ships as test data."""
+    pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    src = get_testdata_file(name, download=False)
+    if src is None:
+        pytest.skip(f"pydicom's test file {name} is not installed with this pydicom")
+    return Path(shutil.copy(src, Path(dest) / name))
+
+
+def _read_warned(path, size=S, channels=1):
+    """read_image's pixels and every warning it raised (all of them, not only ImageWarning)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        px = read_image(path, size, channels)
+    return px, [(w.category, str(w.message)) for w in caught]
+
+
+@needs_pydicom
+def test_flat_dicoms_warn_once_each(tmp_path):
+    """pydicom's own files without a window: each read (as its stored range says) and one warning
+    naming the file, its grey levels and why; a file with a window reads without one."""
+    ct = pydicom_file("CT_small.dcm", tmp_path)                    # 128 x 128, BitsStored 16, signed
+    px, said = _read_warned(ct)
+    assert (px.min(), px.max()) == (128, 136)
+    assert said == [(ImageWarning, f"{ct}: almost no contrast: 9 grey levels after reading (128..136); the DICOM "
+                                   "file has no window (Window Center/Width or VOI LUT), so its whole stored range "
+                                   "-33792..31743 was mapped to 0..255")]
+    dose = pydicom_file("rtdose_1frame.dcm", tmp_path)             # 10 x 10 dose grid, 32-bit, all 0 here
+    px, said = _read_warned(dose)
+    assert (px == 0).all() and len(said) == 1 and said[0][0] is ImageWarning
+    assert said[0][1].startswith(f"{dose}: almost no contrast: 1 grey level after reading (all 0); the DICOM file "
+                                 "has no window")
+    assert said[0][1].endswith("; 10x10 px, smaller than 64 px")
+    px, said = _read_warned(pydicom_file("MR_small.dcm", tmp_path))  # 64 x 64 with a window
+    assert said == [] and px.max() - px.min() > 100
+
+
+@needs_pydicom
+def test_flat_stretched_jpeg2000_dicom(tmp_path):
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEG2000
+
+    if not get_decoder(JPEG2000).is_available:
+        pytest.skip("no JPEG 2000 decoder for pydicom here")
+    j2k = pydicom_file("JPEG2000.dcm", tmp_path)                   # 1024 rows x 256 columns
+    px, said = _read_warned(j2k)
+    assert (px.min(), px.max()) == (127, 128)
+    assert len(said) == 1 and said[0][0] is ImageWarning
+    notes = said[0][1].removeprefix(f"{j2k}: ").split("; ")
+    assert notes[0] == "almost no contrast: 2 grey levels after reading (127..128)"
+    assert notes[-2:] == ["256x1024 px, an aspect ratio beyond 1:2 (stretched or cropped?)",
+                          "it is resized to a square like every input"]
+
+
+def test_tiny_png_warns(tmp_path):
+    p = _png(tmp_path / "dot.png", np.full((1, 1), 200, np.uint8))
+    px, said = _read_warned(p)
+    assert px.shape == (S, S, 1) and (px == 200).all()
+    assert said == [(ImageWarning, f"{p}: almost no contrast: 1 grey level after reading (all 200); "
+                                   "1x1 px, smaller than 64 px")]
+
+
+def test_real_films_and_a_stretched_one(shared_nih, tmp_path):
+    """Real films read without a word; one stretched to 1024 x 400 is named for its aspect ratio."""
+    films = sorted((shared_nih / "images").glob("*.png"))[:3]
+    for f in films:
+        _, said = _read_warned(f)
+        assert said == [], f
+    stretched = tmp_path / "stretched.png"
+    Image.open(films[0]).resize((1024, 400), Image.Resampling.LANCZOS).save(stretched)
+    _, said = _read_warned(stretched)
+    assert said == [(ImageWarning, f"{stretched}: 1024x400 px, an aspect ratio beyond 1:2 (stretched or cropped?); "
+                                   "it is resized to a square like every input")]
+
+
+@needs_pydicom
+def test_pydicom_warnings_folded_into_one_line(tmp_path):
+    """SC_rgb_jpeg.dcm makes pydicom warn (its meta says explicit VR, its data set is implicit):
+    the warning is part of medattn's one ImageWarning for the file, and nothing else is raised."""
+    p = pydicom_file("SC_rgb_jpeg.dcm", tmp_path)
+    _, said = _read_warned(p)
+    assert len(said) == 1 and said[0][0] is ImageWarning, said
+    assert said[0][1].startswith(f"{p}: ") and "\n" not in said[0][1]
+    assert "pydicom: Expected explicit VR, but found implicit VR - using implicit VR for reading" in said[0][1]
+
+
+@needs_pydicom
+def test_12bit_jpeg_extended_names_its_decoders(tmp_path):
+    """Pillow (pydicom's only installed JPEG plugin here) reads no 12-bit JPEG Extended: the error
+    says so and names the packages of the plugins that do."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEGExtended12Bit
+
+    if set(get_decoder(JPEGExtended12Bit).available_plugins) - {"pillow"}:
+        pytest.skip("a 12-bit JPEG decoder is installed here")
+    p = pydicom_file("JPEG-lossy.dcm", tmp_path)
+    with pytest.raises(ImageFileError) as e:
+        read_image(p, S)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: cannot decode the DICOM pixel data (transfer syntax JPEG Extended (Process 2 and 4))")
+    assert "12-bit precision" in msg
+    assert "pylibjpeg>=2.0 and pylibjpeg-libjpeg>=2.1 (pydicom's 'pylibjpeg' plugin)" in msg
+    assert "python-gdcm>=3.0.10 (pydicom's 'gdcm' plugin)" in msg
+
+
+@needs_pydicom
+def test_every_compressed_syntax_names_a_decoder(tmp_path, gray):
+    """For each compressed transfer syntax pydicom knows, pixel data that cannot be decoded here
+    (no plugin, a plugin that fails, or no decoder in pydicom at all) gets an error that names what
+    would decode it: a package from pydicom's plugin table, or the tool for syntaxes pydicom has
+    no decoder for."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import AllTransferSyntaxes, UID
+
+    names = ("pylibjpeg", "python-gdcm", "pyjpegls", "gdcmconv", "ffmpeg", "JPIP server", "video/audio")
+    seen = 0
+    for uid in map(UID, AllTransferSyntaxes):
+        if not uid.is_compressed:
+            continue
+        p = write_dicom(tmp_path / f"{uid}.dcm", gray, transfer_syntax=uid,
+                        pixel_data=encapsulate([b"\xff\xd8\xff\xe0" + bytes(64)]))
+        with pytest.raises(ImageFileError) as e:
+            read_image(p, S)
+        msg = str(e.value)
+        assert uid.name in msg and any(n in msg for n in names), msg
+        seen += 1
+    assert seen >= 30
+
+
+# ---------------------------------------------------------------- real folders (issue 23)
+def test_expand_links_and_loops(tmp_path, gray):
+    """Dangling links are named, not fatal; linked folders are followed once; a link to a parent
+    ends; a dangling link named on the command line is a problem too, a typo an error."""
+    root, other = tmp_path / "in", tmp_path / "elsewhere"
+    (root / "sub").mkdir(parents=True)
+    other.mkdir()
+    _png(root / "a.png", gray)
+    _png(root / "sub" / "b.png", gray)
+    _png(other / "c.png", gray)
+    (root / "gone.png").symlink_to(tmp_path / "deleted.png")     # dangling, image name
+    (root / "IM0007").symlink_to(tmp_path / "deleted")            # dangling, no extension: maybe DICOM
+    (root / "old.txt").symlink_to(tmp_path / "deleted.txt")       # dangling, not an image: not named
+    (root / "linked").symlink_to(other, target_is_directory=True)
+    (root / "linked-again").symlink_to(other, target_is_directory=True)
+    (root / "sub" / "up").symlink_to(root, target_is_directory=True)  # a loop
+    (root / "film.png").symlink_to(root / "sub" / "b.png")        # a link to a file: taken
+    got = expand_inputs([root])
+    assert [p.relative_to(root).as_posix() for p in got.files] == ["a.png", "film.png", "linked/c.png", "sub/b.png"]
+    assert got.problems == [(root / "IM0007", f"dangling symbolic link (to {tmp_path / 'deleted'})"),
+                            (root / "gone.png", f"dangling symbolic link (to {tmp_path / 'deleted.png'})")]
+    got = expand_inputs([root / "gone.png", root / "a.png"])
+    assert got.files == [root / "a.png"] and [p for p, _ in got.problems] == [root / "gone.png"]
+    with pytest.raises(DataError, match=r"typo.png: no such file or folder"):
+        expand_inputs([root / "a.png", root / "typo.png"])
+    with pytest.raises(ImageFileError, match=r"gone.png: dangling symbolic link \(to .*deleted.png\)"):
+        read_image(root / "gone.png", S)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 import warnings
@@ -45,7 +46,7 @@ def run_dir(tmp_path_factory):
     return run
 
 
-def _film(seed: int, h: int = 70, w: int = 62) -> np.ndarray:
+def _film(seed: int, h: int = 70, w: int = 64) -> np.ndarray:
     """(h, w) uint8: noise and a bright square, like the training blobs, not at the prepared size."""
     rng = np.random.default_rng(seed)
     a = (rng.standard_normal((h, w)) * 12 + 60).clip(0, 255)
@@ -266,3 +267,62 @@ def test_bad_arguments_write_nothing(run_dir, films, tmp_path, capsys):
     assert cli_main(["predict", "--run", str(run_dir), str(films), "--stage", "nope", "--out", str(out)]) == 2
     assert "not a stage of this run" in capsys.readouterr().err
     assert not out.exists()
+
+
+@needs_pydicom
+def test_predict_on_a_real_folder(run_dir, shared_nih, tmp_path):
+    """issue 23: real films, a dangling link, a linked folder (with a link back up: no loop), a
+    flat DICOM, a 12-bit JPEG Extended DICOM, a 1x1 PNG, a stretched film and a .txt list with a
+    missing row. Each problem is named in one line (errors first, before the model loads; quality
+    warnings with pydicom's folded in), the rest is predicted and written, and the exit status is 1."""
+    import contextlib
+    import io
+
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEGExtended12Bit
+
+    from test_imagefiles import pydicom_file
+
+    real = sorted((shared_nih / "images").glob("*.png"))[:3]
+    d, other = tmp_path / "in", tmp_path / "elsewhere"
+    d.mkdir()
+    other.mkdir()
+    shutil.copy(real[0], d / "film1.png")
+    shutil.copy(real[1], other / "film2.png")
+    (d / "linked").symlink_to(other, target_is_directory=True)
+    (other / "back").symlink_to(d, target_is_directory=True)
+    (d / "gone.png").symlink_to(tmp_path / "deleted.png")
+    flat = pydicom_file("CT_small.dcm", d)
+    jpeg12 = pydicom_file("JPEG-lossy.dcm", d)
+    Image.open(real[2]).resize((1024, 400), Image.Resampling.LANCZOS).save(d / "stretched.png")
+    Image.fromarray(np.full((1, 1), 90, np.uint8)).save(d / "dot.png")
+    lst = tmp_path / "list.txt"
+    lst.write_text("in/film1.png\nmissing.png\n")
+    out = tmp_path / "preds.csv"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = cli_main(["predict", "--run", str(run_dir), str(d), str(lst), "--out", str(out), "--device", "cpu",
+                         "--batch", "4"])
+    err = err.getvalue()
+    assert code == 1, err
+    decodes_12bit = bool(set(get_decoder(JPEGExtended12Bit).available_plugins) - {"pillow"})
+    want = ["CT_small.dcm", "dot.png", "film1.png", "linked/film2.png", "stretched.png"]
+    if decodes_12bit:
+        want = sorted(want + ["JPEG-lossy.dcm"])
+    df = pd.read_csv(out)
+    assert [Path(p).relative_to(d).as_posix() for p in df["path"]] == want
+    assert df.drop(columns="path").notna().all().all()
+    lines = err.strip().splitlines()
+    assert all(line.startswith("medattn predict: ") for line in lines), err  # nothing raw from pydicom
+    errors = [line for line in lines if line.startswith("medattn predict: error: ")]
+    warned = [line for line in lines if line.startswith("medattn predict: warning: ")]
+    assert errors[:2] == [
+        f"medattn predict: error: {d / 'gone.png'}: dangling symbolic link (to {tmp_path / 'deleted.png'})",
+        f"medattn predict: error: {tmp_path / 'missing.png'}: no such file (listed in {lst}, row 2, as 'missing.png')"]
+    if not decodes_12bit:
+        assert len(errors) == 3 and errors[2].startswith(f"medattn predict: error: {jpeg12}: cannot decode")
+        assert "pylibjpeg-libjpeg" in errors[2]
+    assert [w.split(": ")[2] for w in warned] == [str(flat), str(d / "dot.png"), str(d / "stretched.png")]
+    assert "almost no contrast: 9 grey levels" in warned[0] and "no window" in warned[0]
+    assert "1x1 px, smaller than 64 px" in warned[1] and "aspect ratio beyond 1:2" in warned[2]
+    assert lines[-1] == f"medattn predict: wrote {out} ({len(want)} image(s); {len(errors)} unreadable, named above)"

@@ -487,7 +487,7 @@ def test_16bit_colour_png_is_counted(tmp_path):
     import struct
     import zlib
 
-    from medattn.data._images import load_image
+    from medattn.data.imagefiles import load_image
 
     a = (np.arange(4 * 4 * 3).reshape(4, 4, 3) * 1000).astype(">u2")
     rows = b"".join(b"\x00" + a[y].tobytes() for y in range(4))   # filter 0 per row

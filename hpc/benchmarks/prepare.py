@@ -61,7 +61,7 @@ def _decode_only(path: str) -> float:
 
 def _decode_resize(args: tuple[str, int]) -> float:
     """Decode one PNG, convert and resize it as prepare does; returns the CPU seconds."""
-    from medattn.data._images import load_image
+    from medattn.data.imagefiles import load_image
 
     t0 = time.process_time()
     load_image(args[0], args[1], 1, None)

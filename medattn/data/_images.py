@@ -1,7 +1,10 @@
-"""Decode, convert and resize one source image for ``medattn prepare``; encode it for a shard.
+"""The pixel rules of every image read (convert a decoded image to uint8 gray/RGB, resize it) and
+the shard encoder.
 
-Everything here runs inside the prepare worker processes, so it imports only numpy, PIL and
-medattn.boxes (numpy only).
+Decoding a *file* is :mod:`medattn.data.imagefiles`' (its ``load_image`` is the one reader that
+prepare, predict, the report and viz use); this module is what that reader and the shard writer
+share: array -> array rules and array -> bytes. It runs inside the prepare worker processes, so it
+imports only numpy and PIL.
 
 Conversions (each one is recorded per image in the manifest's ``conversion`` column and counted
 in ``dataset.json``):
@@ -14,6 +17,7 @@ in ``dataset.json``):
   come back exactly. No per-image contrast stretch: the brightness scale stays comparable
   across images. (16-bit *colour* PNGs are reduced by PIL itself, keeping the high byte,
   ``v // 256``; they are counted too.)
+- ``dicom``: the source is a DICOM file, read by the rules in medattn.data.imagefiles.
 - ``not_1024``: the source is not the size the dataset documents (1024 × 1024 for NIH; a few
   downscaled copies circulate). It is resized like every other image.
 
@@ -26,13 +30,9 @@ rest). See docs/benchmarks.md, "Prepare".
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
-from medattn.boxes import mask_xywh
 
 RESIZE_FILTER = "LANCZOS"
 _RESAMPLE = Image.Resampling.LANCZOS
@@ -44,18 +44,9 @@ PIXEL_FORMATS = ("raw", "png", "jpeg")
 
 
 class ImageDecodeError(Exception):
-    """The file is not a readable image (corrupt, truncated, unsupported). Workers turn it into a
-    DataError naming the file and the metadata row."""
-
-
-@dataclass
-class Loaded:
-    """One decoded, converted and resized image."""
-
-    pixels: np.ndarray          # (S, S, C) uint8
-    orig_width: int
-    orig_height: int
-    conversion: str             # "", "rgba", "16bit", "not_1024" or a "+"-joined combination
+    """The file is not a readable image (corrupt, truncated, unsupported). Prepare's workers turn
+    it into a DataError naming the file and the metadata row; ``imagefiles.read_image`` into an
+    ImageFileError naming the file."""
 
 
 def to_uint8_linear(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -79,21 +70,6 @@ def to_uint8_linear(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
 def _to_uint8_16bit(arr: np.ndarray) -> np.ndarray:
     # round(v * 255 / 65535) without float: (v * 255 + 32767) // 65535 in int64.
     return to_uint8_linear(arr, 0, 65535)
-
-
-def _decode(path: Path) -> tuple[Image.Image, bool]:
-    """Open and fully decode ``path``; also says whether the file stores 16 bits per sample."""
-    try:
-        im = Image.open(path)
-        # PIL hands 16-bit colour PNGs over as 8-bit RGB (it keeps the high byte); the raw
-        # mode of the first tile still tells, before load() drops the tile list.
-        wide = any(";16" in str(getattr(t, "args", t[3] if len(t) > 3 else "")) for t in (im.tile or []))
-        im.load()  # force the full decode: a truncated IDAT only fails here
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib.error, ...
-        raise ImageDecodeError(f"cannot decode image: {type(e).__name__}: {e}") from None
-    return im, wide
 
 
 def to_array(im: Image.Image, channels: int) -> tuple[np.ndarray, list[str]]:
@@ -159,42 +135,6 @@ def resize(arr: np.ndarray, size: int) -> np.ndarray:
     im = Image.fromarray(arr[..., 0] if c == 1 else arr)
     out = np.asarray(im.resize((size, size), _RESAMPLE))
     return out[..., None] if out.ndim == 2 else out
-
-
-def load_image(path: str | Path, size: int, channels: int, expected_size: int | None = 1024) -> Loaded:
-    """Decode one image file, convert it to ``channels`` uint8 and resize it to ``size``².
-
-    Args:
-        path: the source image (PNG, JPEG, anything PIL reads).
-        size: output side length S.
-        channels: 1 or 3.
-        expected_size: the documented source side (1024 for NIH); other sizes are counted as
-            ``not_1024``. None: no check.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ImageDecodeError: the file is corrupt, truncated or not an image.
-    """
-    im, wide = _decode(Path(path))
-    w, h = im.size
-    arr, conv = to_array(im, channels)
-    if wide and "16bit" not in conv:
-        conv.insert(0, "16bit")
-    if expected_size is not None and (w, h) != (expected_size, expected_size):
-        conv.append("not_1024")
-    return Loaded(resize(arr, size), w, h, "+".join(conv))
-
-
-def mask_box(path: str | Path) -> list[float] | None:
-    """Bounding box ``[x, y, w, h]`` of a mask's nonzero pixels, normalised by the mask's size.
-
-    Returns None for an all-zero mask. Raises ImageDecodeError for an unreadable mask.
-    """
-    im, _ = _decode(Path(path))
-    a = np.asarray(im)
-    if a.ndim == 3:
-        a = a[..., :3].max(axis=2) if a.shape[2] >= 3 else a[..., 0]
-    return mask_xywh(a)
 
 
 # ---------------------------------------------------------------- encoding for shards

@@ -35,9 +35,9 @@ def load_mask(path: str | Path, size: int) -> np.ndarray:
     """
     from PIL import Image
 
-    from medattn.data._images import _decode
+    from medattn.data.imagefiles import open_image
 
-    im, _ = _decode(Path(path))
+    im, _ = open_image(path)
     a = np.asarray(im)
     if a.ndim == 3:
         a = a[..., :3].max(axis=2) if a.shape[2] >= 3 else a[..., 0]

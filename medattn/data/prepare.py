@@ -454,7 +454,8 @@ def _work(task: list[tuple[int, str, str | None, str]]) -> tuple[float, list[tup
     Returns the CPU seconds spent (contention-proof throughput figures) and the result
     tuples, or a single ("error", ...) tuple.
     """
-    from medattn.data._images import ImageDecodeError, encode, load_image, mask_box
+    from medattn.data._images import ImageDecodeError, encode
+    from medattn.data.imagefiles import load_image, mask_box
 
     t0 = time.process_time()
     out: list[tuple] = []
