@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from hpc import distributed
-from hpc.checkpoint import atomic_write_text
+from medattn.fileio import atomic_path, write_text as atomic_write_text
 from hpc.run import Run, load_run, stage_selections
 from hpc.inference import run_inference
 from medattn.errors import DataError, MedattnError
@@ -239,9 +239,8 @@ def write_outputs(out: Path, result: dict[str, Any], preds, ds, spec) -> None:
     images = ds.manifest["image"].to_numpy()[preds.index]
     if preds.extras:
         edf = pd.DataFrame({"image": images, **{k: np.asarray(v) for k, v in preds.extras.items()}})
-        tmp = out / ".per_image.csv.tmp"
-        edf.to_csv(tmp, index=False, float_format="%.6g")
-        tmp.replace(out / "per_image.csv")
+        with atomic_path(out / "per_image.csv") as tmp:
+            edf.to_csv(tmp, index=False, float_format="%.6g")
     frames = []
     for branch, p in preds.probs.items():
         df = pd.DataFrame({"image": images, "branch": branch})
@@ -251,15 +250,13 @@ def write_outputs(out: Path, result: dict[str, Any], preds, ds, spec) -> None:
             df[f"y_{name}"] = labels[:, j].astype(np.int8)
         frames.append(df)
     if frames:  # a segmentation run has per-image scores but no class probabilities
-        tmp = out / ".preds.csv.tmp"
-        pd.concat(frames, ignore_index=True).to_csv(tmp, index=False, float_format="%.6g")
-        tmp.replace(out / "preds.csv")
+        with atomic_path(out / "preds.csv") as tmp:
+            pd.concat(frames, ignore_index=True).to_csv(tmp, index=False, float_format="%.6g")
     if preds.boxes is not None:
         bdf = pd.DataFrame({"image": images, "x0": preds.boxes[:, 0], "y0": preds.boxes[:, 1],
                             "x1": preds.boxes[:, 2], "y1": preds.boxes[:, 3]})
-        tmp = out / ".boxes.csv.tmp"
-        bdf.to_csv(tmp, index=False, float_format="%.5f")
-        tmp.replace(out / "boxes.csv")
+        with atomic_path(out / "boxes.csv") as tmp:
+            bdf.to_csv(tmp, index=False, float_format="%.5f")
 
 
 def _json_default(o):

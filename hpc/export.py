@@ -111,7 +111,7 @@ def export_predictor(predictor, out: str | os.PathLike, fmt: str = "onnx", batch
     ``out.json`` describing its input and outputs. ``batch``: the batch of the example input (the
     batch dimension stays dynamic). ``optimize``: run the ONNX graph optimiser (constant folding;
     about half the export time, and onnxruntime optimises on load anyway)."""
-    from hpc.checkpoint import atomic_write_text
+    from medattn.fileio import write_text as atomic_write_text
 
     if fmt not in FORMATS:
         raise MedattnError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -121,8 +121,9 @@ def export_predictor(predictor, out: str | os.PathLike, fmt: str = "onnx", batch
     s, c = predictor.prepared_size, predictor.channels
     example = torch.randint(0, 256, (batch, c, s, s), generator=torch.Generator().manual_seed(0),
                             dtype=torch.uint8)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
+    from medattn.fileio import atomic_path
+
+    with atomic_path(out) as tmp:
         with torch.no_grad():
             if fmt == "torchscript":
                 import warnings
@@ -135,9 +136,6 @@ def export_predictor(predictor, out: str | os.PathLike, fmt: str = "onnx", batch
                 traced.save(str(tmp))
             else:
                 _onnx(module, example, tmp, optimize)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     meta = {"format": fmt, "input": {"name": "images", "shape": ["B", c, s, s], "dtype": "uint8 or float32",
                                      "scale": "0..255", "resize_to": s, "resize_filter": "LANCZOS"},
             "output": {"name": "probs", "shape": ["B", len(predictor.labels)], "branch": predictor.branch,

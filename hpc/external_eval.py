@@ -182,7 +182,7 @@ def _write(out: Path, result: dict[str, Any], ext, rows: np.ndarray, p: np.ndarr
            shared: list[str]) -> None:
     import pandas as pd
 
-    from hpc.checkpoint import atomic_write_text
+    from medattn.fileio import write_text as atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=2, default=_json_default))
