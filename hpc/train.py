@@ -505,8 +505,10 @@ def train_stage(ctx: Ctx, stage: str, previous: list[str], plan: TrainPlan) -> i
         run.set_aside_unreadable(stage, [p for p, _ in unreadable])
         if resume is None:  # the stage starts again: nothing of its earlier launch may be kept
             run.checkpoint(stage, "best").unlink(missing_ok=True)
-    if resume is not None:
+    resumed = resume is not None
+    if resumed:
         restored_rng = ts.load_state_dict(resume, rank=world.rank, world_size=world.world_size)
+        del resume  # the checkpoint's tensors, on the training device: not kept for the whole stage
         logger.info(f"[{stage}] resuming at epoch {ts.epoch + 1} step {ts.step} (global step {ts.global_step}) "
                     f"from {last_path}" + ("" if restored_rng else
                                            " (random streams reseeded: the number of processes changed)"))
@@ -536,7 +538,7 @@ def train_stage(ctx: Ctx, stage: str, previous: list[str], plan: TrainPlan) -> i
     loader = TrainLoader(ctx.ds, cfg.data, plan, world.rank, device, cfg.seed + 7 * len(previous),
                          hires=method.needs_hires(stage))
     val_loader = _eval_loader(ctx, stage, cfg.data.val_split)
-    if resume is None and method.select_initial(stage):
+    if not resumed and method.select_initial(stage):
         _select_initial(ctx, stage, ts, val_loader)
     try:
         status = _run_epochs(ctx, stage, ts, step_module, loader, val_loader, params, plan)
