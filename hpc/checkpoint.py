@@ -1,8 +1,9 @@
 """Checkpoints: atomic writes, safe reads, what a checkpoint holds (the resume state of a
 stage, the selected weights of one). Where they live in a run directory is hpc.run's business.
 
-Every write goes to a temporary file in the same directory and is renamed into place, so a
-kill at any moment leaves either the old or the new file, never a truncated one.
+Every write goes through medattn.fileio (a temporary file in the same directory, fsync'd and
+renamed into place, the directory fsync'd), so a kill or a crash at any moment leaves either
+the old or the new file, never a truncated one.
 
 A checkpoint holds tensors and plain data only (dicts, lists, tuples, str, bytes, numbers) and
 is read with ``torch.load(weights_only=True)``: opening a run directory from someone else
@@ -20,21 +21,20 @@ from typing import Any
 import torch
 
 from hpc import faults
+from medattn.errors import DataError
+from medattn import fileio
 
 # 2: RNG states as plain data (bytes/lists), loaded with weights_only=True. Format 1 kept
 # NumPy arrays and torch ByteTensors, which only an unrestricted (code-running) unpickler reads.
 CKPT_VERSION = 2
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    faults.point("ckpt_write")
-    os.replace(tmp, path)
+def atomic_torch_save(obj: Any, path: str | os.PathLike, keep_previous: str | os.PathLike | None = None) -> None:
+    """``torch.save`` under medattn.fileio's durability rule (file and folder fsync'd);
+    ``keep_previous``: the file replaced stays under that name (the previous resume checkpoint)."""
+    with fileio.atomic_file(path, keep_previous=keep_previous,
+                            before_replace=lambda: faults.point("ckpt_write")) as f:
+        torch.save(obj, f)
 
 
 def to_host(obj: Any) -> Any:
@@ -66,18 +66,18 @@ class BackgroundWriter:
 
     def _work(self) -> None:
         while True:
-            path, payload = self._jobs.get()
+            path, payload, previous = self._jobs.get()
             try:
                 if self._error is None:
-                    atomic_torch_save(payload, path)
+                    atomic_torch_save(payload, path, previous)
             except BaseException as e:  # surfaced by wait()
                 self._error = e
             finally:
                 self._jobs.task_done()
 
-    def submit(self, payload: Any, path: str | os.PathLike) -> None:
+    def submit(self, payload: Any, path: str | os.PathLike, keep_previous: str | os.PathLike | None = None) -> None:
         self._raise()
-        self._jobs.put((Path(path), to_host(payload)))
+        self._jobs.put((Path(path), to_host(payload), keep_previous))
 
     def wait(self) -> None:
         self._jobs.join()
@@ -89,12 +89,10 @@ class BackgroundWriter:
             raise RuntimeError(f"a background checkpoint write failed: {e}") from e
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+class UnreadableCheckpointError(DataError):
+    """A checkpoint file that cannot be read at all (truncated, zero bytes, not a torch file):
+    what a crash leaves when the data never reached the disk. A resume falls back from it
+    (hpc.run.Run.resume_state); a file refused for safety is a plain DataError and is not skipped."""
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -104,7 +102,6 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
         DataError: naming the file, when it is missing, unreadable, or would need the
             unrestricted unpickler (it carries Python objects: code could run on loading).
     """
-    from medattn.errors import DataError
     from medattn.safeload import UnreadableFileError, UnsafeFileError, load_plain
 
     try:
@@ -116,7 +113,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
                               "written by medattn before format 2 must be retrained, or converted by someone "
                               "who trusts the file") from None
     except UnreadableFileError as e:
-        raise DataError(path, f"unreadable checkpoint ({e})") from None
+        raise UnreadableCheckpointError(path, f"unreadable checkpoint ({e})") from None
     if not isinstance(obj, dict):
         raise DataError(path, f"not a medattn checkpoint (a {type(obj).__name__}, expected a mapping)")
     return obj

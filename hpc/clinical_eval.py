@@ -146,7 +146,7 @@ def beyond_auroc(preds, val_preds, ds, spec, branch: str, *, n_boot: int, seed: 
 
 def save_calibration(run, record: dict[str, Any], stage: str, checkpoint: str | Path, data: str | None) -> Path:
     """Write the record to the run, tied to the stage and checkpoint (``best``/``last``) it was fitted for."""
-    from hpc.checkpoint import atomic_write_text
+    from medattn.fileio import write_text as atomic_write_text
 
     rec = dict(record, stage=stage, checkpoint=Path(checkpoint).stem, data=data)
     atomic_write_text(run.calibration_path, json.dumps(rec, indent=2))

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 
 from hpc import distributed
-from hpc.checkpoint import atomic_write_text
 from hpc.inference import load_model
 from hpc.run import EvalDir, Run, stage_selections
+from medattn.fileio import write_text as atomic_write_text
 from hpc.inference import run_inference
 from medattn.progress import Progress
 from medattn.errors import DataError, MedattnError

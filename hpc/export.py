@@ -122,7 +122,7 @@ def export_predictor(predictor, out: str | os.PathLike, fmt: str = "onnx", batch
     batch dimension stays dynamic). ``optimize``: run the ONNX graph optimiser (constant folding;
     about half the export time, and onnxruntime optimises on load anyway). ``input_dtype``: the
     ONNX input type (``float32`` or ``uint8``; TorchScript takes both)."""
-    from hpc.checkpoint import atomic_write_text
+    from medattn.fileio import atomic_path, write_text as atomic_write_text
 
     if fmt not in FORMATS:
         raise MedattnError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -137,8 +137,7 @@ def export_predictor(predictor, out: str | os.PathLike, fmt: str = "onnx", batch
     if fmt == "onnx":
         example = example.to(INPUT_DTYPES[input_dtype])
     requires: list[str] = []
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(out) as tmp:
         with torch.no_grad():
             if fmt == "torchscript":
                 import warnings
@@ -152,9 +151,6 @@ def export_predictor(predictor, out: str | os.PathLike, fmt: str = "onnx", batch
                 traced.save(str(tmp))
             else:
                 _onnx(module, example, tmp, optimize)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     dtype = "uint8 or float32" if fmt == "torchscript" else input_dtype
     meta = {"format": fmt, "input": {"name": "images", "shape": ["B", c, s, s], "dtype": dtype,
                                      "scale": "0..255", "resize_to": s, "resize_filter": "LANCZOS"},

@@ -186,7 +186,7 @@ def _write(out, result: dict[str, Any], ext, rows: np.ndarray, p: np.ndarray, y:
            shared: list[str]) -> None:
     import pandas as pd
 
-    from hpc.checkpoint import atomic_write_text
+    from medattn.fileio import write_text as atomic_write_text
 
     out.root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out.metrics_path, json.dumps(result, indent=2, default=_json_default))

@@ -39,9 +39,10 @@ def point(name: str) -> None:
 
     rank = os.environ.get("RANK", "0")
     marker = Path(os.environ.get("MEDATTN_FAULT_DIR", ".")) / f"{name}.{rank}.{os.getpid()}"
-    tmp = marker.with_name(f".{marker.name}.tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "rank": int(rank), **_LAST}))
-    os.replace(tmp, marker)  # a watcher never reads half a marker
+    from medattn.fileio import write_text
+
+    # atomic: a watcher never reads half a marker
+    write_text(marker, json.dumps({"pid": os.getpid(), "rank": int(rank), **_LAST}))
     deadline = time.time() + float(os.environ.get("MEDATTN_FAULT_HOLD_S", "60"))
     while time.time() < deadline and not STOP.requested:
         time.sleep(0.02)

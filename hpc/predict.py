@@ -293,8 +293,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from hpc.checkpoint import atomic_write_text
     from medattn.data.imagefiles import ImageWarning, expand_inputs
+    from medattn.fileio import write_text as atomic_write_text
 
     if args.batch < 1:
         raise MedattnError(f"--batch must be at least 1, got {args.batch}")

@@ -7,6 +7,9 @@ Layout (nothing else in the product spells these names)::
     RUN/state.json             which stages are done, their best metric
     RUN/metrics.jsonl          one JSON object per finished epoch
     RUN/ckpt/<stage>/last.pt   everything needed to resume the stage exactly
+    RUN/ckpt/<stage>/last.prev.pt   the last.pt before the latest save (a resume falls back to it
+                               when last.pt cannot be read: a crash before its data reached the disk)
+    RUN/ckpt/<stage>/last.unreadable.pt   such an unreadable last.pt, set aside by the resume
     RUN/ckpt/<stage>/best.pt   the weights of the stage's best validation epoch (feeds the next stage)
     RUN/tb/                    TensorBoard
     RUN/eval/, RUN/eval_<split>/     ``medattn eval`` (metrics.json, preds.csv, ...)
@@ -14,8 +17,9 @@ Layout (nothing else in the product spells these names)::
     RUN/viz/                   ``medattn viz`` overlays
     RUN/slurm/                 SLURM logs of ``medattn submit`` / ``sbatch``
 
-Every write is atomic (a temporary file in the same directory, renamed into place), so a kill at
-any moment leaves the old file or the new one, never half of one; the metrics log is appended a
+Every write is atomic and durable (medattn.fileio: a temporary file in the same directory, fsync'd,
+renamed into place, the directory fsync'd), so a kill at any moment leaves the old file or the
+new one, never half of one; the metrics log is appended a
 whole line at a time and a torn last line is skipped when read.
 
 A trained model comes back through :func:`hpc.inference.load_model` (the inference floor), which
@@ -29,10 +33,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from hpc.checkpoint import BackgroundWriter, atomic_torch_save, atomic_write_text, load as load_checkpoint_file
+from hpc.checkpoint import BackgroundWriter, atomic_torch_save, load as load_checkpoint_file
+from medattn import fileio
+from medattn.fileio import write_text as atomic_write_text
 from medattn.errors import DataError, MedattnError
 
 CHECKPOINT_KINDS = ("best", "last")
+# Config keys that change how samples are loaded, never which samples or their pixels: a resumed
+# or resubmitted run may change them (e.g. fewer workers on a smaller node), as the runtime section.
+LOADER_ONLY_KEYS = ("data.num_workers", "data.prefetch")
 
 
 class EvalDir:
@@ -112,6 +121,14 @@ class Run:
             raise ValueError(f"checkpoint kind {kind!r} is not one of {', '.join(CHECKPOINT_KINDS)}")
         return self.root / "ckpt" / stage / f"{kind}.pt"
 
+    def previous_checkpoint(self, stage: str) -> Path:
+        """The stage's resume checkpoint before the latest one (kept by every ``last`` save)."""
+        return self.root / "ckpt" / stage / "last.prev.pt"
+
+    def unreadable_checkpoint(self, stage: str) -> Path:
+        """Where a resume sets aside a ``last`` checkpoint it could not read (for a post-mortem)."""
+        return self.root / "ckpt" / stage / "last.unreadable.pt"
+
     def eval_dir(self, split: str = "test") -> Path:
         return self.root / ("eval" if split == "test" else f"eval_{split}")
 
@@ -168,14 +185,26 @@ class Run:
         return self.require().config_path.read_text()
 
     def config_diff(self, cfg) -> list[str]:
-        """Sections of ``cfg`` that differ from the saved config (``runtime`` may differ: it does
-        not change the science; nor may raised ``stages.<stage>.epochs``: see
+        """The keys of ``cfg`` that differ from the saved config, each as ``"key: saved -> new"``
+        (``data.num_workers: 4 -> 2``). The ``runtime`` section and :data:`LOADER_ONLY_KEYS` may
+        differ (they do not change the science), and so may raised ``stages.<stage>.epochs`` (see
         :meth:`raised_epochs`). Empty when there is no saved config yet."""
         if not self.exists():
             return []
+        from hpc.runlog import flatten
+
         old, new = self.config().to_dict(), cfg.to_dict()
         new = _without_raised_epochs(old, new)
-        return [k for k in sorted(set(old) | set(new)) if k != "runtime" and old.get(k) != new.get(k)]
+        a, b = flatten(old), flatten(new)
+        missing = object()
+        out = []
+        for k in sorted(set(a) | set(b)):
+            if k.split(".")[0] == "runtime" or k in LOADER_ONLY_KEYS:
+                continue
+            x, y = a.get(k, missing), b.get(k, missing)
+            if x != y:
+                out.append(f"{k}: {'(none)' if x is missing else repr(x)} -> {'(none)' if y is missing else repr(y)}")
+        return out
 
     def raised_epochs(self, cfg) -> dict[str, tuple[int, int]]:
         """``{stage: (saved epochs, new epochs)}`` for the stages whose epochs ``cfg`` raises.
@@ -190,8 +219,8 @@ class Run:
                 if s in old and new[s]["epochs"] > old[s]["epochs"]}
 
     def check_config(self, cfg, what: str = "resume") -> None:
-        """Refuse a config that differs from the saved one, naming the sections (raised epochs
-        are accepted: the run continues)."""
+        """Refuse a config that differs from the saved one, naming each key that differs with its
+        saved and new values (raised epochs, the runtime section and loader-only keys are accepted)."""
         from medattn.errors import ConfigError
 
         if self.exists():
@@ -203,9 +232,11 @@ class Run:
                                       "(use a new --out, or --init-from this run)")
         diff = self.config_diff(cfg)
         if diff:
-            raise ConfigError(f"{self.root} holds a run with a different config (sections differ: "
-                              f"{', '.join(diff)}); {what} with the same config and overrides (only "
-                              "stages.<stage>.epochs may be raised, to continue it), or use a new --out")
+            shown = "; ".join(diff[:8]) + (f"; and {len(diff) - 8} more key(s)" if len(diff) > 8 else "")
+            raise ConfigError(f"{self.root} holds a run with a different config ({shown}); {what} "
+                              "with the same config and overrides (only stages.<stage>.epochs may be raised, to "
+                              "continue it; runtime.* and " + ", ".join(LOADER_ONLY_KEYS) + " may change), or use "
+                              "a new --out")
 
     def reopen_plan(self, cfg, order: list[str]) -> tuple[list[str], list[str]]:
         """(continued, restarted): what :meth:`reopen` would do for ``cfg`` (reads only).
@@ -343,13 +374,16 @@ class Run:
         payload to host memory (:class:`hpc.checkpoint.BackgroundWriter`). A foreground write
         waits for the background ones first, so checkpoints land in the order they were made."""
         path = self.checkpoint(stage, kind)
+        # The resume checkpoint being replaced is kept (last.prev.pt): if the new one is lost to
+        # a crash before its data reach the disk, the resume falls back to it (resume_state).
+        previous = self.previous_checkpoint(stage) if kind == "last" else None
         if background:
             if self._writer is None:
                 self._writer = BackgroundWriter()
-            self._writer.submit(payload, path)
+            self._writer.submit(payload, path, previous)
         else:
             self.wait_for_writes()
-            atomic_torch_save(payload, path)
+            atomic_torch_save(payload, path, previous)
         return path
 
     def wait_for_writes(self) -> None:
@@ -359,6 +393,45 @@ class Run:
 
     def load_checkpoint(self, stage: str, kind: str = "best", map_location: Any = "cpu") -> dict[str, Any]:
         return load_checkpoint_file(self.checkpoint(stage, kind), map_location)
+
+    def resume_state(self, stage: str, map_location: Any = "cpu") -> tuple[dict[str, Any] | None, Path | None,
+                                                                           list[tuple[Path, str]]]:
+        """(state, path, problems): the stage's resume state, read from ``last.pt``, or from
+        ``last.prev.pt`` when ``last.pt`` cannot be read (truncated, zero bytes, not a torch file:
+        a node that crashed before the data reached the disk); ``(None, None, problems)`` when
+        neither exists or can be read: the stage starts again from its start. ``problems``: (file,
+        line) per unreadable file, the line naming it and what the resume does instead. Reads only (every
+        rank calls it); :meth:`set_aside_unreadable` moves the bad file out of the way.
+
+        Raises:
+            DataError: a checkpoint refused for another reason (it would run code on loading).
+        """
+        from hpc.checkpoint import UnreadableCheckpointError
+
+        problems: list[tuple[Path, str]] = []
+        candidates = [self.checkpoint(stage, "last"), self.previous_checkpoint(stage)]
+        for i, path in enumerate(candidates):
+            if not path.is_file():
+                continue
+            try:
+                state = load_checkpoint_file(path, map_location)
+            except UnreadableCheckpointError:
+                later = [p for p in candidates[i + 1:] if p.is_file()]
+                problems.append((path, f"{path}: unreadable checkpoint ({_damage(path)}); falling back to "
+                                 + (str(later[0]) if later else f"the start of stage {stage}")))
+                continue
+            return state, path, problems
+        return None, None, problems
+
+    def set_aside_unreadable(self, stage: str, paths: list[Path]) -> None:
+        """After a resume fell back (:meth:`resume_state`; rank 0, once every rank has read):
+        move an unreadable ``last.pt`` to ``last.unreadable.pt``, so the next save does not keep
+        it as the previous checkpoint, and delete an unreadable ``last.prev.pt``."""
+        for path in paths:
+            if path == self.checkpoint(stage, "last"):
+                fileio.publish(path, self.unreadable_checkpoint(stage))
+            else:
+                path.unlink(missing_ok=True)
 
     def has_checkpoint(self, stage: str, kind: str) -> bool:
         return self.checkpoint(stage, kind).is_file()
@@ -400,13 +473,10 @@ class Run:
         return self.checkpoint(done[-1], "best")
 
     def remove_stale_temporaries(self) -> list[Path]:
-        """Delete the temporary files of writes that a kill interrupted (``.NAME.tmpPID``)."""
+        """Delete the temporary files of writes that a kill interrupted (medattn.fileio's names)."""
         gone = []
         for d in (self.root, *(self.root / "ckpt").glob("*")):
-            if d.is_dir():
-                for p in d.glob(".*.tmp*"):
-                    p.unlink(missing_ok=True)
-                    gone.append(p)
+            gone += fileio.remove_temporaries(d)
         return gone
 
     # ------------------------------------------------------------------ sharing (sweeps)
@@ -475,6 +545,22 @@ def stage_selections(run: Run, order: list[str], method, evaluated: str | None =
     return out
 
 
+def _damage(path: Path) -> str:
+    """What is wrong with a checkpoint file torch cannot read, in a few words (torch's own
+    messages run to hundreds of characters and, for a file that is no zip, talk of pickles)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        return f"cannot be read: {e.strerror}"
+    if size == 0:
+        return "empty: 0 bytes"
+    if head != b"PK\x03\x04":  # torch.save writes a zip archive
+        return f"not a torch checkpoint: wrong magic, {size} bytes"
+    return f"truncated or damaged: {size} bytes"
+
+
 def _without_raised_epochs(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """``new`` with every raised ``stages.<stage>.epochs`` put back to its ``old`` value."""
     stages = {s: (dict(v, epochs=old["stages"][s]["epochs"])
@@ -484,15 +570,11 @@ def _without_raised_epochs(old: dict[str, Any], new: dict[str, Any]) -> dict[str
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.seed{os.getpid()}")
-    if tmp.exists():
-        tmp.unlink()
-    try:
-        os.link(src, tmp)  # checkpoints are replaced by rename, never written in place
-    except OSError:
-        shutil.copy2(src, tmp)
-    os.replace(tmp, dst)
+    with fileio.atomic_path(dst) as tmp:
+        try:
+            os.link(src, tmp)  # checkpoints are replaced by rename, never written in place
+        except OSError:
+            shutil.copy2(src, tmp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -523,12 +605,32 @@ def init_source(init_from: str | os.PathLike, stage: str) -> tuple[Path, str]:
     return src.checkpoint(done[-1], "best"), f"run {p} (its last finished stage {done[-1]}, best checkpoint)"
 
 
-def fit_init_weights(model: Any, state: dict[str, Any], where: str | os.PathLike) -> list[str]:
+def init_mismatch(source: dict[str, Any], cfg) -> str:
+    """What tells a checkpoint (``source``, as saved: its ``config``) apart from the run ``cfg``
+    that would start from it, in the words a user knows: ``"backbone convnext_atto vs resnet18"``
+    (this run's vs the checkpoint's; the method likewise). Empty when they agree or the checkpoint
+    records no config."""
+    theirs = source.get("config") if isinstance(source, dict) else None
+    if not isinstance(theirs, dict):
+        return ""
+    ours = cfg.to_dict()
+    parts = []
+    for what, a, b in (("method", ours.get("method"), theirs.get("method")),
+                       ("backbone", (ours.get("model") or {}).get("backbone"),
+                        (theirs.get("model") or {}).get("backbone"))):
+        if a is not None and b is not None and a != b:
+            parts.append(f"{what} {a} vs {b}")
+    return ", ".join(parts)
+
+
+def fit_init_weights(model: Any, state: dict[str, Any], where: str | os.PathLike, mismatch: str = "") -> list[str]:
     """Check ``state`` (a state dict) against ``model``; returns the head keys to skip.
 
     Every key must be there with the model's shape, except the weights of Linear layers whose
     output size differs (a head for another number of classes, e.g. fine-tuning on another
-    dataset): those are skipped, and the caller warns. Nothing is loaded here.
+    dataset): those are skipped, and the caller warns. Nothing is loaded here. ``mismatch``
+    (:func:`init_mismatch`, e.g. "backbone convnext_atto vs resnet18"):
+    said first, and the keys are then only counted (every key differs; naming them says nothing more).
 
     Raises:
         ConfigError: missing, unexpected or mismatched keys, named (the first few of each).
@@ -551,8 +653,12 @@ def fit_init_weights(model: Any, state: dict[str, Any], where: str | os.PathLike
                 k if k in heads and same_inputs else f"{k} (checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)})")
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
-    problems = key_problems((("shape mismatch", shapes), ("missing from the checkpoint", missing),
-                             ("not in the model", unexpected)))
+    groups = (("shape mismatch", shapes), ("missing from the checkpoint", missing), ("not in the model", unexpected))
+    if mismatch and any(keys for _, keys in groups):
+        counts = ", ".join(f"{len(keys)} {what}" for what, keys in groups if keys)
+        raise ConfigError(f"init_from {where}: {mismatch} (this run vs the checkpoint): the checkpoint does not "
+                          f"fit this run's model ({counts}); start from a run of the same method and backbone")
+    problems = key_problems(groups)
     if problems:
         raise ConfigError(f"init_from {where}: the checkpoint does not fit this run's model (same method and "
                           "backbone needed; only a head for another number of classes may differ): "

@@ -32,8 +32,8 @@ from hpc import distributed, faults
 from hpc.checkpoint import TrainState, load as load_ckpt, weights_payload
 from hpc.inference import autocast_ctx, run_inference
 from hpc.loader import EvalLoader, TrainLoader, TrainPlan, resolve_kind
-from hpc.run import Run, fit_init_weights, init_source
-from hpc.runlog import RunLogger, log, setup_logging
+from hpc.run import Run, fit_init_weights, init_mismatch, init_source
+from hpc.runlog import RunLogger, format_duration, log, setup_logging
 from hpc.schedule import LRSchedule, build_optimizer
 from hpc.stop import EXIT_CHECKPOINTED, EXIT_INTERRUPTED, STOP  # noqa: F401  (STOP: installed by the CLI first)
 from medattn.config import Config, load_config
@@ -274,12 +274,16 @@ def train(config: str, data: str, out: str, overrides: list[str] | None = None, 
                         + (f"; stages after it are trained again from their start: {', '.join(restarted)}"
                            if restarted else ""))
         logger.info(f"run {run.root} | method {cfg.method} | {world.world_size} process(es) on {device.type} | "
-                    f"data {data} ({len(ds)} images, split {ds.split_name or '?'}) | stages {', '.join(all_stages)}")
+                    f"data {data} ({len(ds)} images, split {ds.split_name or '?'}) | "
+                    + _stages_text(all_stages, to_run, run.done_stages(all_stages)))
         for stage in todo:
             if stage not in to_run and run.stage_done(stage):
                 logger.info(f"[{stage}] already done (best {run.state()['stages'][stage].get('best_metric')})")
+        took: dict[str, float] = {}  # seconds of each stage trained by this launch
         for i, stage in enumerate(to_run):
+            t_stage = time.time()
             status = train_stage(ctx, stage, all_stages[:all_stages.index(stage)], plans[stage])
+            took[stage] = time.time() - t_stage
             if status != 0:
                 return status
             if i + 1 < len(to_run) and _stop_agreed(device):  # the stage is done and saved
@@ -287,7 +291,10 @@ def train(config: str, data: str, out: str, overrides: list[str] | None = None, 
                             f"command to continue with {to_run[i + 1]}")
                 return STOP.exit_status()
         logger.hparams(cfg.to_dict(), final_metrics(run, all_stages))
-        logger.info(f"done: {run.root}")
+        left = [s for s in all_stages if s not in run.done_stages(all_stages)]
+        logger.info(f"done: {run.root} | trained "
+                    + (", ".join(f"{s} {format_duration(t)}" for s, t in took.items()) or "nothing (all done)")
+                    + (f" | not trained yet: {', '.join(left)} (rerun without --stages to train them)" if left else ""))
         return 0
     finally:
         if run is not None:
@@ -317,7 +324,8 @@ def _check_init_from(run: Run, cfg: Config, model: torch.nn.Module, to_run: list
     for s in to_run:
         if cfg.stages[s].init_from and not run.checkpoint(s, "last").is_file():
             path, _ = init_source(cfg.stages[s].init_from, s)
-            fit_init_weights(model, load_ckpt(path, "cpu")["model"], path)
+            src = load_ckpt(path, "cpu")
+            fit_init_weights(model, src["model"], path, init_mismatch(src, cfg))
 
 
 def run_epochs(run: Run, stage: str) -> int:
@@ -388,6 +396,15 @@ def data_warnings(cfg: Config, ds, spec, method, stages: list[str]) -> list[str]
                    f"{len(spec.eval_labels) - len(no_pos) - len(no_neg)} of {len(spec.eval_labels)} labels, so "
                    "model selection rests on them; use a larger validation split")
     return out
+
+
+def _stages_text(all_stages: list[str], to_run: list[str], done: list[str]) -> str:
+    """``stages global, local, fusion``, or what this launch trains when it is not all of them:
+    ``stages global (of global, local, fusion; done: ...)``."""
+    if to_run == all_stages:
+        return f"stages {', '.join(all_stages)}"
+    rest = [f"done: {', '.join(done)}"] if done else []
+    return f"stages {', '.join(to_run) or 'none'} (of {', '.join(all_stages)}" + "".join(f"; {r}" for r in rest) + ")"
 
 
 def _stages_to_run(run: Run, all_stages: list[str], todo: list[str], reopened: set[str] = frozenset()) -> list[str]:
@@ -477,12 +494,21 @@ def train_stage(ctx: Ctx, stage: str, previous: list[str], plan: TrainPlan) -> i
     ts = TrainState(stage, model, optimizer, LRSchedule(st, plan.steps_per_epoch),
                     torch.amp.GradScaler("cuda", enabled=ctx.precision == "fp16"), method)
 
-    # ---- where this stage starts: its own last checkpoint, else the previous stage's best.
-    # Loaded straight onto the training device (no host round trip for the weights).
-    last_path = run.checkpoint(stage, "last")
-    if last_path.is_file():
-        restored_rng = ts.load_state_dict(load_ckpt(last_path, device), rank=world.rank,
-                                          world_size=world.world_size)
+    # ---- where this stage starts: its own last checkpoint (the one before it when it cannot be
+    # read), else the previous stage's best. Loaded straight onto the training device (no host
+    # round trip for the weights).
+    resume, last_path, unreadable = run.resume_state(stage, device)
+    for _, problem in unreadable:
+        logger.warning(f"[{stage}] {problem}")
+    distributed.barrier()  # every rank has read before rank 0 moves an unreadable file aside
+    if unreadable and world.is_primary:
+        run.set_aside_unreadable(stage, [p for p, _ in unreadable])
+        if resume is None:  # the stage starts again: nothing of its earlier launch may be kept
+            run.checkpoint(stage, "best").unlink(missing_ok=True)
+    resumed = resume is not None
+    if resumed:
+        restored_rng = ts.load_state_dict(resume, rank=world.rank, world_size=world.world_size)
+        del resume  # the checkpoint's tensors, on the training device: not kept for the whole stage
         logger.info(f"[{stage}] resuming at epoch {ts.epoch + 1} step {ts.step} (global step {ts.global_step}) "
                     f"from {last_path}" + ("" if restored_rng else
                                            " (random streams reseeded: the number of processes changed)"))
@@ -490,7 +516,7 @@ def train_stage(ctx: Ctx, stage: str, previous: list[str], plan: TrainPlan) -> i
         if st.init_from:  # another run's weights (fine-tuning): checked before anything was written
             path, what = init_source(st.init_from, stage)
             src = load_ckpt(path, device)
-            skipped = fit_init_weights(model, src["model"], path)
+            skipped = fit_init_weights(model, src["model"], path, init_mismatch(src, cfg))
             model.load_state_dict({k: v for k, v in src["model"].items() if k not in skipped}, strict=False)
             if skipped:
                 logger.warning(f"[{stage}] init_from: not loaded (a head for another number of classes; these "
@@ -512,7 +538,7 @@ def train_stage(ctx: Ctx, stage: str, previous: list[str], plan: TrainPlan) -> i
     loader = TrainLoader(ctx.ds, cfg.data, plan, world.rank, device, cfg.seed + 7 * len(previous),
                          hires=method.needs_hires(stage))
     val_loader = _eval_loader(ctx, stage, cfg.data.val_split)
-    if not last_path.is_file() and method.select_initial(stage):
+    if not resumed and method.select_initial(stage):
         _select_initial(ctx, stage, ts, val_loader)
     try:
         status = _run_epochs(ctx, stage, ts, step_module, loader, val_loader, params, plan)

@@ -79,9 +79,8 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         return 0
     out = Path(args.output)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text)
-    tmp.chmod(0o755)
-    tmp.replace(out)
+    from medattn.fileio import write_text
+
+    write_text(out, text, mode=0o755)
     print(f"wrote {out}\nsubmit with: sbatch {out}\nlogs: {plan.log_dir}/sbatch-<job id>.out   run dir: {plan.out}")
     return 0

@@ -88,7 +88,9 @@ def make_plan(args: argparse.Namespace, *, need_cluster: bool) -> Plan:
     cfg = load_config(args.config, args.overrides)
     out = cluster.check_shared_path(args.out, "--out", spec.allow_local_dirs, must_exist=False)
     data = cluster.check_shared_path(args.data, "--data", spec.allow_local_dirs, must_exist=True)
-    if not (data / "manifest.parquet").is_file():
+    from medattn.data.prepared import Prepared
+
+    if not Prepared(data).has_manifest():
         raise DataError(data, "not a prepared directory (no manifest.parquet; run medattn prepare)")
     run = Run(out)
     run.check_config(cfg, what="resubmit")

@@ -611,11 +611,10 @@ def validate(cfg: Config) -> None:
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    """Write the resolved config atomically (tmp file + rename)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(cfg.to_yaml())
-    os.replace(tmp, path)
+    """Write the resolved config atomically (medattn.fileio: file and folder fsync'd)."""
+    from medattn.fileio import write_text
+
+    write_text(path, cfg.to_yaml())
 
 
 def load_saved_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:

@@ -41,10 +41,10 @@ class PersistentASHA(ASHAScheduler):
         self._loaded = True
 
     def _save(self) -> None:
-        tmp = f"{self._state_path}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
+        from medattn.fileio import atomic_file
+
+        with atomic_file(self._state_path) as f:
             pickle.dump(self.__dict__, f)
-        os.replace(tmp, self._state_path)
 
     def on_trial_add(self, tune_controller, trial):
         self._load()
@@ -67,10 +67,9 @@ class PersistentASHA(ASHAScheduler):
         # Written before Tune stops the trial's actor, so the trial's cleanup can tell an early
         # stop (final) from an interrupted experiment (resumed later).
         path = os.path.join(os.path.dirname(self._state_path), STOPPED_FILE)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self._stopped, f)
-        os.replace(tmp, path)
+        from medattn.fileio import write_text
+
+        write_text(path, json.dumps(self._stopped))
 
     def on_trial_complete(self, tune_controller, trial, result):
         self._load()

@@ -165,7 +165,7 @@ def check_spec(out: Path, spec: dict[str, Any]) -> bool:
 
     Returns True when the directory already held this sweep (a resume).
     """
-    from hpc.checkpoint import atomic_write_text
+    from medattn.fileio import write_text as atomic_write_text
 
     path = out / "sweep.json"
     if path.is_file():

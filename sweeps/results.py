@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -112,12 +111,11 @@ def _safe(name: str) -> str:
 
 def write_all(out: Path, space, stages: list[str], data: str, result_grid=None, log=print) -> dict[str, Any]:
     """Write results.csv, best.yaml and the plots; returns a summary dict."""
-    from hpc.checkpoint import atomic_write_text
+    from medattn.fileio import atomic_path, write_text as atomic_write_text
 
     df = collect(out, space, stages, result_grid)
-    tmp = out / f".results.csv.tmp{os.getpid()}"
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, out / "results.csv")
+    with atomic_path(out / "results.csv") as tmp:
+        df.to_csv(tmp, index=False)
     summary: dict[str, Any] = {"trials": len(df), "states": df["state"].value_counts().to_dict() if len(df) else {}}
     best = best_row(df)
     if best is not None:

@@ -87,7 +87,7 @@ def run_dir_for(out: str | os.PathLike, trial_id: str) -> Path:
 
 def write_ledger(run_dir: Path, **fields: Any) -> dict[str, Any]:
     """Merge ``fields`` into RUN/sweep_trial.json (atomic)."""
-    from hpc.checkpoint import atomic_write_text
+    from medattn.fileio import write_text as atomic_write_text
 
     path = run_dir / LEDGER
     cur: dict[str, Any] = {}

@@ -197,12 +197,35 @@ def _hold_count(rng: random.Random, point: str, pos: tuple[str, int, int], windo
     return 1  # the next checkpoint write: within CKPT_EVERY steps, or at the epoch's end
 
 
-def test_chaos_interruptions_end_with_the_uninterrupted_run(prep, tmp_path):
+@pytest.fixture(scope="module")
+def reference(prep, tmp_path_factory) -> tuple[Path, float]:
+    """(run, seconds): the same run uninterrupted, the steps and metrics every interrupted one must end with."""
+    tmp = tmp_path_factory.mktemp("ref")
     t0 = time.time()
-    ref = tmp_path / "ref"
-    r = subprocess.run(_cmd(ref, prep), env=_env(tmp_path), capture_output=True, text=True, timeout=900)
+    ref = tmp / "ref"
+    r = subprocess.run(_cmd(ref, prep), env=_env(tmp), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    t_ref = time.time() - t0
+    return ref, time.time() - t0
+
+
+def _assert_same_run(ref: Path, out: Path) -> None:
+    """The same (stage, epoch, step) sequence, each epoch once, the same losses and metrics."""
+    a, b = _records(ref), _records(out)
+    assert [(x["stage"], x["epoch"], x["global_step"]) for x in b] == \
+        [(x["stage"], x["epoch"], x["global_step"]) for x in a]
+    assert [x["global_step"] for x in b if x["epoch"] == max(y["epoch"] for y in b if y["stage"] == x["stage"])] == \
+        [STEPS[s] for s in ("global", "local", "fusion")]
+    for x, y in zip(a, b):
+        for k, v in x.items():
+            if (k.startswith("val/") and not k.endswith("time_s")) or k in ("train/loss", "select/best"):
+                assert y[k] == pytest.approx(v, rel=1e-5, abs=1e-6), (x["stage"], x["epoch"], k)
+    state = json.loads((out / "state.json").read_text())["stages"]
+    assert all(state[s]["done"] for s in STEPS)
+    assert not list(out.rglob(".*.tmp*")), "a temporary checkpoint file was left behind"
+
+
+def test_chaos_interruptions_end_with_the_uninterrupted_run(prep, reference, tmp_path):
+    ref, t_ref = reference
 
     rng = random.Random(20261202)
     plan = KINDS[:]
@@ -280,15 +303,62 @@ def test_chaos_interruptions_end_with_the_uninterrupted_run(prep, tmp_path):
     assert {e["stage"] for e in events} >= {"global", "local", "fusion"}, [(e["kind"], e["stage"]) for e in events]
 
     # the same run as without interruptions
-    a, b = _records(ref), _records(out)
-    assert [(x["stage"], x["epoch"], x["global_step"]) for x in b] == \
-        [(x["stage"], x["epoch"], x["global_step"]) for x in a]
-    assert [x["global_step"] for x in b if x["epoch"] == max(y["epoch"] for y in b if y["stage"] == x["stage"])] == \
-        [STEPS[s] for s in ("global", "local", "fusion")]
-    for x, y in zip(a, b):
-        for k, v in x.items():
-            if (k.startswith("val/") and not k.endswith("time_s")) or k in ("train/loss", "select/best"):
-                assert y[k] == pytest.approx(v, rel=1e-5, abs=1e-6), (x["stage"], x["epoch"], k)
-    state = json.loads((out / "state.json").read_text())["stages"]
-    assert all(state[s]["done"] for s in STEPS)
-    assert not list(out.rglob(".*.tmp*")), "a temporary checkpoint file was left behind"
+    _assert_same_run(ref, out)
+
+
+def test_an_unreadable_checkpoint_falls_back_and_the_run_ends_as_a_clean_one(prep, reference, tmp_path):
+    """A node crash can leave last.pt truncated, empty or garbage (the rename reached the disk,
+    the data did not). The rerun names the file, falls back to the checkpoint before it
+    (last.prev.pt), or to the stage's start when that one is unreadable too, and the run ends
+    with the same steps and metrics as the uninterrupted one."""
+    from hpc.checkpoint import load
+
+    ref, _ = reference
+    out = tmp_path / "run"
+    g, loc = out / "ckpt" / "global", out / "ckpt" / "local"
+
+    # launch 1: a node lost right after the global stage's 7th step (checkpoints at 3, 4, 6)
+    log1 = tmp_path / "launch1.log"
+    proc = _launch(out, prep, tmp_path, log1, MEDATTN_FAULT_AFTER_STEPS=7)
+    assert proc.wait(timeout=600) != 0, log1.read_text()[-3000:]
+    prev = load(g / "last.prev.pt")
+    assert load(g / "last.pt")["global_step"] == 6 and prev["global_step"] == 4, "one previous checkpoint is kept"
+    data = (g / "last.pt").read_bytes()
+    (g / "last.pt").write_bytes(data[: len(data) // 2])  # truncated
+
+    # launch 2: falls back to last.prev.pt; held after the local stage's 7th step and killed
+    marks = tmp_path / "marks2"
+    marks.mkdir()
+    log2 = tmp_path / "launch2.log"
+    proc = _launch(out, prep, marks, log2, MEDATTN_FAULT_HOLD=f"step@{STEPS['global'] - 4 + 7}",
+                   MEDATTN_FAULT_HOLD_S=120)
+    deadline = time.time() + 600
+    while time.time() < deadline and len(list(marks.glob("step.*"))) < 2 and proc.poll() is None:
+        time.sleep(0.05)
+    assert len(list(marks.glob("step.*"))) == 2, log2.read_text()[-3000:]
+    everything = _tree(proc.pid)
+    for p in everything:
+        os.kill(p, signal.SIGKILL)
+    _wait_tree_gone(proc, everything, log2)
+    text = log2.read_text()
+    assert f"[global] {g / 'last.pt'}: unreadable checkpoint" in text, text[-3000:]
+    assert f"falling back to {g / 'last.prev.pt'}" in text
+    assert f"[global] resuming at epoch {prev['epoch'] + 1} step {prev['step']} (global step 4) from " \
+           f"{g / 'last.prev.pt'}" in text
+    assert (g / "last.unreadable.pt").read_bytes() == data[: len(data) // 2]  # kept for a post-mortem
+    assert load(loc / "last.pt")["global_step"] == 6 and load(loc / "last.prev.pt")["global_step"] == 4
+
+    # launch 3: the local stage's last.pt is empty and its previous one is not a torch file: the
+    # stage starts again from the global stage's best weights, and the run finishes
+    (loc / "last.pt").write_bytes(b"")
+    (loc / "last.prev.pt").write_bytes(b"not a checkpoint\n" * 8)
+    log3 = tmp_path / "launch3.log"
+    proc = _launch(out, prep, tmp_path / "marks2", log3)
+    assert proc.wait(timeout=600) == 0, log3.read_text()[-4000:]
+    text = log3.read_text()
+    assert f"[local] {loc / 'last.pt'}: unreadable checkpoint" in text, text[-3000:]
+    assert f"[local] {loc / 'last.prev.pt'}: unreadable checkpoint" in text
+    assert "falling back to the start of stage local" in text
+    assert f"[local] initialised from {g / 'best.pt'}" in text
+    assert "Traceback" not in text
+    _assert_same_run(ref, out)

@@ -127,7 +127,35 @@ def test_init_from_checks_keys_and_skips_another_head(finished, tmp_path, prep, 
     assert train_mod.main([*BASE, "--data", str(prep), "--out", str(out), "model.backbone=resnet50",
                            "--init-from", str(finished)]) == 2
     err = capsys.readouterr().err
-    assert "does not fit this run's model" in err and "global_branch.layer1.0.conv3.weight" in err
+    # the backbones first, then a short count of the keys (naming 15 keys of another network says nothing more)
+    assert "backbone resnet50 vs resnet18 (this run vs the checkpoint)" in err
+    assert err.index("resnet50 vs resnet18") < err.index("does not fit this run's model")
+    assert "global_branch.layer1.0.conv3.weight" not in err and len(err) < 500, err
     assert not out.exists()
     assert train_mod.main([*BASE, "--data", str(prep), "--out", str(out), "--init-from", str(tmp_path / "nope")]) == 2
     assert "no such checkpoint file or run directory" in capsys.readouterr().err
+
+
+def test_stages_report_what_was_trained_and_a_resume_names_each_changed_key(prep, tmp_path, capsys):
+    """``--stages global``: the log names the stages this launch trains (of all) and the done line
+    the time each took and the stages left. A rerun may change loader-only keys (workers,
+    prefetch); a change of the science is refused naming each key with both values."""
+    out = tmp_path / "run"
+    args = [*BASE, "--data", str(prep), "--out", str(out), "stages.*.epochs=1"]
+    assert train_mod.main([*args, "--stages", "global"]) == 0
+    text = capsys.readouterr().out
+    assert "| stages global (of global, local, fusion)" in text
+    done = next(line for line in text.splitlines() if f"done: {out}" in line)
+    assert " | trained global 0:" in done and "not trained yet: local, fusion (rerun without --stages" in done
+    assert "local" not in done.split("trained global")[1].split("not trained yet")[0]
+
+    # another number of loader workers and prefetch: not a different run
+    assert train_mod.main([*args, "--stages", "global", "data.num_workers=2", "data.prefetch=4"]) == 0
+    text = capsys.readouterr().out
+    assert "[global] already done" in text and "trained nothing (all done)" in text
+
+    # the science changed: each key named, with the saved and the new value, the loader keys not
+    assert train_mod.main([*args, "data.num_workers=2", "stages.local.grad_clip=0.5", "agcnn.tau=0.6"]) == 2
+    err = capsys.readouterr().err
+    assert "stages.local.grad_clip: 0.0 -> 0.5" in err and "agcnn.tau: 0.7 -> 0.6" in err, err
+    assert "num_workers: 0 -> 2" not in err and "sections differ" not in err

@@ -5,7 +5,8 @@ inside functions included:
 
 A module imports only its own layer and the layers below it. The CLI (``medattn.cli`` and
 ``python -m medattn``) sits above all. Also: every file name of a run directory is spelled in
-one module only (``hpc/run.py``), so its layout has one owner.
+one module only (``hpc/run.py``), so its layout has one owner, and every file name of a prepared
+directory in ``medattn/data/prepared.py`` (``Prepared``).
 """
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ TOP = {"medattn.cli", "medattn.__main__", "medattn.api"}  # the command line and
 # The one import allowed upwards: the package's lazy ``medattn.load`` forward to the API module
 # (a module-level ``__getattr__``: nothing is imported until a user asks for ``medattn.load``).
 FORWARDS = {("medattn", "medattn.api")}
-RUN_FILES = ("best.pt", "last.pt", "state.json", "metrics.jsonl")
+RUN_FILES = ("best.pt", "last.pt", "last.prev.pt", "last.unreadable.pt", "state.json", "metrics.jsonl")
+# The prepared directory's files: spelled as file names only in medattn/data/prepared.py (Prepared).
+# Docstrings and messages may mention them; a string that is the name, or a path ending in it, may not.
+PREPARED_FILES = ("dataset.json", "manifest.parquet")
 
 
 def _modules() -> list[tuple[str, Path]]:
@@ -247,3 +251,33 @@ def test_each_eval_file_name_has_one_owner(name):
                     node.value == name or node.value.endswith("/" + name)):
                 owners.add(str(p.relative_to(REPO)))
     assert owners - EVAL_FILES[name] == {"hpc/run.py"}, f"{name!r} is spelled in {sorted(owners)}"
+
+
+def _file_name_literals(path: Path, name: str) -> list[int]:
+    """Lines of string literals (f-string parts included) that are ``name`` or a path ending in
+    it (``"x/name"``, ``"name.tmp"``); docstrings and sentences that mention it do not count."""
+    tree = ast.parse(path.read_text(), str(path))
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body
+            and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+            v = node.value.strip()
+            if v == name or v.endswith("/" + name) or v.startswith(name + ".") or v.startswith("/" + name):
+                out.append(node.lineno)
+    return sorted(out)
+
+
+@pytest.mark.parametrize("name", PREPARED_FILES)
+def test_each_prepared_file_name_has_one_owner(name):
+    owners = sorted(f"{p.relative_to(REPO)}:{line}" for _, p in _modules() for line in _file_name_literals(p, name))
+    assert [o.split(":")[0] for o in owners] == ["medattn/data/prepared.py"], \
+        f"{name!r} is spelled as a file name in {owners}; only medattn.data.prepared.Prepared may know it"
+
+
+def test_the_prepared_name_finder_sees_paths_not_sentences(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text('"""Reads dataset.json."""\na = root / "dataset.json"\nb = f"{root}/dataset.json"\n'
+                   'c = "dataset.json.tmp"\nd = "no dataset.json here: run prepare"\n')
+    assert _file_name_literals(src, "dataset.json") == [2, 3, 4]

@@ -361,7 +361,7 @@ def test_resubmitting_skips_done_stages(chain, prep, capsys):
     assert rc == 0 and "nothing to submit: stages global, local, fusion" in cap.out
     rc, cap = _cli(capsys, "submit", *TWO_NODES, "--config", "demo", "--data", prep, "--out", run, *BASE,
                    "stages.fusion.grad_clip=0.5")
-    assert rc == 2 and "different config (sections differ: stages)" in cap.err
+    assert rc == 2 and "different config (stages.fusion.grad_clip: 0.0 -> 0.5)" in cap.err
     # more epochs continue the run: only the lengthened stage (and those after it) are submitted
     rc, cap = _cli(capsys, "submit", *TWO_NODES, "--config", "demo", "--data", prep, "--out", run, *BASE,
                    "stages.fusion.epochs=3", "--dry-run")

@@ -94,7 +94,7 @@ def write_result(name: str, rows: list[dict[str, Any]], out: str | os.PathLike |
         out.mkdir(parents=True, exist_ok=True)
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         path = out / f"{name}-{stamp}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, path)
+    from medattn.fileio import write_text
+
+    write_text(path, json.dumps(record, indent=2, default=str))
     return path

@@ -537,9 +537,9 @@ def run(args: argparse.Namespace) -> int:
             for k, v in phases.items()]
     print_table(rows)
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_json.with_name(out_json.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, out_json)
+    from medattn.fileio import write_text
+
+    write_text(out_json, json.dumps(record, indent=2, default=str))
     say(f"wrote {out_json}")
     if not (args.keep or args.reuse):  # --reuse never removes an earlier run's folder
         shutil.rmtree(work, ignore_errors=True)

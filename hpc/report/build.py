@@ -119,13 +119,9 @@ def build_report(run: str | Path, split: str = "test", samples: int = 12, out: s
 
 def _swap_into_place(tmp: Path, dest: Path) -> None:
     """Replace ``dest`` by ``tmp`` with renames only (the old report stays whole until then)."""
-    old = None
-    if dest.exists():
-        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:6]}"
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    from medattn.fileio import publish
+
+    publish(tmp, dest)
 
 
 class _Builder:
@@ -746,7 +742,9 @@ class _Builder:
             self.add(Para(Text.of("Overlays skipped (--samples 0).")))
             return
         a = self.art
-        if a.data_dir is None or not (a.data_dir / "dataset.json").is_file():
+        from medattn.data.prepared import Prepared
+
+        if a.data_dir is None or not Prepared(a.data_dir).exists():
             self.add(Para(Text.of(f"No overlays: the prepared data ({a.data_dir or 'not recorded'}) are not here; "
                                   "pass ", Code("--data PREP"), ".")))
             return

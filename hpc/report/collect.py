@@ -153,7 +153,9 @@ def collect(run_dir: str | Path, split: str = "test", data: str | None = None,
             notes.append(f"{preds_path} is unreadable ({e}); ROC curves left out.")
     art.data_dir = data_dir_of(run, data)
     if art.data_dir is not None:
-        info = art.data_dir / "dataset.json"
+        from medattn.data.prepared import Prepared
+
+        info = Prepared(art.data_dir).info_path
         if info.is_file():
             art.dataset_info = _read_json(info, notes, "dataset description")
         else:

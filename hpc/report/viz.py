@@ -82,7 +82,9 @@ def resolve_targets(items: list[str], ds: Any) -> list[Target]:
     """Turn --images arguments into targets; every unknown id or unreadable file is an error
     naming it (and the list file and line it came from)."""
     ids = {str(v): i for i, v in enumerate(ds.manifest["image"].to_numpy())}
-    manifest = ds.root / "manifest.parquet"
+    from medattn.data.prepared import Prepared
+
+    manifest = Prepared(ds.root).manifest_path
     targets: list[Target] = []
     for tok, src, line in _tokens(items):
         key = tok if tok in ids else (tok + ".png" if tok + ".png" in ids else None)

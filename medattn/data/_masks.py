@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from medattn import fileio
 from medattn.errors import DataError
 
 MASK_FILE = "masks/lung.npy"
@@ -108,21 +108,15 @@ def write_mask_store(out: Path, mask_paths: list[str | None], images: list[str],
                     known[i] = True
         packed.flush()
         del packed
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out / MASK_FILE)
+        fileio.publish(tmp, out / MASK_FILE)
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
         if tmp.exists():
             tmp.unlink()
-    ktmp = out / (KNOWN_FILE + ".partial")
-    with open(ktmp, "wb") as f:
+    with fileio.atomic_file(out / KNOWN_FILE) as f:
         np.save(f, known)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(ktmp, out / KNOWN_FILE)
     return {"path": MASK_FILE, "known": KNOWN_FILE, "size": size, "count": int(known.sum()),
             "packing": "np.packbits(axis=-1)"}
 
@@ -144,13 +138,9 @@ class MaskStore:
     @classmethod
     def open(cls, root: str | Path) -> "MaskStore | None":
         """The store of a prepared directory, or None when it has no lung masks."""
-        import json
+        from medattn.data.prepared import Prepared
 
-        info_path = Path(root) / "dataset.json"
-        try:
-            info = json.loads(info_path.read_text())
-        except (OSError, ValueError) as e:
-            raise DataError(info_path, f"unreadable: {e}") from None
+        info = Prepared(root).info()
         entry = info.get("lung_masks")
         return cls(root, entry) if entry else None
 

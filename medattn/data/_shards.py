@@ -20,13 +20,14 @@ in progress. The writer knows nothing about where samples come from (NIH, CSV, f
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from medattn import fileio
 
 SHARD_DIR = "shards"
 PARTIAL_DIR = ".partial"
@@ -44,35 +45,6 @@ def default_shard_size(size: int, channels: int) -> int:
 def shard_name(index: int, pixel_format: str) -> str:
     ext = "npy" if pixel_format == "raw" else "bin"
     return f"{SHARD_DIR}/pixels-{index:05d}.{ext}"
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (best effort: not every filesystem supports it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via ``path.tmp`` + fsync + rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
 @dataclass
@@ -136,11 +108,8 @@ class ShardWriter:
         """Flush, fsync and rename into place; returns the shard entry for dataset.json."""
         if len(self.records) != self.count:
             raise RuntimeError(f"shard {self.index} got {len(self.records)} of {self.count} samples")
-        self._f.flush()
-        os.fsync(self._f.fileno())
         self._f.close()
-        os.replace(self.partial, self.path)
-        fsync_dir(self.path.parent)
+        fileio.publish(self.partial, self.path)
         return {"path": self.rel, "count": self.count, "bytes": self._pos}
 
     def abort(self) -> None:
@@ -170,7 +139,7 @@ class PartialState:
 
     def start(self, settings: dict[str, Any]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.dir / SETTINGS_FILE, settings)
+        fileio.write_json(self.dir / SETTINGS_FILE, settings)
 
     def _shard_file(self, index: int) -> Path:
         return self.dir / f"shard-{index:05d}.json"
@@ -178,7 +147,7 @@ class PartialState:
     def mark_done(self, entry: dict[str, Any], records: list[SampleRecord]) -> None:
         """Record a finished (already renamed) shard."""
         obj = {"shard": entry, "records": [r.__dict__ for r in records]}
-        atomic_write_json(self._shard_file(self.index_of(entry)), obj)
+        fileio.write_json(self._shard_file(self.index_of(entry)), obj)
 
     @staticmethod
     def index_of(entry: dict[str, Any]) -> int:
@@ -219,9 +188,6 @@ def remove_stale_partials(root: Path) -> None:
 
 
 # ---------------------------------------------------------------- the manifest
-MANIFEST = "manifest.parquet"
-
-
 def manifest_types() -> dict[str, Any]:
     """The pyarrow type of every manifest column, in the manifest's column order."""
     import pyarrow as pa
@@ -270,4 +236,6 @@ def write_manifest(root: Path, columns: dict[str, Any]) -> None:
     table = pa.table({k: pa.array(columns[k], types[k]) for k in types if k in columns})
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    atomic_write_bytes(Path(root) / MANIFEST, buf.getvalue())
+    from medattn.data.prepared import Prepared
+
+    Prepared(root).write_manifest_bytes(buf.getvalue())

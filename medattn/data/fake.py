@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 from medattn.data._images import encode
-from medattn.data._shards import ShardWriter, atomic_write_json, record_columns, write_manifest
+from medattn.data._shards import ShardWriter, record_columns, write_manifest
+from medattn.data.prepared import Prepared
 from medattn.data.labels import DISEASES, NIH_LABELS
 
 
@@ -121,7 +122,7 @@ def write_fake_prepared(root: Path, n: int = 96, size: int = 64, seed: int = 0, 
         "pixel_format": "raw", "shards": shards, "skipped_missing": 0,
         "conversions": {}, "has_lung_boxes": lung_boxes,
     }
-    atomic_write_json(root / "dataset.json", info)
+    Prepared(root).write_info(info)
     return root
 
 

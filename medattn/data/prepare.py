@@ -37,9 +37,10 @@ import pandas as pd
 from medattn.errors import DataError
 from medattn.data._images import PIXEL_FORMATS, RESIZE_FILTER
 from medattn.data._shards import (PARTIAL_DIR, SHARD_DIR, PartialState, SampleRecord, ShardWriter,
-                                  atomic_write_json, default_shard_size, record_columns,
+                                  default_shard_size, record_columns,
                                   remove_stale_partials, shard_name, write_manifest)
 from medattn.data._masks import write_mask_store
+from medattn.data.prepared import Prepared
 from medattn.data._sources import SourceTable, nih_table
 
 FORMAT_VERSION = 1
@@ -386,15 +387,13 @@ def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 def _open_out(out: Path, settings: dict[str, Any]) -> PrepareResult | None:
     """Decide between fresh start, resume, nothing-to-do and refusal for ``out``."""
-    info_path = out / "dataset.json"
+    prepared = Prepared(out)
     state = PartialState(out)
-    if info_path.is_file():
-        import json
-
+    if prepared.exists():
         try:
-            info = json.loads(info_path.read_text())
-        except (OSError, ValueError) as e:
-            raise DataError(info_path, f"unreadable ({e}); delete {out} or choose another --out") from None
+            info = prepared.info()
+        except DataError as e:
+            raise DataError(None, f"{e}; delete {out} or choose another --out") from None
         old = info.get("prepare_settings")
         if old != settings:
             why = _diff(old or {}, settings) if old else "it was not written by this version"
@@ -432,8 +431,7 @@ def _clean_ours(out: Path) -> None:
     if d.is_dir():
         for p in d.glob("pixels-*"):
             p.unlink(missing_ok=True)
-    for name in ("manifest.parquet", "manifest.parquet.tmp", "dataset.json.tmp"):
-        (out / name).unlink(missing_ok=True)
+    Prepared(out).remove_outputs()
 
 
 # ---------------------------------------------------------------- workers
@@ -627,7 +625,7 @@ def _finish(table: SourceTable, out: Path, settings: dict[str, Any],
         "prepare_settings": settings,
         **(extra_info or {}),
     }
-    atomic_write_json(out / "dataset.json", info)
+    Prepared(out).write_info(info)
     PartialState(out).remove()
     return info
 

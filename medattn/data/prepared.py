@@ -1,4 +1,6 @@
-"""Read side of a prepared directory (docs/data-format.md): the manifest, labels and pixels.
+"""A prepared directory (docs/data-format.md): :class:`Prepared` owns its layout (the file
+names, spelled nowhere else in the product: tests/test_layers.py checks it), and
+:class:`PreparedDataset` is its read side: the manifest, labels and pixels.
 
 Both loaders (DALI and the PyTorch fallback) and evaluation go through :class:`PreparedDataset`,
 so there is one definition of "sample i".
@@ -26,6 +28,71 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 # source kinds of generated data: ``medattn synth`` output and medattn.data.fake's test blobs
 SYNTHETIC_KINDS = ("synthetic", "synth", "test-blobs")
+
+
+class Prepared:
+    """The prepared directory ``root`` (it need not exist yet), as hpc.run.Run is for runs::
+
+        ROOT/dataset.json        what the directory holds (written last: its presence means complete)
+        ROOT/manifest.parquet    one row per sample (medattn.data._shards.write_manifest)
+        ROOT/shards/, ROOT/masks/, ROOT/.partial/   pixels, lung masks, an unfinished prepare's state
+    """
+
+    INFO = "dataset.json"
+    MANIFEST = "manifest.parquet"
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"Prepared({str(self.root)!r})"
+
+    @property
+    def info_path(self) -> Path:
+        return self.root / self.INFO
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / self.MANIFEST
+
+    def exists(self) -> bool:
+        """Whether a complete prepared directory is here (its dataset.json is written last)."""
+        return self.info_path.is_file()
+
+    def has_manifest(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def info(self) -> dict[str, Any]:
+        """dataset.json. Raises DataError naming it when it is missing or unreadable."""
+        try:
+            info = json.loads(self.info_path.read_text())
+        except FileNotFoundError:
+            raise DataError(self.info_path, "missing: this is not a complete prepared directory") from None
+        except (OSError, ValueError) as e:
+            raise DataError(self.info_path, f"unreadable: {e}") from None
+        if not isinstance(info, dict):
+            raise DataError(self.info_path, "unreadable: not a JSON object")
+        return info
+
+    def write_info(self, info: dict[str, Any]) -> None:
+        """dataset.json, atomically and durably (medattn.fileio): write it after everything else."""
+        from medattn import fileio
+
+        fileio.write_json(self.info_path, info)
+
+    def write_manifest_bytes(self, data: bytes) -> None:
+        from medattn import fileio
+
+        fileio.write_bytes(self.manifest_path, data)
+
+    def remove_outputs(self) -> None:
+        """Delete the manifest and dataset.json (and their temporaries): an interrupted prepare
+        that starts over."""
+        from medattn import fileio
+
+        for p in (self.manifest_path, self.info_path):
+            p.unlink(missing_ok=True)
+        fileio.remove_temporaries(self.root)
 
 
 def is_synthetic(info: dict[str, Any]) -> bool:
@@ -59,21 +126,19 @@ class PreparedDataset:
     @classmethod
     def open(cls, root: str | Path) -> "PreparedDataset":
         root = Path(root)
-        info_path = root / "dataset.json"
+        where = Prepared(root)
+        info_path = where.info_path
         if not root.is_dir():
             raise DataError(root, "prepared directory does not exist (run `medattn prepare` first)")
         if not info_path.is_file():
             hint = " (an interrupted `medattn prepare`: run the same command again to resume)" \
                 if (root / ".partial").exists() or (root / "shards").exists() else ""
             raise DataError(info_path, "missing: this is not a complete prepared directory" + hint)
-        try:
-            info = json.loads(info_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise DataError(info_path, f"unreadable: {e}") from None
+        info = where.info()
         if info.get("format_version") != FORMAT_VERSION:
             raise DataError(info_path, f"format_version {info.get('format_version')!r} is not supported "
                                        f"(this medattn reads {FORMAT_VERSION}); prepare the data again")
-        mpath = root / "manifest.parquet"
+        mpath = where.manifest_path
         try:
             manifest = pd.read_parquet(mpath)
         except Exception as e:  # pyarrow raises several types
@@ -150,7 +215,7 @@ class PreparedDataset:
         idx = np.flatnonzero(self.manifest["split"].to_numpy() == split).astype(np.int64)
         if len(idx) == 0:
             counts = self.manifest["split"].value_counts().to_dict()
-            raise DataError(self.root / "manifest.parquet", f"split {split!r} is empty (have {counts})")
+            raise DataError(Prepared(self.root).manifest_path, f"split {split!r} is empty (have {counts})")
         return idx
 
     def labels_matrix(self) -> np.ndarray:

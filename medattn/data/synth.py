@@ -27,6 +27,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from medattn import fileio
 from medattn.data import _synth_meta as meta
 from medattn.data.labels import BOX_CLASSES, DISEASES, NO_FINDING
 from medattn.errors import ConfigError, DataError
@@ -221,13 +222,7 @@ def generate(out: str | os.PathLike, n_images: int = 1600, size: int = 1024, see
         # the marker carries no time or path, so two runs stay byte-identical
         (tmp / MARKER).write_text(json.dumps(summary, indent=1) + "\n")
 
-        old = None
-        if out.exists():
-            old = parent / f".{out.name}.synth-old-{os.getpid()}"
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        fileio.publish(tmp, out)  # the old folder (if any) stays whole until the rename
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
