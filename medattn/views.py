@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from medattn.boxes import mirror, pixel_window
-from medattn.config import DataConfig
+from medattn.config_schema import DataConfig
 
 # ImageNet statistics; for one-channel X-rays the RGB means/stds are averaged, which is what a
 # gray image replicated to RGB sees after a conv1 whose RGB kernels were summed.

@@ -94,7 +94,7 @@ class AGCNNMethod(Method):
         if not 0.0 < a.tau < 1.0:
             raise ConfigError(f"config key 'agcnn.tau' must be in (0, 1), got {a.tau}")
         if a.local_backbone:
-            from medattn.models.registry import check_backbone
+            from medattn.models.factory import check_backbone
 
             check_backbone(a.local_backbone, "agcnn.local_backbone")
         if a.heatmap_size < 0:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from medattn import losses
-from medattn.config import Config
+from medattn.config_schema import Config, check_choices
 from medattn.errors import ConfigError
 
 
@@ -119,8 +119,6 @@ class Method:
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         """Check the method's own keys (called by every config load); raise ConfigError."""
-        from medattn.config import check_choices
-
         check_choices(cfg, cls.choices)
 
     @classmethod
