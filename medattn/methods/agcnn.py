@@ -30,6 +30,7 @@ from medattn.attention import COMPONENTS, HEATMAP_MODES, SCALES, THRESHOLDS
 from medattn.boxes import view_to_source as map_boxes
 from medattn.errors import ConfigError
 from medattn.methods.base import Method
+from medattn.methods.focal import FocalLoss
 
 STAGES = ("global", "local", "fusion")
 
@@ -78,7 +79,7 @@ class AGCNNConfig:
     fusion_init: str = "global"
 
 
-class AGCNNMethod(Method):
+class AGCNNMethod(FocalLoss, Method):
     name = "agcnn"
     stage_order = STAGES
     sections = {"agcnn": AGCNNConfig, "focal": losses.FocalConfig}
@@ -107,7 +108,7 @@ class AGCNNMethod(Method):
         return super().alias_settings(alias, value)
 
     @classmethod
-    def key_effect(cls, cfg, key, focal_stages=None):
+    def key_effect(cls, cfg, key, loss_stages=None):
         # The global stage never looks at the attention settings; the local branch's backbone is
         # built (and trained nowhere else) from the global stage on, so that key affects all.
         if key == "agcnn.fusion_init":
@@ -119,7 +120,7 @@ class AGCNNMethod(Method):
                 return [], (f"{key} only acts in the local and fusion stages; this config has only "
                             f"{', '.join(cfg.stage_names())}")
             return later, ""
-        return super().key_effect(cfg, key, focal_stages)
+        return super().key_effect(cfg, key, loss_stages)
 
     def validate(self) -> None:
         super().validate()
