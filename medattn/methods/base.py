@@ -27,6 +27,7 @@ from torch import nn
 from medattn import losses
 from medattn.config_schema import Config, check_choices
 from medattn.errors import ConfigError
+from medattn.published import PublishedResults
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,10 @@ class Method:
     choices: ClassVar[dict[str, tuple]] = {}
     # alias -> (what it is, as a noun phrase; what it sets, for --help)
     sweep_aliases: ClassVar[dict[str, tuple[str, str]]] = {}
+    # What the method's paper reported on ChestX-ray14 (the report sets it beside a run; empty: nothing).
+    published: ClassVar[PublishedResults] = PublishedResults()
+    # Branch name -> what it is, in words, for reports and figures (a branch not listed is its name).
+    branch_labels: ClassVar[dict[str, str]] = {}
 
     def __init__(self, cfg: Config, spec: DataSpec):
         self.cfg = cfg
@@ -217,6 +222,11 @@ class Method:
     def branches(self, stage: str) -> list[str]:
         """Branches evaluated once ``stage`` is trained."""
         return ["main"]
+
+    @classmethod
+    def branch_label(cls, branch: str) -> str:
+        """A branch in words (``branch_labels``), for display."""
+        return cls.branch_labels.get(branch, branch)
 
     def select_branch(self, stage: str) -> str:
         """The branch whose validation metric selects this stage's best checkpoint."""
