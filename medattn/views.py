@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from medattn.boxes import mirror, pixel_window
-from medattn.config import DataConfig
+from medattn.config_schema import DataConfig
 
 # ImageNet statistics; for one-channel X-rays the RGB means/stds are averaged, which is what a
 # gray image replicated to RGB sees after a conv1 whose RGB kernels were summed.
@@ -164,6 +164,34 @@ def render_views(images: np.ndarray, views: dict[str, np.ndarray], spec: ViewSpe
         bri = torch.from_numpy(views["brightness"]).view(b, 1, 1, 1)
         con = torch.from_numpy(views["contrast"]).view(b, 1, 1, 1)
         out = (bri * ((out - 127.5) * con + 127.5)).clamp(0, 255)
-    mean = torch.tensor(spec.mean).view(1, c, 1, 1) * 255.0
-    std = torch.tensor(spec.std).view(1, c, 1, 1) * 255.0
-    return (out - mean) / std
+    return normalize(out, spec.mean, spec.std)
+
+
+# --------------------------------------------------------------------------------------------
+# Normalisation: the one definition of the network input's pixel scale (loaders, methods, the
+# lung model, predict, export). DALI's crop_mirror_normalize applies the same map on its side.
+# --------------------------------------------------------------------------------------------
+def _channel_stats(v, x):
+    """``mean``/``std`` as a (1, C, 1, 1) float32 tensor on ``x``'s device (a tensor is used as
+    given: callers on a GPU keep theirs, a tensor built from Python numbers is a blocking copy)."""
+    import torch
+
+    if isinstance(v, torch.Tensor):
+        return v
+    return torch.tensor(tuple(v), dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+
+
+def normalize(x, mean, std):
+    """Pixels on the 0-255 scale (uint8, or float after resizing) -> network input.
+
+    ``(x / 255 - mean) / std`` per channel, ``mean``/``std`` on the 0..1 scale (``ViewSpec`` /
+    ``DataSpec``: sequences, or (1, C, 1, 1) tensors). ``x`` is a (B, C, H, W) tensor; the result
+    is float32.
+    """
+    return (x.float() / 255.0 - _channel_stats(mean, x)) / _channel_stats(std, x)
+
+
+def denormalize(x, mean, std):
+    """The inverse of :func:`normalize`: network input -> float pixels on the 0-255 scale (not
+    rounded or clipped; for display, ``.clamp(0, 255).round()``)."""
+    return (x.float() * _channel_stats(std, x) + _channel_stats(mean, x)) * 255.0

@@ -469,13 +469,14 @@ def test_split_protocol_decides_comparable(trained, tmp_path):
            "70/10/20 by image (patients leak across parts): not comparable)" in html
     assert f"patient-clustered percentile bootstrap (50 resamples of {m['bootstrap_units']} patients" in html
     assert "(too few)" in html
-    from hpc.report import published as P
+    from medattn import published as P
+    from medattn.methods.agcnn import AGCNN_R50, AGCNNMethod
 
     assert P.protocol_matches("image-random", "image-random") and not P.protocol_matches("random", "image-random")
     # Protocols from the sources only: none of the columns' sources says image or patient.
-    assert all(c.protocol == "unstated" for c in P.AUROC_TABLES)
+    assert all(c.protocol == "unstated" for c in AGCNNMethod.published.auroc + P.REFERENCE_AUROC)
     assert not P.protocol_matches("chexnet", P.CHEXNET.protocol) and P.reading_matches("chexnet", P.CHEXNET)
-    assert P.reading_matches("image-random", P.AGCNN_R50) and not P.reading_matches("random", P.AGCNN_R50)
+    assert P.reading_matches("image-random", AGCNN_R50) and not P.reading_matches("random", AGCNN_R50)
     assert not P.protocol_matches(None, "unstated") and not P.reading_matches("random", P.YAO)
     # The 'too few' classes that the mean's interval still averages are named.
     assert f"including the &#x27;too few&#x27; ones ({cls})" in html
@@ -515,15 +516,20 @@ def test_published_numbers_are_consistent():
     """Transcription check: each column's per-class values average to the mean its source (or the
     research notes, chestxray14.md §5.2) gives."""
     from medattn.data.labels import DISEASES
-    from hpc.report import published as P
+    from medattn import published as P
+    from medattn.methods import method_class, method_names
 
     expected = {"agcnn_r50": 0.868, "agcnn_d121": 0.871, "chexnet": 0.8414, "wang": 0.7381, "yao": 0.8027}
-    for col in P.AUROC_TABLES:
+    # every method's own columns (the methods own their papers' tables) and the dataset's references
+    columns = [c for m in method_names() for c in method_class(m).published.auroc] + list(P.REFERENCE_AUROC)
+    assert sorted(c.key for c in columns) == sorted(expected)
+    for col in columns:
         assert list(col.per_class) == list(DISEASES)
         assert abs(np.mean(list(col.per_class.values())) - expected[col.key]) < 6e-4, col.key
         assert abs(col.reported_mean() - expected[col.key]) < 6e-4
-    assert P.published_mean(P.AGCNN_R50, ["Atelectasis", "Hernia", "No Finding"]) == (0.844 + 0.903) / 2
-    assert P.published_mean(P.AGCNN_R50, ["No Finding"]) is None
+    r50 = method_class("agcnn").published.auroc[0]
+    assert P.published_mean(r50, ["Atelectasis", "Hernia", "No Finding"]) == (0.844 + 0.903) / 2
+    assert P.published_mean(r50, ["No Finding"]) is None
     # Wang et al. Table 4: accuracy falls as T rises, for every class
     for c, acc in P.WANG_TIOBB.items():
         vals = [acc[t] for t in P.WANG_TIOBB_THRESHOLDS]

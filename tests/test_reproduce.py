@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from hpc.report import published as P
+from medattn import published as P
+from medattn.methods.agcnn import AGCNN_PUBLISHED, AGCNN_R50
 from medattn.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,13 +66,13 @@ def test_every_table_has_one_command_that_loads():
         assert kind == expect, name
     # The commands follow medattn's reading of each table's split (no source states image or patient,
     # so the report calls none comparable and names the reading instead).
-    assert P.reading_matches("image-random", P.AGCNN_R50) and P.reading_matches("chexnet", P.CHEXNET)
+    assert P.reading_matches("image-random", AGCNN_R50) and P.reading_matches("chexnet", P.CHEXNET)
 
 
 def test_quoted_numbers_are_the_reports():
     text = DOC.read_text()
     for arch, key in (("ResNet-50", "agcnn_r50"), ("DenseNet-121", "agcnn_d121")):
-        b = P.AGCNN_BRANCH_MEANS[arch]
+        b = AGCNN_PUBLISHED.branch_means[arch]
         assert f"**{b['global']:.3f} / {b['local']:.3f} / {b['fusion']:.3f}**" in text, arch
     assert f"**{P.CHEXNET.reported_mean():.3f}**" in text
     assert "GPU-hours: unmeasured" in text

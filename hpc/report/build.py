@@ -22,7 +22,7 @@ import numpy as np
 
 from medattn.boxes import records_xyxy
 from medattn.data.labels import BOX_CLASSES, DISEASES
-from hpc.report import published as P
+from medattn import published as P
 from hpc.run import EvalDir, Run
 from hpc.report.collect import RunArtifacts, collect, finite
 from hpc.report.doc import (Banner, Bullets, Code, Document, Heading, Image, Para, Pre, Strong, Table, Text,
@@ -155,6 +155,22 @@ class _Builder:
     @property
     def classes(self) -> list[str]:
         return self.art.eval_labels
+
+    @property
+    def paper(self) -> P.PublishedResults:
+        """What the run's method's paper reported (``Method.published``; nothing for an unknown method)."""
+        from medattn.errors import ConfigError
+        from medattn.methods import method_class
+
+        try:
+            return method_class(self.art.method).published
+        except ConfigError:
+            return P.PublishedResults()
+
+    @property
+    def columns(self) -> tuple[P.PublishedAUROC, ...]:
+        """The published AUROC columns beside the run: its method's paper's, then the dataset's references."""
+        return self.paper.auroc + P.REFERENCE_AUROC
 
     @property
     def selections(self) -> dict[str, dict[str, Any]]:
@@ -292,7 +308,7 @@ class _Builder:
 
     def split_banner(self) -> None:
         """The run's split protocol, and which published columns share it (only those are called
-        comparable; hpc/report/published.py PROTOCOLS)."""
+        comparable; medattn/published.py PROTOCOLS)."""
         a = self.art
         kind = a.split_kind
         info = a.dataset_info or {}
@@ -317,8 +333,8 @@ class _Builder:
         elif proto is not None:
             leak = " No patient has images in two parts."
         same = self._comparable_columns()
-        cols = "; ".join(f"{c.name}: {P.PROTOCOLS[c.protocol]}" for c in P.AUROC_TABLES)
-        by_reading = [c for c in P.AUROC_TABLES if P.reading_matches(kind, c)]
+        cols = "; ".join(f"{c.name}: {P.PROTOCOLS[c.protocol]}" for c in self.columns)
+        by_reading = [c for c in self.columns if P.reading_matches(kind, c)]
         reading = ("" if not by_reading else
                    " Same split as medattn's reading of " + ", ".join(c.name for c in by_reading)
                    + " (" + "; ".join(f"{c.name}: {c.reading_note}" for c in by_reading)
@@ -339,7 +355,7 @@ class _Builder:
 
     def _comparable_columns(self) -> list[Any]:
         """The published columns whose split protocol is this run's (data and classes aside)."""
-        return [c for c in P.AUROC_TABLES if P.protocol_matches(self.art.split_kind, c.protocol)]
+        return [c for c in self.columns if P.protocol_matches(self.art.split_kind, c.protocol)]
 
     def eval_banners(self) -> None:
         a, m = self.art, self.m
@@ -438,10 +454,11 @@ class _Builder:
         b = self.branches[-1]
         mean = self.m["auroc"][b].get("mean")
         cls = self.classes
-        same = [f"{c.name} {fmt(P.published_mean(c, cls))}" for c in P.AUROC_TABLES[:3]]
+        same = [f"{c.name} {fmt(P.published_mean(c, cls))}" for c in self.columns[:3]]
+        own = [f"{c.name} {c.reported_mean():.3f}" for c in self.paper.auroc]
         txt = (f"{b} mean AUROC {fmt(mean)} over {self._mean_over_text()}; published over the same classes: "
-               + ", ".join(same) + f" (AG-CNN reported means: ResNet-50 {P.AGCNN_R50.mean}, DenseNet-121 "
-               f"{P.AGCNN_D121.mean}, over 14 diseases).")
+               + ", ".join(same) + (f" ({self.paper.name} reported means: {', '.join(own)}, over 14 diseases)"
+                                    if own else "") + ".")
         caveats = []
         if self.art.data_kind == "synthetic":
             caveats.append("the data are synthetic, so this is no comparison at all")
@@ -457,7 +474,7 @@ class _Builder:
         if caveats:
             txt += " Not comparable: " + "; ".join(caveats) + "."
         else:
-            others = [c.name for c in P.AUROC_TABLES if c not in same]
+            others = [c.name for c in self.columns if c not in same]
             txt += (f" Comparable (same split protocol, {P.PROTOCOLS[same[0].protocol]}): "
                     f"{', '.join(c.name for c in same)}"
                     + (f"; not comparable (other protocol): {', '.join(others)}" if others else "") + ".")
@@ -504,11 +521,11 @@ class _Builder:
             + "; ".join(f"{c.name} ({P.PROTOCOLS[c.protocol]}"
                         + (f", read as {P.PROTOCOLS[c.reading]}" if c.reading else "") + ": "
                         + ("comparable" if c in self._comparable_columns() and self.art.data_kind == "nih"
-                           else "not comparable") + ")" for c in P.AUROC_TABLES)
+                           else "not comparable") + ")" for c in self.columns)
             + " (see Sources).")))
         few = m.get("auroc_ci_too_few") or {}
         npos = self._positives()
-        header = ["class", "n+"] + [f"{b} (this run)" for b in branches] + [c.name for c in P.AUROC_TABLES]
+        header = ["class", "n+"] + [f"{b} (this run)" for b in branches] + [c.name for c in self.columns]
         rows = []
         for c in self.classes:
             row = [c, str(npos.get(c, "?"))]
@@ -517,42 +534,47 @@ class _Builder:
                 if c in few.get(b, ()) and finite(m["auroc"][b].get(c)):
                     cell += " (too few)"
                 row.append(cell)
-            row += [fmt(col.per_class.get(c)) if c in col.per_class else "—" for col in P.AUROC_TABLES]
+            row += [fmt(col.per_class.get(c)) if c in col.per_class else "—" for col in self.columns]
             rows.append(row)
         mean_row = [f"mean over {self._mean_over_text()}", ""]
         mean_row += [fmt_ci(m["auroc"][b].get("mean"), ci.get(b, {}).get("mean")) for b in branches]
-        mean_row += [fmt(P.published_mean(col, self.classes)) for col in P.AUROC_TABLES]
+        mean_row += [fmt(P.published_mean(col, self.classes)) for col in self.columns]
         rows.append(mean_row)
         strong = {len(rows) - 1}
         if list(self.classes) != list(DISEASES):
             rows.append(["mean as published (14 diseases)", ""] + ["—"] * len(branches)
-                        + [fmt(col.reported_mean()) for col in P.AUROC_TABLES])
+                        + [fmt(col.reported_mean()) for col in self.columns])
         nb = len(branches)
-        self.add(Table(header, rows, numeric=set(range(1, 2 + nb + len(P.AUROC_TABLES))), strong_rows=strong,
+        self.add(Table(header, rows, numeric=set(range(1, 2 + nb + len(self.columns))), strong_rows=strong,
                        caption="n+ = positive images of the class in the evaluated split. A class without positives "
-                               "has no AUROC (n/a) and is left out of the mean. AG-CNN columns are the paper's AG-CNN "
-                               "(fusion) rows." + self._mean_interval_note()))
-        # Branch means against AG-CNN Table I.
-        if m.get("method") == "agcnn" or set(branches) & {"global", "local", "fusion"}:
-            self.add(Heading(3, "Branch means beside AG-CNN Table I"))
+                               "has no AUROC (n/a) and is left out of the mean."
+                               + "".join(f" {c.name}: {c.source}." for c in self.paper.auroc)
+                               + self._mean_interval_note()))
+        # Branch means beside the paper's (a method with several output branches says them).
+        paper = self.paper
+        if paper.branch_means:
+            self.add(Heading(3, f"Branch means beside {paper.name} {paper.table}"))
             rows = []
-            for b in ("global", "local", "fusion"):
+            table_branches = list(next(iter(paper.branch_means.values())))
+            for b in table_branches:
                 run_v = fmt_ci(m["auroc"][b].get("mean"), ci.get(b, {}).get("mean")) if b in m["auroc"] else "—"
-                rows.append([b, run_v] + [fmt(P.AGCNN_BRANCH_MEANS[k][b]) for k in P.AGCNN_BRANCH_MEANS])
+                rows.append([b, run_v] + [fmt(paper.branch_means[k].get(b)) for k in paper.branch_means])
+            last = table_branches[-1]
             self.add(Table(["branch", f"this run ({len(self.classes)} classes)"]
-                           + [f"AG-CNN {k} (14 diseases)" for k in P.AGCNN_BRANCH_MEANS], rows,
-                           numeric={1, 2, 3}, caption=f"{P.AGCNN_SOURCE}; {P.PROTOCOLS[P.AGCNN_PROTOCOL]}; this run: "
+                           + [f"{paper.name} {k} (14 diseases)" for k in paper.branch_means], rows,
+                           numeric=set(range(1, 2 + len(paper.branch_means))),
+                           caption=f"{paper.source}; {P.PROTOCOLS[paper.protocol]}; this run: "
                            + (f"'{self.art.split_kind}' split, comparable protocol."
-                              if P.protocol_matches(self.art.split_kind, P.AGCNN_PROTOCOL)
+                              if P.protocol_matches(self.art.split_kind, paper.protocol)
                               and self.art.data_kind == "nih" else
                               f"'{self.art.split_kind}' split, not comparable (the paper does not state image or "
-                              f"patient, or other data)." if P.AGCNN_PROTOCOL == "unstated" else
+                              f"patient, or other data)." if paper.protocol == "unstated" else
                               f"'{self.art.split_kind}' split, not comparable (other protocol or data).")
-                           + (" " + self._kept_sentence("fusion") + " Its column is therefore the global "
+                           + (" " + self._kept_sentence(last) + f" Its column is therefore the {table_branches[0]} "
                               "column's model, up to float rounding."
-                              if (self.selections.get("fusion") or {}).get("best_epoch") == 0
-                              and (self.selections.get("fusion") or {}).get("fusion_init") == "global"
-                              and "fusion" in m["auroc"] else "")))
+                              if (self.selections.get(last) or {}).get("best_epoch") == 0
+                              and (self.selections.get(last) or {}).get("fusion_init") == table_branches[0]
+                              and last in m["auroc"] else "")))
         self._binary_table()
         if self.art.split_kind == "official":
             self.add(Heading(3, "Official-split references"))
@@ -861,10 +883,12 @@ class _Builder:
         self.add(Heading(2, "Sources of the published numbers", "sources"))
         items = [Text.of(Strong(c.name + ": "),
                          f"{c.source}; split: {c.split}." + (f" Note: {c.note}." if c.note else ""))
-                 for c in P.AUROC_TABLES]
-        items.append(Text.of(Strong("AG-CNN branch means: "), P.AGCNN_SOURCE + "."))
+                 for c in self.columns]
+        if self.paper.branch_means:
+            items.append(Text.of(Strong(f"{self.paper.name} branch means: "), self.paper.source + "."))
         items.append(Text.of(Strong("T(IoBB) accuracy: "), P.WANG_TIOBB_SOURCE + "."))
         items.append(Text.of(Strong("Official-split references: "), P.OFFICIAL_SPLIT_SOURCE + "."))
         items.append(Text.of("Compiled in the project's research notes (chestxray14.md §4–§6, methods.md §0); "
-                             "the numbers are in ", Code("hpc/report/published.py"), "."))
+                             "the numbers are in ", Code("medattn/published.py"), " and the method's module (",
+                             Code("Method.published"), ")."))
         self.add(Bullets(items))

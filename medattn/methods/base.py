@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from medattn import losses
-from medattn.config import Config
+from medattn.config_schema import Config, check_choices
 from medattn.errors import ConfigError
+from medattn.published import PublishedResults
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,10 @@ class Method:
     choices: ClassVar[dict[str, tuple]] = {}
     # alias -> (what it is, as a noun phrase; what it sets, for --help)
     sweep_aliases: ClassVar[dict[str, tuple[str, str]]] = {}
+    # What the method's paper reported on ChestX-ray14 (the report sets it beside a run; empty: nothing).
+    published: ClassVar[PublishedResults] = PublishedResults()
+    # Branch name -> what it is, in words, for reports and figures (a branch not listed is its name).
+    branch_labels: ClassVar[dict[str, str]] = {}
 
     def __init__(self, cfg: Config, spec: DataSpec):
         self.cfg = cfg
@@ -119,43 +124,31 @@ class Method:
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         """Check the method's own keys (called by every config load); raise ConfigError."""
-        from medattn.config import check_choices
-
         check_choices(cfg, cls.choices)
 
     @classmethod
     def all_sweep_aliases(cls) -> dict[str, tuple[str, str]]:
-        out = dict(cls.sweep_aliases)
-        if "focal" in cls.sections:
-            out["gamma"] = ("focal-loss gamma", "focal.gamma (needs a stage with loss: focal)")
-        return out
+        """Every short sweep name: the method's own and those of its mix-ins (e.g. FocalLoss's gamma)."""
+        return dict(cls.sweep_aliases)
 
     @classmethod
     def alias_settings(cls, alias: str, value: Any) -> list[tuple[str, Any]]:
         """The config settings a sweep alias stands for, for one sampled value."""
-        if alias == "gamma" and "focal" in cls.sections:
-            return [("focal.gamma", value)]
         raise KeyError(alias)
 
     @classmethod
-    def key_effect(cls, cfg: Config, key: str, focal_stages: list[str] | None = None) -> tuple[list[str], str]:
+    def key_effect(cls, cfg: Config, key: str, loss_stages: list[str] | None = None) -> tuple[list[str], str]:
         """(stages whose training ``key`` can change, in order; why none, when none).
 
         A later stage starts from an earlier one's weights, so a key that changes a stage changes
-        every stage after it. ``focal_stages``: the stages that use (or may be swept to) focal loss
-        (default: those whose loss is focal).
+        every stage after it. ``loss_stages``: for a key of a loss's section, the stages that use
+        (or a sweep may switch to) that loss; the method that owns the section reads it
+        (:class:`medattn.methods.focal.FocalLoss`).
         """
         names = cfg.stage_names()
         parts = key.split(".")
         if parts[0] == "stages" and len(parts) >= 3:
             return (names if parts[1] == "*" else names[names.index(parts[1]):]), ""
-        if parts[0] == "focal":
-            fs = focal_stages if focal_stages is not None else [s for s, st in cfg.stages.items()
-                                                                 if st.loss == "focal"]
-            if not fs:
-                return [], (f"no stage of this config uses focal loss, so {key} has no effect (set "
-                            "stages.<name>.loss=focal, e.g. stages.local.loss=focal)")
-            return names[names.index(fs[0]):], ""
         return names, ""
 
     # ------------------------------------------------------------------ config
@@ -230,6 +223,11 @@ class Method:
         """Branches evaluated once ``stage`` is trained."""
         return ["main"]
 
+    @classmethod
+    def branch_label(cls, branch: str) -> str:
+        """A branch in words (``branch_labels``), for display."""
+        return cls.branch_labels.get(branch, branch)
+
     def select_branch(self, stage: str) -> str:
         """The branch whose validation metric selects this stage's best checkpoint."""
         return self.branches(stage)[-1]
@@ -260,11 +258,16 @@ class Method:
         """The classification loss of ``stage`` (``stages.<stage>.loss``)."""
         return self.cfg.stages[stage].loss
 
+    def loss_settings(self) -> Any:
+        """The config section the loss factory reads for its options (None: none; a method with
+        focal loss hands its ``focal`` section, :class:`medattn.methods.focal.FocalLoss`)."""
+        return None
+
     def loss(self, stage: str) -> "losses.ClassificationLoss":
         """The stage's classification loss, made once by the loss factory."""
         cache = self.__dict__.setdefault("_losses", {})
         if stage not in cache:
-            cache[stage] = losses.ClassificationLoss(self.loss_kind(stage), self.cfg.sections.get("focal"))
+            cache[stage] = losses.ClassificationLoss(self.loss_kind(stage), self.loss_settings())
         return cache[stage]
 
     # ------------------------------------------------------------------ helpers
@@ -273,9 +276,11 @@ class Method:
         return logits.softmax(-1) if self.spec.task == "singlelabel" else logits.sigmoid()
 
     def normalize_uint8(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 pixels (as in ``hires``) -> the loaders' normalisation."""
+        """uint8 pixels (as in ``hires``) -> the loaders' normalisation (:func:`medattn.views.normalize`)."""
+        from medattn.views import normalize
+
         mean, std = self._stats(x.device, x.shape[1])
-        return (x.float() / 255.0 - mean) / std
+        return normalize(x, mean, std)
 
     def _stats(self, device: torch.device, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The normalisation's mean and std as (1, C, 1, 1) tensors on ``device``, made once per

@@ -13,9 +13,10 @@ from torch import nn
 
 from medattn import losses
 from medattn.methods.base import Method
+from medattn.methods.focal import FocalLoss
 
 
-class ClassifierMethod(Method):
+class ClassifierMethod(FocalLoss, Method):
     name = "classifier"
     sections = {"focal": losses.FocalConfig}
 

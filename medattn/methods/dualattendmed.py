@@ -38,8 +38,8 @@ from medattn import losses
 from medattn.attention import crop_and_resize, scale_maps
 from medattn.attention_wsdan import (alignment_loss_published, crop_boxes, diversity_loss_corrected,
                                      diversity_loss_published, drop_masks, sample_maps)
+from medattn.boxes import view_to_source as map_boxes
 from medattn.errors import ConfigError
-from medattn.methods.agcnn import map_boxes
 from medattn.methods.base import Method
 
 # Per-variant defaults of the config keys left null (methods.md section 000).

@@ -206,7 +206,7 @@ class LungSegmenter:
         self.model = model.to(self.device).eval()
         self.in_chans = in_chans
         v = ViewSpec.from_config(self.cfg.data, self.cfg.data.image_size, in_chans, train=False)
-        self.stats = (torch.tensor(v.mean).view(1, -1, 1, 1), torch.tensor(v.std).view(1, -1, 1, 1))
+        self.stats = (v.mean, v.std)
 
     def masks(self, images: np.ndarray) -> np.ndarray:
         """(B, S, S, C) uint8 prepared images -> (B, S, S) bool lung masks at the prepared size.
@@ -216,12 +216,13 @@ class LungSegmenter:
         """
         if self.model is None or self.in_chans != images.shape[-1]:
             self._build(int(images.shape[-1]))
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2).float() / 255.0
+        from medattn.views import normalize
+
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2).float()
         s = x.shape[-1]
         size = self.cfg.data.image_size
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        mean, std = self.stats
-        x = (x - mean.to(x)) / std.to(x)
+        x = normalize(x, *self.stats)  # as in training
         with torch.no_grad():
             prob = torch.sigmoid(self.model(x).float())
         prob = F.interpolate(prob, size=(s, s), mode="bilinear", align_corners=False)

@@ -20,7 +20,7 @@ from torch import nn
 
 from medattn.errors import ConfigError
 from medattn.models.base import ClassifierModel
-from medattn.models.registry import create_model
+from medattn.models.factory import create_model
 
 
 class AGCNN(nn.Module):

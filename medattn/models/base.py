@@ -126,8 +126,3 @@ class ClassifierModel(nn.Module):
     def gradcam_layer(self) -> nn.Module:
         """The default Grad-CAM target module (its forward output is the activation used)."""
         raise NotImplementedError
-
-    # ------------------------------------------------------------------ helpers
-    def head_parameter_names(self) -> list[str]:
-        """Names of the head's parameters (``fc.weight``, ``fc.bias``): not in ImageNet files."""
-        return [f"fc.{n}" for n, _ in self.fc.named_parameters()]

@@ -66,10 +66,6 @@ class VGGLKA(VGG):
             x = layer(x)
         return x
 
-    def head_parameter_names(self) -> list[str]:
-        """Parameters that an ImageNet file lacks: the head and the LKA blocks."""
-        return super().head_parameter_names() + [f"lka.{n}" for n, _ in self.lka.named_parameters()]
-
 
 @register_model("vgg16_bn_lka")
 def vgg16_bn_lka(*, num_classes: int, in_chans: int = 1, pool: str = "avg", drop_rate: float = 0.5,

@@ -1,8 +1,10 @@
-"""Model registry: ``@register_model(name)`` on a builder, ``create_model(name, ...)`` to build.
+"""The backbone registry: ``@register_model(name)`` on a builder puts it here. A leaf: it imports no
+builder, so any module (the built-in backbones, a test's toy model) registers into it;
+:mod:`medattn.models.factory` builds (``create_model``), checks names and loads weights.
 
 A builder takes keyword arguments ``num_classes, in_chans, pool, drop_rate`` plus its own
 options (``layer4_stride`` for ResNets) and returns a :class:`ClassifierModel` with random
-weights; :func:`create_model` then loads the requested weights (never from the network).
+weights.
 
 Example:
     >>> import torch
@@ -13,13 +15,8 @@ Example:
 """
 from __future__ import annotations
 
-import difflib
-import functools
-import inspect
 from collections.abc import Callable
-from pathlib import Path
 
-from medattn.errors import ConfigError
 from medattn.models.base import ClassifierModel
 
 Builder = Callable[..., ClassifierModel]
@@ -42,94 +39,7 @@ def register_model(name: str) -> Callable[[Builder], Builder]:
     return deco
 
 
-def list_models() -> list[str]:
-    """Registered model names, sorted."""
-    _ensure_builtin()
-    return sorted(_REGISTRY)
-
-
-def is_model(name: str) -> bool:
-    """A registered name, or a timm model name when timm is installed (``timm/NAME`` included)."""
-    _ensure_builtin()
-    if name in _REGISTRY:
-        return True
-    from medattn.models.timm_backbones import is_timm_model  # noqa: PLC0415
-
-    return is_timm_model(name)
-
-
-def check_backbone(name: str, key: str = "model.backbone") -> None:
-    """Raise the error :func:`create_model` gives for an unknown name, without building anything
-    (every config load checks its backbone names this way, so ``medattn configs`` refuses what
-    ``train`` refuses)."""
-    _ensure_builtin()
-    if name in _REGISTRY:
-        return
-    from medattn.models.timm_backbones import timm_arch  # noqa: PLC0415
-
-    try:
-        import timm  # noqa: PLC0415 (optional)
-    except ImportError:
-        timm = None
-    if timm is not None and timm.is_model(timm_arch(name)):
-        return
-    hint = difflib.get_close_matches(timm_arch(name), list(_REGISTRY) + (timm.list_models() if timm else []), n=1)
-    raise ConfigError(f"{key}={name!r} is not a known model" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                      + f"; built-in: {', '.join(sorted(_REGISTRY))}"
-                      + ("; or any timm model name (timm.list_models())" if timm else
-                         "; timm models need the timm package, not installed here: pip install 'medattn[timm]'"))
-
-
-def create_model(name: str, *, num_classes: int, in_chans: int = 1, weights: str | Path = "none",
-                 pool: str = "max", drop_rate: float = 0.0, **kw) -> ClassifierModel:
-    """Build a registered model and load its weights.
-
-    Args:
-        name: a registered name (:func:`list_models`), e.g. ``resnet50``, or any timm model name
-            (``convnext_tiny``, ``pvt_v2_b2``, ``timm/resnet50``; :mod:`medattn.models.timm_backbones`).
-        num_classes: head outputs (0 = no head: forward returns the pooled features).
-        in_chans: 1 for the one-channel X-ray, 3 for RGB.
-        weights: ``none`` (random init), ``imagenet`` / ``imagenet_v2`` (torchvision's ImageNet
-            file from the local cache, see :mod:`medattn.models.weights`), or a path to a
-            state dict / medattn checkpoint.
-        pool: ``max`` (AG-CNN's Pool5) or ``avg`` global pooling.
-        drop_rate: dropout before the Linear head.
-        **kw: builder options, e.g. ``layer4_stride=1`` for the ResNets.
-
-    Raises:
-        ConfigError: unknown name or option, or weights that cannot be found or loaded.
-    """
-    check_backbone(name)
-    if name in _REGISTRY:
-        builder = _REGISTRY[name]
-    else:  # a timm model (medattn.models.timm_backbones)
-        from medattn.models.timm_backbones import build_timm  # noqa: PLC0415
-
-        builder = functools.partial(build_timm, name)
-    # Builders declare their options explicitly, so a misspelt or foreign option is named here
-    # instead of surfacing as a TypeError from deep inside torchvision.
-    params = inspect.signature(builder).parameters
-    bad = [k for k in kw if k not in params]
-    if bad:
-        own = [k for k in params if k not in ("num_classes", "in_chans", "pool", "drop_rate")]
-        raise ConfigError(f"model {name!r} has no option {bad[0]!r}"
-                          + (f" (its options: {', '.join(own)})" if own else " (it takes no options)"))
-    if in_chans < 1:
-        raise ConfigError(f"in_chans={in_chans} must be >= 1")
-    model = builder(num_classes=num_classes, in_chans=in_chans, pool=pool, drop_rate=drop_rate, **kw)
-    model.arch = name
-    w = str(weights)
-    if w != "none" and name not in _REGISTRY:
-        from medattn.models.timm_backbones import load_timm_weights  # noqa: PLC0415
-
-        load_timm_weights(model, w)
-    elif w != "none":
-        from medattn.models.weights import load_weights  # noqa: PLC0415 (weights imports this module)
-        load_weights(model, w)
-    return model
-
-
-def _ensure_builtin() -> None:
-    # The built-in backbones register themselves on import; importing here lets
-    # ``medattn.models.registry`` be used on its own.
-    import medattn.models.backbones  # noqa: F401, PLC0415
+def registered() -> dict[str, Builder]:
+    """The builders registered so far, by name (the built-in ones once
+    :mod:`medattn.models.factory` is imported)."""
+    return dict(_REGISTRY)

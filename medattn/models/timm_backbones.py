@@ -38,6 +38,7 @@ from torch import nn
 
 from medattn.errors import ConfigError
 from medattn.models.base import ClassifierModel
+from medattn.models.weightfiles import load_into, load_state_dict_file, search_dirs
 
 TIMM_PREFIX = "timm/"
 EXTRA_HINT = "pip install 'medattn[timm]' (or pip install timm)"
@@ -239,8 +240,6 @@ def weights_filename(name: str) -> str:
 
 def candidate_paths(name: str) -> list[Path]:
     """Where :func:`find_timm_weights` looks, in order."""
-    from medattn.models.weights import search_dirs  # noqa: PLC0415
-
     base, tag, hub_id, url = pretrained_info(name)
     names = [weights_filename(name)]
     if url and url.rsplit(".", 1)[-1] in ("pth", "bin", "safetensors"):
@@ -276,8 +275,6 @@ def find_timm_weights(name: str) -> Path:
 
 def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict from ``.safetensors`` (safetensors) or a torch file (read with weights_only)."""
-    from medattn.models.weights import load_state_dict_file  # noqa: PLC0415
-
     path = Path(path).expanduser()
     if path.suffix != ".safetensors":
         return load_state_dict_file(path)
@@ -297,8 +294,6 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def load_timm_weights(model: TimmBackbone, weights: str) -> None:
     """``imagenet`` (the local file of timm's pretrained tag) or a path into a :class:`TimmBackbone`."""
-    from medattn.models.weights import _load_into  # noqa: PLC0415
-
     if weights == "imagenet_v2":
         raise ConfigError(f"model.weights=imagenet_v2 is torchvision's; for timm model {model.timm_name} put the "
                           "pretrained tag in the name (e.g. model.backbone=convnext_tiny.fb_in22k_ft_in1k) "
@@ -306,6 +301,6 @@ def load_timm_weights(model: TimmBackbone, weights: str) -> None:
     path = find_timm_weights(model.timm_name) if weights == "imagenet" else Path(weights).expanduser()
     sd = read_weights_file(path)
     if any(k.startswith("trunk.") for k in sd):  # a medattn checkpoint of this backbone: exact fit
-        _load_into(model, sd, path, allow_missing_head=False)
+        load_into(model, sd, path, allow_new_modules=False)
     else:  # a timm / Hugging Face file: timm adapts it (classifier dropped, stem summed)
         model.load_trunk_state(sd, path)

@@ -23,6 +23,7 @@ A path loads a state dict (plain, or a medattn checkpoint with a 'model' entry).
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import re
 import socket
@@ -35,7 +36,9 @@ import torch
 from torch import nn
 
 from medattn.errors import ConfigError, MedattnError
-from medattn.safeload import UnreadableFileError, UnsafeFileError, load_plain
+# The files on disk (search folders, reading, fitting a model) are medattn.models.weightfiles'; kept
+# importable from here, where users and hpc have always found them.
+from medattn.models.weightfiles import key_problems, load_into, load_state_dict_file, search_dirs  # noqa: F401
 
 # arch -> (torchvision weights enum, key of the stem conv weight, prefix of the ImageNet classifier
 # keys that medattn's head replaces). The enum is read at run time, so URLs and hashes are torchvision's.
@@ -136,15 +139,6 @@ def imagenet_files(variants: tuple[str, ...] = tuple(VARIANTS)) -> list[Imagenet
     return out
 
 
-def search_dirs() -> list[Path]:
-    """Folders searched for ImageNet files, in order (see the module docstring)."""
-    dirs = []
-    if os.environ.get("MEDATTN_WEIGHTS_DIR"):
-        dirs.append(Path(os.environ["MEDATTN_WEIGHTS_DIR"]).expanduser())
-    dirs.append(Path(torch.hub.get_dir()) / "checkpoints")
-    return dirs
-
-
 def find_imagenet(arch: str, variant: str = "imagenet") -> Path:
     """Path of the cached ImageNet file for ``arch``; never downloads.
 
@@ -171,41 +165,6 @@ def find_imagenet(arch: str, variant: str = "imagenet") -> Path:
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
-def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``path``: plain, or a checkpoint dict with a ``model`` (or
-    ``state_dict``) entry; ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes are stripped.
-
-    Raises:
-        ConfigError: missing or unreadable file, or no state dict inside.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"model.weights={str(path)!r}: file not found")
-    try:
-        # weights_only: a weights file from elsewhere must not be able to run code on loading.
-        obj = load_plain(path)
-    except UnsafeFileError as e:
-        raise ConfigError(f"model.weights={str(path)!r}: refused: {e}") from None
-    except UnreadableFileError as e:
-        raise ConfigError(f"model.weights={str(path)!r}: unreadable ({e}); "
-                          "a truncated download? delete it and fetch it again") from None
-    if isinstance(obj, dict):
-        for key in ("model", "state_dict"):
-            if key in obj and isinstance(obj[key], dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ConfigError(f"model.weights={str(path)!r}: not a state dict (expected a mapping of names to "
-                          "tensors, or a checkpoint with a 'model' entry)")
-    out = {}
-    for k, v in obj.items():
-        for prefix in ("module.", "_orig_mod."):
-            while k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
-    return out
-
-
 def adapt_imagenet_state_dict(sd: dict[str, torch.Tensor], arch: str, in_chans: int) -> dict[str, torch.Tensor]:
     """torchvision ImageNet state dict -> medattn trunk state dict (no head).
 
@@ -252,7 +211,7 @@ def load_weights(model: nn.Module, weights: str, *, arch: str | None = None) -> 
     if weights in VARIANTS:
         path = find_imagenet(arch, weights)
         sd = adapt_imagenet_state_dict(load_state_dict_file(path), arch, in_chans)
-        _load_into(model, sd, path, allow_missing_head=True)
+        load_into(model, sd, path, allow_new_modules=True)
         return
     path = Path(weights).expanduser()
     tv_names = {f.filename for f in imagenet_files()} if arch in _ARCHS else set()
@@ -261,40 +220,9 @@ def load_weights(model: nn.Module, weights: str, *, arch: str | None = None) -> 
         if not any(path.name == f.filename for f in imagenet_files() if f.arch == arch):
             raise ConfigError(f"model.weights={str(path)!r} is torchvision's file for another architecture, "
                               f"not for {arch}")
-        _load_into(model, adapt_imagenet_state_dict(sd, arch, in_chans), path, allow_missing_head=True)
+        load_into(model, adapt_imagenet_state_dict(sd, arch, in_chans), path, allow_new_modules=True)
     else:
-        _load_into(model, sd, path, allow_missing_head=False)
-
-
-def key_problems(groups) -> list[str]:
-    """``[(what, keys), ...]`` -> one phrase per non-empty group, naming at most 5 keys: the
-    message of a state dict that does not fit a model (weight files here, ``init_from`` in hpc)."""
-    parts = []
-    for what, keys in groups:
-        if keys:
-            more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
-            parts.append(f"{len(keys)} {what}: {', '.join(keys[:5])}{more}")
-    return parts
-
-
-def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], path: Path, *, allow_missing_head: bool) -> None:
-    own = model.state_dict()
-    shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-              for k, v in sd.items() if k in own and own[k].shape != v.shape]
-    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
-    if allow_missing_head:
-        head = set(model.head_parameter_names()) if hasattr(model, "head_parameter_names") else set()
-        missing = [k for k in missing if k not in head]
-    unexpected = [k for k in sd if k not in own]
-    parts = key_problems((("shape mismatch", shapes), ("missing from the file", missing),
-                          ("not in the model", unexpected)))
-    if parts:
-        arch = getattr(model, "arch", type(model).__name__)
-        raise ConfigError(f"model.weights={str(path)!r} does not fit model {arch} "
-                          f"(in_chans={getattr(model, 'in_chans', '?')}, "
-                          f"num_classes={getattr(model, 'num_classes', '?')}): "
-                          + "; ".join(parts))
-    model.load_state_dict(sd, strict=False)
+        load_into(model, sd, path, allow_new_modules=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,9 +257,7 @@ def fetch(names: list[str], to: str | os.PathLike | None = None, *, variant: str
     files: list[ImagenetFile] = []
     for name in names:
         if name != "all" and name not in _ARCHS:
-            from medattn.models.registry import check_backbone  # noqa: PLC0415
-
-            check_backbone(name, "weights fetch")
+            _check_timm_name(name)
             files.append(timm_file(name))  # a timm model (never a built-in name: those are torchvision's)
             continue
         archs = list(_ARCHS) if name == "all" else [name]
@@ -380,6 +306,18 @@ def fetch(names: list[str], to: str | os.PathLike | None = None, *, variant: str
     finally:
         socket.setdefaulttimeout(old_timeout)
     return [dest / f.filename for f in files]
+
+
+def _check_timm_name(name: str) -> None:
+    """A name that is no torchvision architecture must be a timm model (``weights fetch``)."""
+    from medattn.models.timm_backbones import timm_arch, timm_module  # noqa: PLC0415 (timm is optional)
+
+    timm = timm_module(name)
+    if timm.is_model(timm_arch(name)):
+        return
+    hint = difflib.get_close_matches(timm_arch(name), list(_ARCHS) + timm.list_models(), n=1)
+    raise ConfigError(f"weights fetch={name!r} is not a known model" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                      + f"; torchvision's: {', '.join(_ARCHS)}; or any timm model name (timm.list_models())")
 
 
 # --------------------------------------------------------------------------------------------

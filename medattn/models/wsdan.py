@@ -29,7 +29,7 @@ from torch import nn
 from medattn.attention_wsdan import bilinear_attention_pooling, counterfactual_maps
 from medattn.errors import ConfigError
 from medattn.models.base import ClassifierModel
-from medattn.models.registry import create_model
+from medattn.models.factory import create_model
 
 ATTENTIONS = ("conv", "bn_relu")
 

@@ -1,4 +1,8 @@
-"""Published ChestX-ray14 results that a run report sets beside its own numbers.
+"""Published ChestX-ray14 results that a run report sets beside its own numbers: the types, the
+split protocols, and the dataset's reference columns (CheXNet, Wang et al., Yao et al., the
+official-split results, Wang et al.'s localisation table). A method's own paper results belong to
+the method (``Method.published``, e.g. AG-CNN's Table I in medattn/methods/agcnn.py); the report
+asks the run's method for them.
 
 Numbers only (facts), each with where it was read. The project's research notes hold the full
 context: ``chestxray14.md`` §4 (splits), §5 (per-class AUROC) and §6.1 (localisation), and
@@ -12,13 +16,13 @@ single models and are not comparable with them (chestxray14.md §4).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from medattn.data.labels import DISEASES
 
-__all__ = ["PublishedAUROC", "AUROC_TABLES", "AGCNN_BRANCH_MEANS", "WANG_TIOBB", "WANG_TIOBB_THRESHOLDS",
-           "OFFICIAL_SPLIT_MEANS", "PAPER_SPLIT", "PROTOCOLS", "AGCNN_PROTOCOL", "run_protocol",
-           "protocol_matches", "reading_matches", "published_mean"]
+__all__ = ["PublishedAUROC", "PublishedResults", "REFERENCE_AUROC", "WANG_TIOBB", "WANG_TIOBB_THRESHOLDS",
+           "OFFICIAL_SPLIT_MEANS", "PAPER_SPLIT", "PROTOCOLS", "run_protocol", "protocol_matches",
+           "reading_matches", "published_mean", "disease_column"]
 
 # How every AUROC column below was split (chestxray14.md §4): AG-CNN Sec. IV-A says random
 # 70/10/20 (methods.md §0); CheXNet re-implementations used random 70/10/20 patient splits.
@@ -37,17 +41,6 @@ PROTOCOLS: dict[str, str] = {
     "official": "the official train_val/test lists",
     "unstated": "random 70/10/20, image or patient not stated by the source",
 }
-# AG-CNN Sec. IV-A: "randomly shuffle the dataset" into 70/10/20, with no word on patients:
-# unstated. The paper presets read it as by image (--split image-random); the research notes list
-# AG-CNN with the patient-level random splits (chestxray14.md §4; its author only says "not the
-# official split").
-AGCNN_PROTOCOL = "unstated"
-AGCNN_READING = "image-random"
-AGCNN_READING_NOTE = ("Sec. IV-A 'randomly shuffle the dataset' 70/10/20 does not say image or patient; the paper "
-                      "presets read it as by image, the research notes list AG-CNN with the patient-level random "
-                      "splits (chestxray14.md §4)")
-
-
 def run_protocol(split_kind: str | None) -> str | None:
     """The protocol of a run's split kind (``prepare --split``): image-random, patient-random
     (random, chexnet), official; None when unknown or not a ChestX-ray14 split."""
@@ -100,30 +93,17 @@ class PublishedAUROC:
         return sum(self.per_class[d] for d in DISEASES) / len(DISEASES)
 
 
-def _col(values: tuple[float, ...]) -> dict[str, float]:
+def disease_column(values: tuple[float, ...]) -> dict[str, float]:
+    """14 values in the canonical disease order -> {disease: value}."""
     assert len(values) == len(DISEASES)
     return dict(zip(DISEASES, values))
 
 
-# Guan et al. 2018, "Diagnose like a Radiologist" (arXiv 1801.09927v1), Table I, AG-CNN rows
-# (the fusion branch), read from the PDF in Ien001/AG-CNN (methods.md §0).
-AGCNN_R50 = PublishedAUROC(
-    key="agcnn_r50", name="AG-CNN ResNet-50",
-    per_class=_col((0.844, 0.937, 0.904, 0.753, 0.893, 0.827, 0.776, 0.919, 0.842, 0.919, 0.941,
-                    0.857, 0.836, 0.903)),
-    mean=0.868, split=PAPER_SPLIT, protocol=AGCNN_PROTOCOL, reading=AGCNN_READING, reading_note=AGCNN_READING_NOTE,
-    source="Guan et al. 2018, arXiv 1801.09927v1, Table I (AG-CNN, fusion branch)")
-AGCNN_D121 = PublishedAUROC(
-    key="agcnn_d121", name="AG-CNN DenseNet-121",
-    per_class=_col((0.853, 0.939, 0.903, 0.754, 0.902, 0.828, 0.774, 0.921, 0.842, 0.924, 0.932,
-                    0.864, 0.837, 0.921)),
-    mean=0.871, split=PAPER_SPLIT, protocol=AGCNN_PROTOCOL, reading=AGCNN_READING, reading_note=AGCNN_READING_NOTE,
-    source="Guan et al. 2018, arXiv 1801.09927v1, Table I (AG-CNN, fusion branch)")
 # The 14-class comparison table quoted by CheXNet re-implementations, verbatim from the
 # arnoweng/CheXNet README (chestxray14.md §5.2); the means are computed from the 14 values.
 CHEXNET = PublishedAUROC(
     key="chexnet", name="CheXNet",
-    per_class=_col((0.8094, 0.9248, 0.8638, 0.7345, 0.8676, 0.7802, 0.7680, 0.8887, 0.7901, 0.8878,
+    per_class=disease_column((0.8094, 0.9248, 0.8638, 0.7345, 0.8676, 0.7802, 0.7680, 0.8887, 0.7901, 0.8878,
                     0.9371, 0.8047, 0.8062, 0.9164)),
     # The paper's own 14-class split was not released and its unit is not stated in the sources
     # (jrzech issue #5, chestxray14.md §4); its re-implementations drew patient-level splits.
@@ -133,7 +113,7 @@ CHEXNET = PublishedAUROC(
     source="Rajpurkar et al. 2017, arXiv 1711.05225, as tabulated in the arnoweng/CheXNet README")
 WANG14 = PublishedAUROC(
     key="wang", name="Wang et al.",
-    per_class=_col((0.716, 0.807, 0.784, 0.609, 0.706, 0.671, 0.633, 0.806, 0.708, 0.835, 0.815,
+    per_class=disease_column((0.716, 0.807, 0.784, 0.609, 0.706, 0.671, 0.633, 0.806, 0.708, 0.835, 0.815,
                     0.769, 0.708, 0.767)),
     # "we randomly shuffled the entire dataset into three subgroups" (Wang et al. CVPR 2017): image or
     # patient not stated; the 14-class column is from a later arXiv version whose split is unverified.
@@ -144,19 +124,13 @@ WANG14 = PublishedAUROC(
     note="the 14-class result of a later arXiv version of the ChestX-ray8 paper")
 YAO = PublishedAUROC(
     key="yao", name="Yao et al.",
-    per_class=_col((0.772, 0.904, 0.859, 0.695, 0.792, 0.717, 0.713, 0.841, 0.788, 0.882, 0.829,
+    per_class=disease_column((0.772, 0.904, 0.859, 0.695, 0.792, 0.717, 0.713, 0.841, 0.788, 0.882, 0.829,
                     0.767, 0.765, 0.914)),
     mean=None, split="random",
     source="Yao et al. 2017, arXiv 1710.10501, as tabulated in the arnoweng/CheXNet README")
 
-AUROC_TABLES: tuple[PublishedAUROC, ...] = (AGCNN_R50, AGCNN_D121, CHEXNET, WANG14, YAO)
-
-# AG-CNN Table I, mean AUROC over the 14 diseases per branch (methods.md §0).
-AGCNN_BRANCH_MEANS: dict[str, dict[str, float]] = {
-    "ResNet-50": {"global": 0.841, "local": 0.817, "fusion": 0.868},
-    "DenseNet-121": {"global": 0.840, "local": 0.810, "fusion": 0.871},
-}
-AGCNN_SOURCE = "Guan et al. 2018, arXiv 1801.09927v1, Table I"
+# The dataset's reference columns, shown for every ChestX-ray14 run after the method's own.
+REFERENCE_AUROC: tuple[PublishedAUROC, ...] = (CHEXNET, WANG14, YAO)
 
 # Wang et al. 2017 (CVPR, ChestX-ray8), Table 4: localisation accuracy at T(IoBB) for the eight
 # classes with boxes (chestxray14.md §6.1). A box is correct when IoBB = |P∩G|/|P| > T.
@@ -173,6 +147,27 @@ WANG_TIOBB: dict[str, dict[float, float]] = {
 }
 WANG_TIOBB_SOURCE = ("Wang et al. 2017, CVPR (arXiv 1705.02315), Table 4: heat-map boxes thresholded at "
                      "{60, 180} of 255, 1-3 boxes per class and image")
+
+
+@dataclass(frozen=True)
+class PublishedResults:
+    """What a method's paper reported on ChestX-ray14 (``Method.published``), for the report.
+
+    Attributes:
+        name, table: the method as its paper names it, and the table of ``branch_means``.
+        auroc: per-class AUROC columns of its output (shown beside the run's, before the references).
+        branch_means: model variant -> {branch: mean AUROC over the 14 diseases}, for a method with
+            several output branches (shown beside the run's branch means).
+        source: where ``branch_means`` were read.
+        protocol: their split protocol (a key of :data:`PROTOCOLS`).
+    """
+
+    name: str = ""  # the method as the paper names it, e.g. "AG-CNN"
+    table: str = ""  # where branch_means are, in the paper, e.g. "Table I"
+    auroc: tuple[PublishedAUROC, ...] = ()
+    branch_means: dict[str, dict[str, float]] = field(default_factory=dict)
+    source: str = ""
+    protocol: str = "unstated"
 
 
 @dataclass(frozen=True)
