@@ -281,7 +281,7 @@ def precision(cfg, device: torch.device) -> str:
 
 def runtime_flags(cfg, device: torch.device) -> dict[str, Any]:
     """The speed settings the trainer runs with on ``device``, as applied: one definition for the
-    trainer, evaluation (:func:`hpc.run.load_run`), ``medattn bench train`` and the GPU check
+    trainer, evaluation (:func:`hpc.inference.load_model`), ``medattn bench train`` and the GPU check
     (which reports them)."""
     cuda = device.type == "cuda"
     return {"cudnn_benchmark": cuda and cfg.runtime.cudnn_benchmark and not cfg.runtime.deterministic,

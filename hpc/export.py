@@ -47,7 +47,7 @@ class ExportedModel(nn.Module):
     """(B, C, S, S) uint8/float images on the 0..255 scale -> (B, L) probabilities of ``branch``.
 
     The pixel steps are those of :func:`medattn.views.render_views` for the evaluation view (a
-    fixed window, bilinear antialiased resize, ``(x - 255 mean) / (255 std)``), and the rest is the
+    fixed window, bilinear antialiased resize, :func:`medattn.views.normalize`), and the rest is the
     method's own :meth:`predict` (the same code ``medattn predict`` runs), so the two agree.
     """
 
@@ -61,8 +61,9 @@ class ExportedModel(nn.Module):
         self.size, self.crop, c = view.src_size, view.crop, len(view.mean)
         views = sample_views(view, 1, None)
         self.window = tuple(int(v) for v in pixel_window(views["window"][0], self.size, self.size))
-        self.register_buffer("mean", torch.tensor(view.mean).view(1, c, 1, 1) * 255.0, persistent=False)
-        self.register_buffer("std", torch.tensor(view.std).view(1, c, 1, 1) * 255.0, persistent=False)
+        # mean and std on the 0..1 scale, as medattn.views.normalize takes them (the one normalisation)
+        self.register_buffer("mean", torch.tensor(view.mean, dtype=torch.float32).view(1, c, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(view.std, dtype=torch.float32).view(1, c, 1, 1), persistent=False)
         self.register_buffer("view_box", torch.from_numpy(view_boxes(views["window"], views["flip"])).float(),
                              persistent=False)
         # Calibrated probabilities (the run's temperatures, fitted on validation by `medattn eval`):
@@ -74,11 +75,13 @@ class ExportedModel(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         import torch.nn.functional as F
 
+        from medattn.views import normalize
+
         x = images.float()
         left, top, right, bottom = self.window
         v = F.interpolate(x[:, :, top:bottom, left:right], size=(self.crop, self.crop), mode="bilinear",
                           align_corners=False, antialias=True)
-        v = (v - self.mean) / self.std
+        v = normalize(v, self.mean, self.std)
         # ``hires``: the prepared image, as the loaders hand it to methods that crop from it.
         batch = {"image": v, "hires": x, "view_box": self.view_box.expand(x.shape[0], 4)}
         p = self.method.predict(self.model, batch, self.stage)["probs"][self.branch]

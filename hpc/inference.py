@@ -228,10 +228,9 @@ def _window_pixels(img: np.ndarray, win: np.ndarray) -> np.ndarray:
 
 def _display(crops, spec) -> np.ndarray:
     """Normalised network input (the local branch's crops) -> (B, h, w, C) uint8 on the 0-255 scale."""
-    c = crops.shape[1]
-    mean = torch.tensor(spec.mean, device=crops.device).view(1, -1, 1, 1).expand(1, c, 1, 1)
-    std = torch.tensor(spec.std, device=crops.device).view(1, -1, 1, 1).expand(1, c, 1, 1)
-    out = (crops.float() * std + mean) * 255.0
+    from medattn.views import denormalize
+
+    out = denormalize(crops, spec.mean, spec.std)
     return out.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 

@@ -3,7 +3,7 @@
 A toy CBAM-like method and its backbone are registered from a test-only module
 (tests/toy_method.py): its config section loads, is checked and named in errors; the public
 trainer (``hpc.train.main``, in this process: the class is registered here) trains it; the run
-loads back like any other (``hpc.run.load_run``) and predicts; and no product module names it.
+loads back like any other (``hpc.inference.load_model``) and predicts; and no product module names it.
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def test_the_config_knows_the_method_from_its_registration(config_file):
 
 def test_trains_loads_back_and_predicts(config_file, tmp_path):
     from hpc import train as train_mod
-    from hpc.run import load_run
+    from hpc.inference import load_model
     from medattn.data.fake import write_fake_prepared
     from medattn.data.prepared import PreparedDataset
     from medattn.views import ViewSpec, normalize, render_views, sample_views
@@ -73,7 +73,7 @@ def test_trains_loads_back_and_predicts(config_file, tmp_path):
     assert rec["global_step"] >= 2 and np.isfinite(rec["train/loss"])
     assert load_saved_config(run / "config.yaml").toy_cbam.reduction == 4  # the saved config loads back
 
-    lr = load_run(run)
+    lr = load_model(run)
     assert isinstance(lr.method, toy_method.ToyCBAMMethod) and isinstance(lr.model, toy_method.ToyCBAMNet)
     fresh = lr.method.build_model()
     trained = lr.model.state_dict()
