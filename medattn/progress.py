@@ -2,7 +2,7 @@
 log (SLURM, CI, a pipe) one plain line every ``every_s`` seconds and one at the end, so a log
 shows that a 40-minute ``medattn predict`` is alive without filling with carriage returns.
 
-Used by ``prepare``, ``predict``, ``eval`` (its forward passes) and ``export`` (a
+Used by ``synth``, ``prepare``, ``predict``, ``eval`` (its forward passes) and ``export`` (a
 :class:`Heartbeat`, since tracing is one long call). The trainer has its own per-epoch bars and
 lines (:mod:`hpc.runlog`), which carry the run's ETA as well.
 """

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pandas as pd
 
+from medattn.progress import Progress
 from medattn.errors import DataError
 from medattn.data._images import PIXEL_FORMATS, RESIZE_FILTER
 from medattn.data._shards import (PARTIAL_DIR, SHARD_DIR, PartialState, SampleRecord, ShardWriter,
@@ -49,7 +50,6 @@ DEFAULT_FORMAT = "raw"
 DEFAULT_JPEG_QUALITY = 95
 DEFAULT_PNG_LEVEL = 1
 TASK_IMAGES = 8          # images per worker task: small enough to balance, big enough to amortise IPC
-LOG_EVERY_S = 30.0       # plain progress lines when stderr is not a terminal
 
 
 @dataclass
@@ -214,7 +214,7 @@ def prepare_source(table: SourceTable, out: str | Path, *, size: int = DEFAULT_S
     nworkers = min(_resolve_workers(workers), max(1, math.ceil(n_todo / TASK_IMAGES)))
     _log(f"preparing {n} images ({n_todo} to decode) from {table.source.get('root')} -> {out}: "
          f"{size}px, {pixel_format}, {n_shards} shard(s) of <= {shard_size}, {nworkers} worker(s)")
-    bar = _Progress(n_todo, progress)
+    bar = Progress(n_todo, "medattn prepare", desc="prepare", unit="images", bar=progress)
     stats: dict[str, float] = {}
     cpu0 = time.process_time()
     shards = _write_shards(table, out, pending, shard_size, size, channels, pixel_format,
@@ -495,7 +495,7 @@ def _tasks(table: SourceTable, pending: list[int], shard_size: int) -> Iterator[
 
 def _write_shards(table: SourceTable, out: Path, pending: list[int], shard_size: int, size: int,
                   channels: int, pixel_format: str, jpeg_quality: int, png_level: int, nworkers: int,
-                  bar: "_Progress", stats: dict[str, float]
+                  bar: Progress, stats: dict[str, float]
                   ) -> Iterator[tuple[int, dict[str, Any], list[SampleRecord]]]:
     """Decode the pending shards' images on ``nworkers`` processes; yield each shard when durable.
 
@@ -693,37 +693,3 @@ def _summary(r: PrepareResult) -> str:
 
 def _log(msg: str) -> None:
     print(f"medattn prepare: {msg}", file=sys.stderr, flush=True)
-
-
-class _Progress:
-    """tqdm bar on a terminal; otherwise a plain line every LOG_EVERY_S seconds and at the end."""
-
-    def __init__(self, total: int, progress: bool | None):
-        self.total, self.done = total, 0
-        self.t0 = self.last = time.perf_counter()
-        use_bar = sys.stderr.isatty() if progress is None else progress
-        self.bar = None
-        if use_bar and total:
-            try:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=total, unit="img", desc="prepare", dynamic_ncols=True)
-            except ImportError:
-                self.bar = None
-
-    def update(self, k: int) -> None:
-        self.done += k
-        if self.bar is not None:
-            self.bar.update(k)
-            return
-        now = time.perf_counter()
-        if now - self.last >= LOG_EVERY_S:
-            self.last = now
-            rate = self.done / (now - self.t0)
-            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-            _log(f"{self.done}/{self.total} images ({100 * self.done / max(1, self.total):.0f}%), "
-                 f"{rate:.1f} images/s, ETA {eta / 60:.1f} min")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()

@@ -30,6 +30,7 @@ from pathlib import Path
 from medattn import fileio
 from medattn.data import _synth_meta as meta
 from medattn.data.labels import BOX_CLASSES, DISEASES, NO_FINDING
+from medattn.progress import Progress
 from medattn.errors import ConfigError, DataError
 
 MARKER = ".medattn-synth.json"
@@ -101,24 +102,6 @@ def _check_out(out: Path) -> None:
         raise DataError(parent, "parent directory of --out is not writable")
 
 
-class _Progress:
-    """Progress line on a terminal (stderr), silent otherwise."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled, self.done = total, enabled, 0
-        self.t0 = self.last = time.perf_counter()
-
-    def add(self, n: int) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if self.enabled and (now - self.last > 0.25 or self.done == self.total):
-            self.last = now
-            rate = self.done / max(now - self.t0, 1e-9)
-            print(f"\r  synth: {self.done}/{self.total} images ({rate:.0f}/s)", end="", file=sys.stderr, flush=True)
-            if self.done == self.total:
-                print(file=sys.stderr, flush=True)
-
-
 def _jobs(rows: list[meta.ImageMeta], root: Path, seed: int, size: int) -> list[dict]:
     by_patient: dict[int, list[meta.ImageMeta]] = {}
     for r in rows:
@@ -136,7 +119,7 @@ def _jobs(rows: list[meta.ImageMeta], root: Path, seed: int, size: int) -> list[
     return jobs
 
 
-def _draw_all(jobs: list[dict], workers: int, progress: _Progress) -> dict[int, dict]:
+def _draw_all(jobs: list[dict], workers: int, progress: Progress) -> dict[int, dict]:
     from medattn.data._synth_worker import run_patient
 
     boxes: dict[int, dict] = {}
@@ -144,7 +127,7 @@ def _draw_all(jobs: list[dict], workers: int, progress: _Progress) -> dict[int, 
         for job in jobs:
             for idx, b in run_patient(job):
                 boxes[idx] = b
-            progress.add(len(job["images"]))
+            progress.update(len(job["images"]))
         return boxes
     import multiprocessing as mp
     # forkserver/spawn, not fork: the caller may hold threads (torch, pytest plugins).
@@ -153,7 +136,7 @@ def _draw_all(jobs: list[dict], workers: int, progress: _Progress) -> dict[int, 
         for res in pool.imap_unordered(run_patient, jobs, chunksize=1):
             for idx, b in res:
                 boxes[idx] = b
-            progress.add(len(res))
+            progress.update(len(res))
     return boxes
 
 
@@ -198,8 +181,9 @@ def generate(out: str | os.PathLike, n_images: int = 1600, size: int = 1024, see
         (tmp / "masks").mkdir()
         for arch in sorted({meta.archive_of(r.index) for r in rows}):
             (tmp / arch / "images").mkdir(parents=True)
-        bar = _Progress(len(rows), progress)
-        boxes = _draw_all(_jobs(rows, tmp, seed, size), workers, bar)
+        # a bar on a terminal; with progress off (tests, the Python API) nothing is printed
+        with Progress(len(rows), "medattn synth", unit="images", enabled=progress) as bar:
+            boxes = _draw_all(_jobs(rows, tmp, seed, size), workers, bar)
 
         box_list = meta.box_rows(rows, boxes)
         (tmp / DATA_ENTRY).write_bytes(meta.data_entry_text(rows).encode("ascii"))
