@@ -125,6 +125,11 @@ class Run:
         """The stage's resume checkpoint before the latest one (kept by every ``last`` save)."""
         return self.root / "ckpt" / stage / "last.prev.pt"
 
+    def stage_checkpoints(self, stage: str) -> list[Path]:
+        """Every checkpoint file a stage may have (best, last, the previous last, a set-aside one)."""
+        return [*(self.checkpoint(stage, k) for k in CHECKPOINT_KINDS), self.previous_checkpoint(stage),
+                self.unreadable_checkpoint(stage)]
+
     def unreadable_checkpoint(self, stage: str) -> Path:
         """Where a resume sets aside a ``last`` checkpoint it could not read (for a post-mortem)."""
         return self.root / "ckpt" / stage / "last.unreadable.pt"
@@ -270,8 +275,8 @@ class Run:
                 st["stages"].pop(s, None)
             atomic_write_text(self.state_path, json.dumps(st, indent=2))
             for s in restarted:
-                for kind in CHECKPOINT_KINDS:
-                    self.checkpoint(s, kind).unlink(missing_ok=True)
+                for path in self.stage_checkpoints(s):
+                    path.unlink(missing_ok=True)
                 self.drop_records_from(s, -1)  # its epoch-0 record too: the stage starts again
         self.save_config(cfg)
         return continued, restarted
@@ -410,6 +415,11 @@ class Run:
 
         problems: list[tuple[Path, str]] = []
         candidates = [self.checkpoint(stage, "last"), self.previous_checkpoint(stage)]
+        if not candidates[0].is_file():
+            # No last.pt: the stage never saved, or its checkpoints were removed on purpose (a
+            # continued run retraining it). A save never leaves last.pt missing (the previous one
+            # is kept by a link before the rename), so a lone last.prev.pt is stale, not a fallback.
+            return None, None, problems
         for i, path in enumerate(candidates):
             if not path.is_file():
                 continue
