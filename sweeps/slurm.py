@@ -21,9 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-from medattn import __version__
+from hpc.launch_args import absolute_paths, argv_of
 from jobs import cluster as c  # sweeps sit above jobs: a sweep's allocation is a SLURM job like any other
+from medattn import __version__
 from medattn.errors import ConfigError, MedattnError
+from sweeps.plan import check_spec, plan_sweep, sweep_parser
 
 TEMPLATES = Path(__file__).with_name("templates")
 COMMENT = "medattn-sweep:"  # squeue comment that marks this sweep's jobs
@@ -37,28 +39,9 @@ def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _sweep_args(args: argparse.Namespace) -> list[str]:
-    """The sweep command line without --slurm and the cluster flags, with absolute paths."""
-    cfg = args.config
-    if Path(cfg).suffix in (".yaml", ".yml") or "/" in cfg:
-        cfg = str(Path(cfg).resolve())
-    out = ["--config", cfg, "--data", str(Path(args.data).resolve()), "--out", str(Path(args.out).resolve())]
-    for s in args.space:
-        out += ["--space", s]
-    opt = {"--num-samples": args.num_samples, "--search": args.search, "--scheduler": args.scheduler,
-           "--grace-period": args.grace_period, "--reduction-factor": args.reduction_factor,
-           "--max-concurrent": args.max_concurrent, "--gpus-per-trial": args.gpus_per_trial,
-           "--cpus-per-trial": args.cpus_per_trial, "--nproc-per-trial": args.nproc_per_trial,
-           "--max-failures": args.max_failures, "--seed": args.seed}
-    for k, v in opt.items():
-        if v is not None:
-            out += [k, str(v)]
-    for r in args.trial_resource:
-        out += ["--trial-resource", r]
-    if args.no_reuse:
-        out.append("--no-reuse")
-    if args.quiet:
-        out.append("--quiet")
-    return out + list(args.overrides)
+    """The sweep command line without --slurm and the cluster flags, with absolute paths (the
+    driver runs on a compute node, from another working directory)."""
+    return argv_of(sweep_parser(), absolute_paths(args))
 
 
 def render(args: argparse.Namespace, spec, partition, out: Path, num_samples: int) -> tuple[str, str]:
@@ -99,8 +82,6 @@ def _active_jobs(out: Path) -> list[str]:
 
 def submit(args: argparse.Namespace) -> int:
     """Check everything, write DIR/slurm/sweep.sbatch and submit it; prints the job id."""
-    from sweeps.cli import check_spec, plan_sweep
-
     plan, _cfg, sweep_spec = plan_sweep(args)  # space, config and data errors: before any job exists
     if getattr(args, "tasks_per_node", None) not in (None, 1):
         raise ConfigError("--tasks-per-node: a sweep runs one Ray node per SLURM node; use --nproc-per-trial "
