@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import shlex
 import sys
@@ -236,8 +235,9 @@ def submit_chain(plan: Plan) -> list[tuple[str, str]]:
     record = {"submitted": _dt.datetime.now().isoformat(timespec="seconds"),
               "jobs": [{"stage": s, "job_id": j} for s, j in chain],
               "cluster": {k: v for k, v in vars(plan.spec).items() if v not in (None, [], {})}}
-    with open(plan.log_dir / "jobs.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    from hpc.run import Run
+
+    Run(plan.out).append_submission(record)
     return chain
 
 

@@ -80,8 +80,11 @@ def run(args: argparse.Namespace) -> int:
         _log(f"best: {b['trial_id']} " + " ".join(f"{n}={b[n]}" for n in plan.job.space.names)
              + f" mean AUROC {b['best_auroc']:.4f} -> {plan.out / 'best.yaml'}")
     if states.get("error"):
-        print(f"medattn sweep: {states['error']} trial(s) failed; see results.csv and their train.log",
-              file=sys.stderr)
+        from hpc.run import Run
+        from sweeps.trial import run_dir_for
+
+        print(f"medattn sweep: {states['error']} trial(s) failed; see results.csv and their trainer logs "
+              f"({Run(run_dir_for(plan.out, '<trial_id>')).train_log_path})", file=sys.stderr)
         return 1
     return 0
 

@@ -15,7 +15,6 @@ shared paths, and that no job of this sweep is still queued or running.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -48,7 +47,7 @@ def render(args: argparse.Namespace, spec, partition, out: Path, num_samples: in
     """(sweep.sbatch, ray-node.sh) texts for a checked request."""
     from sweeps.launch import PACKAGE_ROOT
 
-    log_dir = out / "slurm"
+    log_dir = _layout(out).slurm_dir
     python = spec.python or sys.executable
     header = c.sbatch_header(spec, partition, job_name=spec.job_name or f"medattn-sweep-{out.name}",
                              cpus_per_task=spec.cpus_per_task, output=f"{log_dir}/sweep-%j.out",
@@ -67,6 +66,14 @@ def render(args: argparse.Namespace, spec, partition, out: Path, num_samples: in
     }
     return (c.render_template(TEMPLATES / "sweep.sbatch", values),
             c.render_template(TEMPLATES / "ray-node.sh", values))
+
+
+def _layout(out: Path):
+    """A sweep directory keeps its SLURM files (slurm/, the submission log) in a run directory's layout,
+    whose one owner is hpc.run.Run (imported here: it loads torch, which --help must not)."""
+    from hpc.run import Run
+
+    return Run(out)
 
 
 def _active_jobs(out: Path) -> list[str]:
@@ -106,7 +113,7 @@ def submit(args: argparse.Namespace) -> int:
                                f"scancel them, then submit again to resume")
         resumed = check_spec(out, sweep_spec)
         script, node_script = render(args, spec, partition, out, plan.num_samples)
-        log_dir = out / "slurm"
+        log_dir = _layout(out).slurm_dir
         log_dir.mkdir(parents=True, exist_ok=True)
         c.test_only(script, log_dir)
         (log_dir / "ray-node.sh").write_text(node_script)
@@ -114,8 +121,7 @@ def submit(args: argparse.Namespace) -> int:
         path.write_text(script)
         r = c.slurm_cmd(["sbatch", "--parsable", str(path)])
     job_id = r.stdout.strip().split(";")[0]
-    with open(log_dir / "jobs.jsonl", "a") as f:
-        f.write(json.dumps({"job_id": job_id, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "resume": resumed}) + "\n")
+    _layout(out).append_submission({"job_id": job_id, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "resume": resumed})
     print(f"medattn sweep: submitted job {job_id} ({'resumes' if resumed else 'starts'} the sweep in {out}); "
           f"log: {log_dir / f'sweep-{job_id}.out'}")
     print(f"medattn sweep: follow it with: squeue -j {job_id}; tail -f {log_dir / f'sweep-{job_id}.out'}")
