@@ -51,6 +51,11 @@ def test_launcher_help_imports_no_heavy_package(command):
         assert flag in got["text"], (command, flag)
 
 
+def test_top_level_help_imports_no_heavy_package():
+    got = _loaded_after(["--help"])
+    assert got["rc"] == 0 and "submit" in got["text"] and got["heavy"] == [], got["text"]
+
+
 def test_launcher_parse_errors_come_before_torch():
     """A mistyped flag is reported by argparse (exit 2) before any heavy import."""
     got = _loaded_after(["submit", "--config", "demo", "--data", "d", "--out", "o", "--nodes", "two"])
