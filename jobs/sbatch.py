@@ -20,11 +20,11 @@ import sys
 from pathlib import Path
 
 from jobs import cluster
-from jobs.submit import make_plan, train_args
 from jobs import submit as _submit
+from jobs.submit import make_plan, train_args
+from medattn import __version__
 
 parents = _submit.parents  # the trainer's run arguments (hpc.launch_args), as submit takes them
-from medattn import __version__
 
 TEMPLATE = Path(__file__).with_name("templates") / "torchrun.sbatch"
 
