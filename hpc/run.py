@@ -15,7 +15,9 @@ Layout (nothing else in the product spells these names)::
     RUN/eval/, RUN/eval_<split>/     ``medattn eval`` (metrics.json, preds.csv, ...)
     RUN/report/, RUN/report_<split>/ ``medattn report``
     RUN/viz/                   ``medattn viz`` overlays
-    RUN/slurm/                 SLURM logs of ``medattn submit`` / ``sbatch``
+    RUN/slurm/                 SLURM logs of ``medattn submit`` / ``sbatch`` (sbatch-<job>.out),
+                               jobs.jsonl: one line per submission
+    RUN/train.log              a sweep's trainer output;  RUN/sweep_trial.json: a sweep trial's ledger
 
 Every write is atomic and durable (medattn.fileio: a temporary file in the same directory, fsync'd,
 renamed into place, the directory fsync'd), so a kill at any moment leaves the old file or the
@@ -512,6 +514,52 @@ class Run:
             shutil.copy2(base.provenance_path, self.provenance_path)
         self.save_config(cfg)
         return True
+
+    # ------------------------------------------------------------------ what launchers add (jobs/, sweeps/)
+    @property
+    def train_log_path(self) -> Path:
+        """The output of every trainer a sweep started on this run (appended across launches)."""
+        return self.root / "train.log"
+
+    @property
+    def sweep_trial_path(self) -> Path:
+        """A sweep trial's ledger: its parameters, nodes and status (sweeps.trial)."""
+        return self.root / "sweep_trial.json"
+
+    def sweep_trial(self) -> dict[str, Any]:
+        """The trial ledger; {} when there is none or it cannot be read (it is rewritten whole)."""
+        try:
+            cur = json.loads(self.sweep_trial_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+        return cur if isinstance(cur, dict) else {}
+
+    def update_sweep_trial(self, **fields: Any) -> dict[str, Any]:
+        """Merge ``fields`` into the trial ledger (atomic); returns the new ledger."""
+        cur = self.sweep_trial()
+        cur.update(fields)
+        atomic_write_text(self.sweep_trial_path, json.dumps(cur, indent=2, default=str))
+        return cur
+
+    @property
+    def slurm_jobs_path(self) -> Path:
+        """One JSON line per SLURM submission (``medattn submit``, and ``medattn sweep --slurm`` in
+        a sweep directory, which keeps its SLURM files in the same ``slurm/`` layout)."""
+        return self.slurm_dir / "jobs.jsonl"
+
+    def append_submission(self, record: dict[str, Any]) -> None:
+        """Append one submission record to :attr:`slurm_jobs_path`, as one line, synced (the job
+        ids are what a user needs to find or cancel the jobs)."""
+        self.slurm_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.slurm_jobs_path, "a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def sbatch_log(self, job_id: str = "%j") -> Path:
+        """The log of a ``medattn sbatch`` job; the default ``%j`` is SLURM's job id placeholder,
+        as the script's ``#SBATCH --output`` takes it."""
+        return self.slurm_dir / f"sbatch-{job_id}.out"
 
 
 def stage_selections(run: Run, order: list[str], method, evaluated: str | None = None,

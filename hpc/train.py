@@ -31,6 +31,7 @@ import torch
 from hpc import distributed, faults
 from hpc.checkpoint import TrainState, load as load_ckpt, weights_payload
 from hpc.inference import autocast_ctx, run_inference
+from hpc.launch_args import run_arguments_parser
 from hpc.loader import EvalLoader, TrainLoader, TrainPlan, resolve_kind
 from hpc.run import Run, fit_init_weights, init_mismatch, init_source
 from hpc.runlog import RunLogger, format_duration, log, setup_logging
@@ -46,23 +47,6 @@ from medattn.metrics import classification_metrics, extras_means
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
-def run_arguments_parser() -> argparse.ArgumentParser:
-    """What a run is on the command line: config, data, run directory, stages, overrides. A parent
-    parser: ``medattn train`` and the SLURM launchers (``submit``, ``sbatch``) take exactly these
-    arguments, spelled once (as dinov2's launchers take their trainer's)."""
-    p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("the run")
-    g.add_argument("--config", required=True, help="shipped config name (medattn configs) or a YAML path")
-    g.add_argument("--data", required=True,
-                   help="prepared directory (medattn prepare --out); on a cluster, on the shared filesystem")
-    g.add_argument("--out", required=True, help="run directory; rerunning on it resumes")
-    g.add_argument("--stages", default=None,
-                   help="comma-separated stages to run (default: every stage not done yet; the stages before "
-                        "them must be done)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    return p
-
-
 def parents() -> list[argparse.ArgumentParser]:
     return [run_arguments_parser()]
 
@@ -74,15 +58,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="start the first stage from another run's weights (fine-tuning): shorthand for "
                         "stages.<first stage>.init_from=RUN (its best checkpoint of that stage, else of its last "
                         "finished stage; a head for another number of classes is skipped with a warning)")
-
-
-def command_line(config: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
-                 stages: list[str] | None = None, overrides: list[str] | None = None) -> list[str]:
-    """The ``medattn train`` arguments of a run, as launchers write them into jobs and trials."""
-    argv = ["--config", str(config), "--data", str(data), "--out", str(out)]
-    if stages:
-        argv += ["--stages", ",".join(stages)]
-    return argv + list(overrides or [])
 
 
 def check_batches(cfg: Config, stages: list[str], world_size: int, where: str = "") -> None:

@@ -20,11 +20,11 @@ import sys
 from pathlib import Path
 
 from jobs import cluster
-from jobs.submit import make_plan, train_args
 from jobs import submit as _submit
-
-parents = _submit.parents  # the trainer's run arguments (hpc.train), as submit takes them
+from jobs.submit import make_plan, train_args
 from medattn.version import __version__
+
+parents = _submit.parents  # the trainer's run arguments (hpc.launch_args), as submit takes them
 
 TEMPLATE = Path(__file__).with_name("templates") / "torchrun.sbatch"
 
@@ -41,7 +41,7 @@ def render(plan, stages_arg: str | None, script_name: str) -> str:
     cpt = s.cpus_per_task or 1
     # the node's one task hosts torchrun and all its workers
     header = cluster.sbatch_header(s, plan.partition, job_name=s.job_name or f"medattn-{plan.out.name}",
-                                   cpus_per_task=nproc * cpt, output=f"{plan.log_dir}/sbatch-%j.out")
+                                   cpus_per_task=nproc * cpt, output=str(_run(plan).sbatch_log()))
     targs = train_args(plan, stages_arg.split(",") if stages_arg else None)
     stages = plan.stages or []
     what = (f"{plan.config} on {s.nodes} node(s) x {nproc} process(es)"
@@ -49,22 +49,21 @@ def render(plan, stages_arg: str | None, script_name: str) -> str:
             + (f"; stages {', '.join(stages)}" if stages else "; all stages done"))
     return cluster.render_template(TEMPLATE, {
         "version": f"medattn {__version__}", "what": what, "script_name": script_name,
-        "log_dir": str(plan.log_dir), "out": str(plan.out), "out_q": shlex.quote(str(plan.out)),
+        "log": str(_run(plan).sbatch_log("<job id>")), "out": str(plan.out), "out_q": shlex.quote(str(plan.out)),
         "nproc": str(nproc), "signal_delay": str(s.signal_delay), "sbatch_lines": header,
         "setup_lines": cluster.setup_lines(s), "max_requeues": str(s.max_timeouts), "omp_threads": str(cpt),
         "node_cpus": str(nproc * cpt), "python": s.python or shlex.quote(sys.executable),
         "train_args": " ".join(shlex.quote(a) for a in targs),
         # the resume checkpoint's file name, from the run directory's owner
-        "last_ckpt": _last_checkpoint_name(),
+        "last_ckpt": _run(plan).checkpoint("stage", "last").name,
     })
 
 
-def _last_checkpoint_name() -> str:
-    """The resume checkpoint's file name, as the run directory's owner names it (hpc.run imports
-    torch, which writing a script should not wait for: imported here, once)."""
-    from hpc.run import Run
+def _run(plan):
+    """The run directory's owner, which names its files (the job log, the resume checkpoint)."""
+    from hpc.run import Run  # imports torch: not at `medattn sbatch --help`
 
-    return Run("run").checkpoint("stage", "last").name
+    return Run(plan.out)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,5 +81,5 @@ def run(args: argparse.Namespace) -> int:
     from medattn.fileio import write_text
 
     write_text(out, text, mode=0o755)
-    print(f"wrote {out}\nsubmit with: sbatch {out}\nlogs: {plan.log_dir}/sbatch-<job id>.out   run dir: {plan.out}")
+    print(f"wrote {out}\nsubmit with: sbatch {out}\nlogs: {_run(plan).sbatch_log('<job id>')}   run dir: {plan.out}")
     return 0

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import shlex
 import sys
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hpc.launch_args import command_line, config_ref, run_arguments_parser
 from jobs import cluster
 from jobs.cluster import ClusterError, ClusterSpec
 from medattn.errors import ConfigError, DataError, MissingDependencyError
@@ -34,9 +34,7 @@ SRUN_ARGS = ["--kill-on-bad-exit=1"]  # one rank dies -> the step ends now, not 
 
 
 def parents() -> list[argparse.ArgumentParser]:
-    """The trainer's run arguments (hpc.train), so a job is the same run as ``medattn train``."""
-    from hpc.train import run_arguments_parser
-
+    """The trainer's run arguments (hpc.launch_args), so a job is the same run as ``medattn train``."""
     return [run_arguments_parser()]
 
 
@@ -132,15 +130,11 @@ def make_plan(args: argparse.Namespace, *, need_cluster: bool) -> Plan:
         print(f"medattn: note: --cpus-per-task {spec.cpus_per_task} ({how}); pass --cpus-per-task to choose",
               file=sys.stderr)
     check_batches(cfg, todo, spec.world_size, f" ({spec.nodes} node(s) x {spec.tasks} task(s))")
-    # a config given as a file must be found from the compute nodes' working directory too
-    config = str(Path(args.config).absolute()) if Path(args.config).is_file() else args.config
-    return Plan(spec, config, list(args.overrides), out, data, todo, done, part)
+    return Plan(spec, config_ref(args.config), list(args.overrides), out, data, todo, done, part)
 
 
 def train_args(plan: Plan, stages: list[str] | None) -> list[str]:
     """The ``medattn train`` arguments equivalent to a job (for logs and the sbatch recipe)."""
-    from hpc.train import command_line
-
     return command_line(plan.config, plan.data, plan.out, stages, plan.overrides)
 
 
@@ -243,8 +237,9 @@ def submit_chain(plan: Plan) -> list[tuple[str, str]]:
     record = {"submitted": _dt.datetime.now().isoformat(timespec="seconds"),
               "jobs": [{"stage": s, "job_id": j} for s, j in chain],
               "cluster": {k: v for k, v in vars(plan.spec).items() if v not in (None, [], {})}}
-    with open(plan.log_dir / "jobs.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    from hpc.run import Run
+
+    Run(plan.out).append_submission(record)
     return chain
 
 

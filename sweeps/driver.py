@@ -118,7 +118,7 @@ def _train_base_task(base: str, data: str, prefix: list[str], nproc: int, cpus: 
 
     cmd = launch.train_command(Run(base).config_path, data, base, nproc=nproc, stages=prefix)
     t0 = time.time()
-    proc = launch.start(cmd, Path(base) / "train.log", launch.trainer_env(cpus, nproc))
+    proc = launch.start(cmd, Run(base).train_log_path, launch.trainer_env(cpus, nproc))
     try:
         rc = proc.wait()
     finally:
@@ -140,12 +140,12 @@ def ensure_base(plan: SweepPlan, cfg, log) -> None:
     if not Run(base).exists():
         Run(base).save_config(cfg)
     ray = import_ray()
-    log(f"base: training the shared stage(s) {', '.join(job.prefix)} once in {base} (log: {base / 'train.log'})")
+    log(f"base: training the shared stage(s) {', '.join(job.prefix)} once in {base} (log: {Run(base).train_log_path})")
     task = ray.remote(_train_base_task).options(**_remote_options(plan.resources), max_retries=0)
     out = ray.get(task.remote(str(base), job.data, job.prefix, job.nproc, plan.resources.get("cpu", 1)))
     if out["rc"] != 0 or not Run(base).stages_done(job.prefix):
         raise MedattnError(f"training the shared stage(s) {', '.join(job.prefix)} failed (exit {out['rc']}); "
-                           f"see {base / 'train.log'}:\n{launch.log_tail(base / 'train.log')}")
+                           f"see {Run(base).train_log_path}:\n{launch.log_tail(Run(base).train_log_path)}")
     log(f"base: done in {out['seconds']:.1f} s")
 
 

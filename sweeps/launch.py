@@ -66,7 +66,7 @@ def trainer_env(cpus: float | None = None, nproc: int = 1, base: dict[str, str] 
 def train_command(config: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
                   nproc: int = 1, stages: list[str] | None = None) -> list[str]:
     """``python -m medattn train ...``, or under ``torch.distributed.run --standalone`` for nproc > 1."""
-    from hpc.train import command_line
+    from hpc.launch_args import command_line
 
     cmd = [sys.executable]
     if nproc > 1:

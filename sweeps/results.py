@@ -1,6 +1,6 @@
 """Sweep results: ``DIR/results.csv``, ``DIR/best.yaml`` and ``DIR/plots/auroc_vs_<param>.png``.
 
-Built from the trials' run directories (``sweep_trial.json`` + the epoch records), which are
+Built from the trials' run directories (each trial's ledger + the epoch records), which are
 the ground truth on the shared filesystem, and from Tune's results for trials that failed
 before writing anything. One row per trial:
 
@@ -15,20 +15,19 @@ ASHA report an earlier stage); best.yaml is written once a trial has completed.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
 from typing import Any
 
 from hpc.run import Run
-from sweeps.trial import LEDGER, asha_stopped, metric_of
+from sweeps.trial import asha_stopped, metric_of
 
 
 def trial_row(run_dir: Path, param_names: list[str], stages: list[str],
               stopped: set[str] | None = None) -> dict[str, Any]:
     """One results row from a trial's run directory (``stopped``: trial ids ASHA stopped)."""
-    ledger = json.loads((run_dir / LEDGER).read_text()) if (run_dir / LEDGER).is_file() else {}
+    ledger = Run(run_dir).sweep_trial()
     row: dict[str, Any] = {"trial_id": ledger.get("trial_id", run_dir.name)}
     params = ledger.get("params", {})
     for n in param_names:
@@ -71,7 +70,7 @@ def collect(out: Path, space, stages: list[str], result_grid=None) -> "Any":
     stopped = asha_stopped(out)
     if trials.is_dir():
         for d in sorted(trials.iterdir()):
-            if d.is_dir() and (d / LEDGER).is_file():
+            if d.is_dir() and Run(d).sweep_trial_path.is_file():
                 rows[d.name] = trial_row(d, names, stages, stopped)
     if result_grid is not None:
         for res in result_grid:

@@ -15,15 +15,16 @@ shared paths, and that no job of this sweep is still queued or running.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
 from pathlib import Path
 
-from medattn.version import __version__
+from hpc.launch_args import absolute_paths, argv_of
 from jobs import cluster as c  # sweeps sit above jobs: a sweep's allocation is a SLURM job like any other
+from medattn.version import __version__
 from medattn.errors import ConfigError, MedattnError
+from sweeps.plan import check_spec, plan_sweep, sweep_parser
 
 TEMPLATES = Path(__file__).with_name("templates")
 COMMENT = "medattn-sweep:"  # squeue comment that marks this sweep's jobs
@@ -37,35 +38,16 @@ def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _sweep_args(args: argparse.Namespace) -> list[str]:
-    """The sweep command line without --slurm and the cluster flags, with absolute paths."""
-    cfg = args.config
-    if Path(cfg).suffix in (".yaml", ".yml") or "/" in cfg:
-        cfg = str(Path(cfg).resolve())
-    out = ["--config", cfg, "--data", str(Path(args.data).resolve()), "--out", str(Path(args.out).resolve())]
-    for s in args.space:
-        out += ["--space", s]
-    opt = {"--num-samples": args.num_samples, "--search": args.search, "--scheduler": args.scheduler,
-           "--grace-period": args.grace_period, "--reduction-factor": args.reduction_factor,
-           "--max-concurrent": args.max_concurrent, "--gpus-per-trial": args.gpus_per_trial,
-           "--cpus-per-trial": args.cpus_per_trial, "--nproc-per-trial": args.nproc_per_trial,
-           "--max-failures": args.max_failures, "--seed": args.seed}
-    for k, v in opt.items():
-        if v is not None:
-            out += [k, str(v)]
-    for r in args.trial_resource:
-        out += ["--trial-resource", r]
-    if args.no_reuse:
-        out.append("--no-reuse")
-    if args.quiet:
-        out.append("--quiet")
-    return out + list(args.overrides)
+    """The sweep command line without --slurm and the cluster flags, with absolute paths (the
+    driver runs on a compute node, from another working directory)."""
+    return argv_of(sweep_parser(), absolute_paths(args))
 
 
 def render(args: argparse.Namespace, spec, partition, out: Path, num_samples: int) -> tuple[str, str]:
     """(sweep.sbatch, ray-node.sh) texts for a checked request."""
     from sweeps.launch import PACKAGE_ROOT
 
-    log_dir = out / "slurm"
+    log_dir = _layout(out).slurm_dir
     python = spec.python or sys.executable
     header = c.sbatch_header(spec, partition, job_name=spec.job_name or f"medattn-sweep-{out.name}",
                              cpus_per_task=spec.cpus_per_task, output=f"{log_dir}/sweep-%j.out",
@@ -86,6 +68,14 @@ def render(args: argparse.Namespace, spec, partition, out: Path, num_samples: in
             c.render_template(TEMPLATES / "ray-node.sh", values))
 
 
+def _layout(out: Path):
+    """A sweep directory keeps its SLURM files (slurm/, the submission log) in a run directory's layout,
+    whose one owner is hpc.run.Run (imported here: it loads torch, which --help must not)."""
+    from hpc.run import Run
+
+    return Run(out)
+
+
 def _active_jobs(out: Path) -> list[str]:
     """Jobs of this sweep that SLURM still has queued or running."""
     r = c.slurm_cmd(["squeue", "-h", "-o", "%i|%T|%k"], check=False)
@@ -99,8 +89,6 @@ def _active_jobs(out: Path) -> list[str]:
 
 def submit(args: argparse.Namespace) -> int:
     """Check everything, write DIR/slurm/sweep.sbatch and submit it; prints the job id."""
-    from sweeps.cli import check_spec, plan_sweep
-
     plan, _cfg, sweep_spec = plan_sweep(args)  # space, config and data errors: before any job exists
     if getattr(args, "tasks_per_node", None) not in (None, 1):
         raise ConfigError("--tasks-per-node: a sweep runs one Ray node per SLURM node; use --nproc-per-trial "
@@ -125,7 +113,7 @@ def submit(args: argparse.Namespace) -> int:
                                f"scancel them, then submit again to resume")
         resumed = check_spec(out, sweep_spec)
         script, node_script = render(args, spec, partition, out, plan.num_samples)
-        log_dir = out / "slurm"
+        log_dir = _layout(out).slurm_dir
         log_dir.mkdir(parents=True, exist_ok=True)
         c.test_only(script, log_dir)
         (log_dir / "ray-node.sh").write_text(node_script)
@@ -133,8 +121,7 @@ def submit(args: argparse.Namespace) -> int:
         path.write_text(script)
         r = c.slurm_cmd(["sbatch", "--parsable", str(path)])
     job_id = r.stdout.strip().split(";")[0]
-    with open(log_dir / "jobs.jsonl", "a") as f:
-        f.write(json.dumps({"job_id": job_id, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "resume": resumed}) + "\n")
+    _layout(out).append_submission({"job_id": job_id, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "resume": resumed})
     print(f"medattn sweep: submitted job {job_id} ({'resumes' if resumed else 'starts'} the sweep in {out}); "
           f"log: {log_dir / f'sweep-{job_id}.out'}")
     print(f"medattn sweep: follow it with: squeue -j {job_id}; tail -f {log_dir / f'sweep-{job_id}.out'}")

@@ -3,8 +3,8 @@
 The trial function (a Tune function trainable, running in a Ray actor on some node):
 
 1. builds the trial's config (base config + the sampled parameters), seeds its run directory
-   from the shared base run when there is one (sweeps.reuse), and writes ``sweep_trial.json``
-   (parameters, node, status);
+   from the shared base run when there is one (sweeps.reuse), and writes the trial's ledger
+   (``Run.sweep_trial_path``: parameters, node, status);
 2. starts the trainer (sweeps.launch) and follows the run's epoch records as they grow: each finished
    epoch of a stage the trial trains is one ``ray.tune.report`` with ``mean_auroc`` = the
    validation mean AUROC of the branch that stage trains, so ``training_iteration`` counts
@@ -32,7 +32,6 @@ from typing import Any
 from hpc.run import Run
 from sweeps import launch
 
-LEDGER = "sweep_trial.json"
 METRIC = "mean_auroc"
 
 
@@ -86,19 +85,8 @@ def run_dir_for(out: str | os.PathLike, trial_id: str) -> Path:
 
 
 def write_ledger(run_dir: Path, **fields: Any) -> dict[str, Any]:
-    """Merge ``fields`` into RUN/sweep_trial.json (atomic)."""
-    from medattn.fileio import write_text as atomic_write_text
-
-    path = run_dir / LEDGER
-    cur: dict[str, Any] = {}
-    if path.is_file():
-        try:
-            cur = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            cur = {}
-    cur.update(fields)
-    atomic_write_text(path, json.dumps(cur, indent=2, default=str))
-    return cur
+    """Merge ``fields`` into the trial's ledger (atomic; :meth:`hpc.run.Run.update_sweep_trial`)."""
+    return Run(run_dir).update_sweep_trial(**fields)
 
 
 def metric_of(rec: dict[str, Any]) -> float:
@@ -111,17 +99,19 @@ def metric_of(rec: dict[str, Any]) -> float:
 
 
 class MetricsTail:
-    """New epoch records of the given stages in a growing (or rewritten) record file."""
+    """New epoch records of the given stages in a run's growing (or rewritten) record file, read
+    with the run's own reader (:meth:`hpc.run.Run.records`: a line still being written does not
+    parse and is left for the next look)."""
 
-    def __init__(self, path: Path, stages: list[str]):
-        self.path = path
+    def __init__(self, run: Run, stages: list[str]):
+        self.run = run
         self.stages = stages
         self.seen: set[tuple[str, int]] = set()
         self._stamp: tuple[float, int] | None = None
 
     def new_records(self) -> list[dict[str, Any]]:
         try:
-            st = self.path.stat()
+            st = self.run.metrics_path.stat()
         except FileNotFoundError:
             return []
         stamp = (st.st_mtime, st.st_size)
@@ -130,16 +120,10 @@ class MetricsTail:
         self._stamp = stamp
         out = []
         try:
-            text = self.path.read_text()
+            recs = self.run.records()
         except OSError:
             return []
-        for line in text.splitlines(keepends=True):
-            if not line.endswith("\n"):
-                break  # being written
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
+        for rec in recs:
             key = (rec.get("stage"), rec.get("epoch"))
             # epoch 0 is the validation of a stage's starting weights, not a trained iteration
             if key[0] in self.stages and isinstance(key[1], int) and key[1] > 0 and key not in self.seen:
@@ -201,13 +185,14 @@ def run_trial(job: TrialJob, config: dict[str, Any]) -> None:
     node_id = ray.get_runtime_context().get_node_id()
     node_ip = ray.util.get_node_ip_address()
     run_dir = run_dir_for(job.out, trial_id)
+    run = Run(run_dir)
     sample = {n: config[n] for n in job.space.names}
     cfg = job.trial_config(sample)
     if job.base:
         seed_trial(job.base, run_dir, job.prefix, cfg)
-    elif not Run(run_dir).exists():
-        Run(run_dir).save_config(cfg)
-    tail = MetricsTail(Run(run_dir).metrics_path, job.stages)
+    elif not run.exists():
+        run.save_config(cfg)
+    tail = MetricsTail(run, job.stages)
     n, best = 0, {}
 
     def report(rec: dict[str, Any]) -> None:
@@ -220,7 +205,7 @@ def run_trial(job: TrialJob, config: dict[str, Any]) -> None:
         tune.report({METRIC: v, "best_auroc": best.get(st, math.nan), "stage": st,
                      "stage_epoch": rec["epoch"], "epochs": n, "node_id": node_id, "node_ip": node_ip})
 
-    done = Run(run_dir).stages_done(job.stages)
+    done = run.stages_done(job.stages)
     if done or trial_id in asha_stopped(job.out):
         # Finished (or stopped by ASHA) before a driver restart that Tune's experiment state had
         # not caught up with: report what is there, train nothing; the ledger keeps its node.
@@ -228,19 +213,19 @@ def run_trial(job: TrialJob, config: dict[str, Any]) -> None:
             report(rec)
         write_ledger(run_dir, status="completed" if done else "stopped")
         return
-    prev = json.loads((run_dir / LEDGER).read_text()).get("nodes", []) if (run_dir / LEDGER).is_file() else []
+    prev = run.sweep_trial().get("nodes", [])
     write_ledger(run_dir, trial_id=trial_id, params=sample,
                  overrides=[f"{k}={v}" for k, v in job.space.overrides(sample)], node_id=node_id, node_ip=node_ip,
                  hostname=socket.gethostname(), nodes=prev + [node_id], status="running", started=time.time(),
                  shared_stages=job.prefix, stages=job.stages)
-    cmd = launch.train_command(Run(run_dir).config_path, job.data, run_dir, nproc=job.nproc)
+    cmd = launch.train_command(run.config_path, job.data, run_dir, nproc=job.nproc)
     env = launch.trainer_env(job.cpus, job.nproc)
     env.update(job.extra_env)
     with _LOCK:
         if _ACTIVE.get("stopping"):  # Tune stopped the trial while it was being set up
             write_ledger(run_dir, status="interrupted")
             return
-        proc = launch.start(cmd, run_dir / "train.log", env)
+        proc = launch.start(cmd, run.train_log_path, env)
         _ACTIVE.update(proc=proc, run_dir=run_dir, stop_timeout_s=job.stop_timeout_s, stages=job.stages)
     try:
         while True:
@@ -259,7 +244,7 @@ def run_trial(job: TrialJob, config: dict[str, Any]) -> None:
         write_ledger(run_dir, status=status, trainer_exit=rc, ended=time.time(), epochs=n)
         if status != "completed":
             raise RuntimeError(f"trainer for trial {trial_id} exited with status {rc} "
-                               f"(see {run_dir / 'train.log'}):\n{launch.log_tail(run_dir / 'train.log')}")
+                               f"(see {run.train_log_path}):\n{launch.log_tail(run.train_log_path)}")
     finally:
         if proc.poll() is None:  # the thread was stopped some other way
             launch.stop(proc, job.stop_timeout_s)

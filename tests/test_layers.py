@@ -21,7 +21,8 @@ TOP = {"medattn.cli", "medattn.__main__", "medattn.api"}  # the command line and
 # The one import allowed upwards: the package's lazy ``medattn.load`` forward to the API module
 # (a module-level ``__getattr__``: nothing is imported until a user asks for ``medattn.load``).
 FORWARDS = {("medattn", "medattn.api")}
-RUN_FILES = ("best.pt", "last.pt", "last.prev.pt", "last.unreadable.pt", "state.json", "metrics.jsonl")
+RUN_FILES = ("best.pt", "last.pt", "last.prev.pt", "last.unreadable.pt", "state.json", "metrics.jsonl",
+             "train.log", "sweep_trial.json", "jobs.jsonl", "sbatch-")  # the last four: what jobs/ and sweeps/ add
 # The prepared directory's files: spelled as file names only in medattn/data/prepared.py (Prepared).
 # Docstrings and messages may mention them; a string that is the name, or a path ending in it, may not.
 PREPARED_FILES = ("dataset.json", "manifest.parquet")

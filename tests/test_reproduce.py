@@ -25,7 +25,7 @@ def _blocks() -> dict[str, str]:
 
 
 def _train_args(line: str) -> argparse.Namespace:
-    from hpc.train import run_arguments_parser
+    from hpc.launch_args import run_arguments_parser
 
     argv = shlex.split(line)
     assert argv[:3] == ["torchrun", "--standalone", "--nproc-per-node"] and argv[4:7] == ["-m", "medattn", "train"], line

@@ -205,8 +205,9 @@ def test_seed_trial_shares_the_base(tmp_path):
 
 # ------------------------------------------------------------------------------------ trials
 def test_metrics_tail_and_metric(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    tail = MetricsTail(path, ["local", "fusion"])
+    run = Run(tmp_path)
+    path = run.metrics_path
+    tail = MetricsTail(run, ["local", "fusion"])
     assert tail.new_records() == []
     g = {"stage": "global", "epoch": 1, "select/metric": "val/global/mean_auroc", "val/global/mean_auroc": 0.7}
     l1 = {"stage": "local", "epoch": 1, "select/metric": "val/local/mean_auroc", "val/local/mean_auroc": 0.61,
