@@ -183,7 +183,7 @@ class _Builder:
             # The state is the truth on which epoch was kept; eval recorded what the stage started from.
             for s, rec in ((self.m or {}).get("stages") or {}).items():
                 if s in sel and "start" in rec:
-                    sel[s].update({k: rec[k] for k in ("fusion_init", "start") if k in rec})
+                    sel[s].update({k: v for k, v in rec.items() if k not in sel[s] or k == "start"})
                     if sel[s].get("best_epoch") == 0:
                         sel[s]["kept"] = f"{rec['start']}, kept: no {s} epoch beat it on validation"
             self._selections = sel
@@ -216,7 +216,7 @@ class _Builder:
         """The evaluated weights of ``stage`` in words; never credits an epoch that lost."""
         e = self.selections.get(stage) or {}
         if e.get("best_epoch") == 0 and e.get("best_metric") is not None:
-            how = f" (agcnn.fusion_init={e['fusion_init']})" if e.get("fusion_init") else ""
+            how = "".join(f" ({k}={v})" for k, v in (e.get("chosen_by") or {}).items())
             return (f"The {stage} output is the {e.get('start', 'starting weights')}{how} it started from, kept: "
                     f"no {stage} epoch beat it on validation, so no {stage} epoch is credited.")
         if isinstance(e.get("best_epoch"), int) and e.get("best_metric") is not None:
@@ -573,7 +573,7 @@ class _Builder:
                            + (" " + self._kept_sentence(last) + f" Its column is therefore the {table_branches[0]} "
                               "column's model, up to float rounding."
                               if (self.selections.get(last) or {}).get("best_epoch") == 0
-                              and (self.selections.get(last) or {}).get("fusion_init") == table_branches[0]
+                              and (self.selections.get(last) or {}).get("same_as_branch") == table_branches[0]
                               and last in m["auroc"] else "")))
         self._binary_table()
         if self.art.split_kind == "official":
@@ -673,7 +673,7 @@ class _Builder:
 
         self.figure("training.png", draw, "training curves", Text.of(
             "Left: mean training loss per epoch. Right: validation mean AUROC of the branch each stage trains "
-            "(AG-CNN: global, then local, then fusion); ★ = best epoch (its checkpoint feeds the next stage and "
+            f"({', then '.join(self.art.stage_names)}); ★ = best epoch (its checkpoint feeds the next stage and "
             "the evaluation); dashed = chance. Each stage counts epochs from 1."))
         rows = []
         for s in self.art.stage_names:
@@ -697,8 +697,13 @@ class _Builder:
                         "last train loss"], rows, numeric={3, 4, 5, 6},
                        caption="Validation AUROC = mean over the evaluated classes of the stage's branch. "
                                "Epoch 0 = the stage's starting weights, validated before any training step "
-                               "(AG-CNN's fusion head with agcnn.fusion_init global/branches); a best at epoch 0 "
+                               f"{self._epoch0_examples()}; a best at epoch 0 "
                                "means no trained epoch beat them and they were kept. Chance = 0.5."))
+
+    def _epoch0_examples(self) -> str:
+        """Which stages of this run validate their starting weights, in the method's words."""
+        starts = [f"{s}: {e['start']}" for s, e in self.selections.items() if e.get("start")]
+        return f"({'; '.join(starts)})" if starts else "(stages that start from trained weights)"
 
     # ------------------------------------------------------------------ localisation
     def localisation(self) -> None:
@@ -799,9 +804,10 @@ class _Builder:
         self.add(Para(Text.of(
             f"{len(chosen)} images of the {a.split} split ({n_box} with ground-truth boxes, shown first), through "
             f"the model of stage '{lm.stage}' ({lm.checkpoint.name}). Panels: the network's view (the centre crop "
-            "the evaluation uses, shown at the prepared resolution) | the attention heat map (max_k |f_k| of the "
-            "global branch, scaled to [0, 1]) | overlay with the attention box (solid, sky blue) and ground-truth "
-            "boxes (dashed, green) | the crop the local branch sees." + (f" Note: {lm.note}." if lm.note else ""))))
+            f"the evaluation uses, shown at the prepared resolution) | the attention heat map "
+            f"({lm.method.heatmap_description}) | overlay with the attention box (solid, sky blue) and ground-truth "
+            "boxes (dashed, green)" + (f" | {lm.method.crop_description}" if lm.method.crop_description else "")
+            + "." + (f" Note: {lm.note}." if lm.note else ""))))
         names = list(lm.spec.label_names)
         images = ds.manifest["image"].to_numpy()
         labels = ds.labels_matrix()

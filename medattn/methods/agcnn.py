@@ -199,7 +199,13 @@ class AGCNNMethod(FocalLoss, Method):
         if stage != "fusion":
             return {}
         how = self.cfg.agcnn.fusion_init
-        return {"fusion_init": how, "start": self.FUSION_START.get(how, how)}
+        out = {"fusion_init": how, "start": self.FUSION_START.get(how, how), "chosen_by": {"agcnn.fusion_init": how}}
+        if how == "global":
+            out["same_as_branch"] = "global"  # the fusion head starts as a copy of the global head
+        return out
+
+    heatmap_description = "max_k |f_k| of the global branch, scaled to [0, 1]"
+    crop_description = "the crop the local branch sees"
 
     def needs_hires(self, stage: str) -> bool:
         return self.cfg.agcnn.crop_source == "prepared" and stage != "global"

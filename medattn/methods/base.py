@@ -198,9 +198,16 @@ class Method:
 
     def stage_start(self, stage: str) -> dict[str, Any]:
         """What ``stage`` starts from, for the record (eval's metrics.json, the report): ``start``,
-        the starting weights in words (e.g. "global head"), and the config keys that chose them
-        (default: nothing to say)."""
+        the starting weights in words (e.g. "global head"); ``chosen_by``, the config keys that
+        chose them ({"agcnn.fusion_init": "global"}); ``same_as_branch``, a branch whose model
+        the starting weights are (its column then equals this stage's when they are kept); and
+        the method's own keys. Default: nothing to say."""
         return {}
+
+    # How the report and ``viz`` describe this method's attention overlay panels (the method
+    # knows what its heat map and crop are; the report does not).
+    heatmap_description: str = "the method's attention heat map, scaled to [0, 1]"
+    crop_description: str | None = None  # the last panel, for methods that crop (None: no such panel)
 
     def set_train_mode(self, model: nn.Module, stage: str) -> None:
         """Frozen parts run in eval mode (their BatchNorm statistics must not drift)."""
