@@ -38,10 +38,10 @@ FUNCS = ("uniform", "loguniform", "quniform", "randint", "choice", "grid")
 
 def known_aliases() -> dict[str, tuple[str, list[str]]]:
     """Every method's sweep aliases: alias -> (what it is, the methods that have it)."""
-    from medattn.methods import METHODS, method_class
+    from medattn.methods import method_class, method_names
 
     out: dict[str, tuple[str, list[str]]] = {}
-    for m in METHODS:
+    for m in method_names():  # registered methods too (medattn.methods.register_method)
         for alias, (noun, _) in method_class(m).all_sweep_aliases().items():
             out.setdefault(alias, (noun, []))[1].append(m)
     return out
