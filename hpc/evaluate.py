@@ -26,7 +26,7 @@ import numpy as np
 from hpc import distributed
 from hpc.inference import load_model
 from hpc.run import EvalDir, Run, stage_selections
-from medattn.fileio import write_text as atomic_write_text
+from medattn.fileio import atomic_path, write_text as atomic_write_text
 from hpc.inference import run_inference
 from medattn.progress import Progress
 from medattn.errors import DataError, MedattnError
@@ -243,7 +243,8 @@ def write_outputs(out: EvalDir, result: dict[str, Any], preds, ds, spec) -> None
     images = ds.manifest["image"].to_numpy()[preds.index]
     if preds.extras:
         edf = pd.DataFrame({"image": images, **{k: np.asarray(v) for k, v in preds.extras.items()}})
-        atomic_write_text(out.per_image_path, edf.to_csv(index=False, float_format="%.6g"))
+        with atomic_path(out.per_image_path) as tmp:  # streamed: a whole split's rows
+            edf.to_csv(tmp, index=False, float_format="%.6g")
     frames = []
     for branch, p in preds.probs.items():
         df = pd.DataFrame({"image": images, "branch": branch})
@@ -253,11 +254,13 @@ def write_outputs(out: EvalDir, result: dict[str, Any], preds, ds, spec) -> None
             df[f"y_{name}"] = labels[:, j].astype(np.int8)
         frames.append(df)
     if frames:  # a segmentation run has per-image scores but no class probabilities
-        atomic_write_text(out.preds_path, pd.concat(frames, ignore_index=True).to_csv(index=False, float_format="%.6g"))
+        with atomic_path(out.preds_path) as tmp:
+            pd.concat(frames, ignore_index=True).to_csv(tmp, index=False, float_format="%.6g")
     if preds.boxes is not None:
         bdf = pd.DataFrame({"image": images, "x0": preds.boxes[:, 0], "y0": preds.boxes[:, 1],
                             "x1": preds.boxes[:, 2], "y1": preds.boxes[:, 3]})
-        atomic_write_text(out.boxes_path, bdf.to_csv(index=False, float_format="%.5f"))
+        with atomic_path(out.boxes_path) as tmp:
+            bdf.to_csv(tmp, index=False, float_format="%.5f")
 
 
 def _json_default(o):

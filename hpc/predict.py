@@ -295,6 +295,7 @@ def run(args: argparse.Namespace) -> int:
 
     from medattn.data.imagefiles import ImageWarning, expand_inputs
     from medattn.fileio import write_text as atomic_write_text
+    from medattn.progress import Progress
 
     if args.batch < 1:
         raise MedattnError(f"--batch must be at least 1, got {args.batch}")
@@ -316,8 +317,6 @@ def run(args: argparse.Namespace) -> int:
     heat_dir = Path(args.heatmaps) if args.heatmaps else None
     if heat_dir is not None:
         heat_dir.mkdir(parents=True, exist_ok=True)
-    from medattn.progress import Progress
-
     rows, failed, stems, no_heat = [], [], set(), False
     bar = Progress(len(files) + len(inputs.problems), "medattn predict", unit="img")
     for path, why in inputs.problems:

@@ -4,14 +4,7 @@ builder, so any module (the built-in backbones, a test's toy model) registers in
 
 A builder takes keyword arguments ``num_classes, in_chans, pool, drop_rate`` plus its own
 options (``layer4_stride`` for ResNets) and returns a :class:`ClassifierModel` with random
-weights.
-
-Example:
-    >>> import torch
-    >>> from medattn.models import create_model
-    >>> m = create_model("resnet18", num_classes=15, in_chans=1, weights="none")
-    >>> m(torch.zeros(2, 1, 64, 64)).shape
-    torch.Size([2, 15])
+weights (:mod:`medattn.models.factory` has the example).
 """
 from __future__ import annotations
 
